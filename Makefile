@@ -1,0 +1,55 @@
+# canaryd — `make demo` for a first look, `make test` for everything CI checks.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LOCK   := requirements.lock
+PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+.PHONY: demo test lint typecheck unit bench lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime dependencies only, at the versions pinned in $(LOCK).
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
+	$(PIP) install -c $(LOCK) -e .
+	touch $@
+
+# Plus the test and lint tools, also pinned.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -c $(LOCK) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	@echo "== a healthy canary: 10% -> 50% -> 100%, judged against stable every minute"
+	$(BIN)/canaryd simulate --scenario healthy --seed 1 --speed 900 --report demo-report.html
+	@echo
+	@echo "== a canary with 10x the errors: rolled back (exit code 1 is the expected outcome)"
+	$(BIN)/canaryd simulate --scenario error-spike --seed 1 || [ $$? -eq 1 ]
+	@echo
+	@echo "More: $(BIN)/canaryd scenarios; $(BIN)/canaryd simulate --help; open demo-report.html"
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy --strict canaryd analysis simulator tests bench
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/pytest -n 2
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/simulator_speed.py
+
+# Re-pin every dependency (after changing pyproject.toml) from a throwaway venv.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip --disable-pip-version-check --quiet install -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable --exclude canaryd | sort > $(LOCK)
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info demo-report.html

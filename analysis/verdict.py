@@ -1,0 +1,96 @@
+"""Verdict types: what analysis returns, with reasons a person can read."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Decision(StrEnum):
+    """What analysis says about the current step."""
+
+    ROLLBACK = "rollback"  #: evidence of harm: route all traffic back to stable
+    PASS = "pass"  #: the step is done: move on
+    HOLD = "hold"  #: cannot judge (too little data, shared incident): do not move
+    CONTINUE = "continue"  #: nothing wrong so far, the step is still collecting evidence
+
+
+class CheckStatus(StrEnum):
+    """How one check stands."""
+
+    OK = "ok"  #: no evidence against the canary
+    BREACH = "breach"  #: evidence against the canary crossed the check's threshold
+    SHARED = "shared"  #: a breach that stable shows too: a shared incident
+    NOT_APPLICABLE = "n/a"  #: cannot be evaluated in this step (e.g. no stable arm at 100%)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One check's outcome.
+
+    Attributes:
+        name: the check, e.g. ``errors`` or ``errors.max``.
+        status: see :class:`CheckStatus`.
+        step_log_e: log e-value of this step alone (carried into later steps).
+        log_e: log of the rollout-wide e-value (steps combined).
+        threshold: rollback when ``exp(log_e) ≥ threshold`` (``1/α`` of this check).
+        reason: one line a person can read, with the numbers.
+        stats: the numbers behind the reason, for machines.
+    """
+
+    name: str
+    status: CheckStatus
+    step_log_e: float
+    log_e: float
+    threshold: float
+    reason: str
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def e_value(self) -> float:
+        """The rollout-wide e-value (may be ``inf`` for overwhelming evidence)."""
+        return math.exp(min(self.log_e, 709.0)) if self.log_e < 709.0 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for a step, the reasons for it, and every check behind it."""
+
+    decision: Decision
+    reasons: tuple[str, ...]
+    checks: tuple[CheckResult, ...] = ()
+
+    def step_log_es(self) -> dict[str, float]:
+        """Per check, this step's log e-value, to carry into the next step."""
+        return {
+            c.name: c.step_log_e for c in self.checks if c.status is not CheckStatus.NOT_APPLICABLE
+        }
+
+
+def fmt_e(value: float) -> str:
+    """An e-value for people: 3 significant digits, scientific when large."""
+    if math.isinf(value):
+        return "inf"
+    if value >= 1e5 or (0 < value < 1e-3):
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+def fmt_pct(ratio: float) -> str:
+    """A proportion as a percentage with sensible precision."""
+    return f"{100 * ratio:.2f}%"
+
+
+def fmt_duration(seconds: float) -> str:
+    """Seconds as ``1h2m3s`` / ``10m`` / ``45s``."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+        f"{secs}s" if secs else "",
+    ]
+    return "".join(parts) or "0s"

@@ -1,0 +1,438 @@
+"""The ``canaryd`` command line.
+
+The CLI only maps flags onto the library: ``simulate`` onto
+:mod:`canaryd.simulate`, ``validate`` onto :mod:`canaryd.spec`, ``scenarios`` onto
+the simulator's scenario catalogue.  Errors a person can fix are printed as one
+``canaryd: error: …`` line (exit 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn, TextIO
+
+from analysis.verdict import fmt_duration
+from canaryd.simulate import Event, MonteCarlo, RunResult, Sample, simulate_many, simulate_once
+from canaryd.spec import (
+    CanarySpec,
+    SpecError,
+    cluster_warnings,
+    format_duration,
+    load_spec_file,
+    parse_spec,
+)
+from canaryd.status import CanaryStatus
+from simulator import BUILTIN_SCENARIOS, Scenario, ScenarioError, get_scenario, load_scenario_file
+
+EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNFINISHED = 0, 1, 2, 3, 4
+
+
+class CliError(Exception):
+    """An error the user can fix: printed as one line, exit code 2."""
+
+
+def _version() -> str:
+    try:
+        return version("canaryd")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+# -- simulate ----------------------------------------------------------------------------
+
+SIMULATE_HELP = """\
+Dry-run a canary rollout on synthetic traffic, in virtual time, with the real state
+machine and analysis.  No cluster, no Prometheus: answers "would this config catch a
+2x error regression, and how fast?" and "how often would it roll back a healthy
+release?" before the config meets production.
+
+examples:
+  canaryd simulate --scenario healthy
+  canaryd simulate --scenario error-regression --spec canary.yaml
+  canaryd simulate --scenario-file my-incident.yaml --report out.html
+  canaryd simulate --scenario healthy --runs 200 --seed 1 --json
+
+exit codes:
+  0  promoted            1  rolled back          2  usage or runtime error
+  4  held or waiting for approval when the scenario ended
+  (with --runs, 0 once all runs completed: read the outcome counts)
+"""
+
+
+def _load_inputs(args: argparse.Namespace) -> tuple[CanarySpec, Scenario]:
+    try:
+        spec = load_spec_file(args.spec) if args.spec else parse_spec({})
+    except SpecError as exc:
+        raise CliError(_spec_error_text(exc, "--spec")) from None
+    try:
+        if args.scenario_file:
+            scenario = load_scenario_file(args.scenario_file)
+        else:
+            scenario = get_scenario(args.scenario or "healthy")
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+    return spec, scenario
+
+
+def _spec_error_text(exc: SpecError, flag: str) -> str:
+    where = f"{flag} {exc.source}" if exc.source else flag
+    if len(exc.problems) == 1:
+        return f"{where}: {exc.problems[0]}"
+    return f"{where}:\n" + "\n".join(f"  - {p}" for p in exc.problems)
+
+
+class _LiveView:
+    """Human progress for a single run: events as lines, the latest verdict live."""
+
+    def __init__(self, out: TextIO, spec: CanarySpec, speed: float) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.spec = spec
+        self.speed = speed
+        self.last_t = 0.0
+        self.live = False
+
+    def _clear(self) -> None:
+        if self.live:
+            self.out.write("\r\033[2K")
+            self.live = False
+
+    def _pace(self, t_s: float) -> None:
+        if self.speed > 0 and t_s > self.last_t:
+            self.out.flush()
+            time.sleep((t_s - self.last_t) / self.speed)
+        self.last_t = max(self.last_t, t_s)
+
+    def event(self, event: Event) -> None:
+        self._clear()
+        mark = "!" if event.warning else "·"
+        self.out.write(f"{_clock(event.t_s)}  {mark} {event.reason:<15} {event.message}\n")
+
+    def sample(self, sample: Sample, status: CanaryStatus) -> None:
+        self._pace(sample.t_s)
+        if not self.tty or not sample.decision:
+            return
+        self._clear()
+        n = len(self.spec.steps)
+        reason = sample.reasons[0] if sample.reasons else ""
+        line = (
+            f"{_clock(sample.t_s)}    step {status.step_index + 1}/{n} · canary "
+            f"{status.canary_weight:>3}% · {sample.decision}: {reason}"
+        )
+        self.out.write(line[:160])
+        self.out.flush()
+        self.live = True
+
+    def done(self) -> None:
+        self._clear()
+
+
+def _clock(t_s: float) -> str:
+    minutes, seconds = divmod(int(t_s), 60)
+    return f"{minutes:>3}:{seconds:02d}"
+
+
+def _print_run(out: TextIO, result: RunResult) -> None:
+    titles = {
+        "promoted": "PROMOTED",
+        "rolled_back": "ROLLED BACK",
+        "held": "HELD (not finished when the scenario ended)",
+        "waiting_approval": "WAITING FOR APPROVAL when the scenario ended",
+        "failed": "FAILED",
+    }
+    out.write(f"\n{titles[result.outcome]} after {fmt_duration(result.duration_s)}\n")
+    out.write(
+        f"  canary served {result.canary_requests:,} requests, {result.canary_errors:,} errors\n"
+    )
+    out.write("  steps:\n")
+    for step in result.steps:
+        end = _clock(step.ended_s).strip() if step.ended_s is not None else "…"
+        out.write(
+            f"    {step.weight:>3}%  {_clock(step.started_s).strip():>6} → {end:<6}  "
+            f"{step.verdict or '-'}\n"
+        )
+    out.write("  why:\n")
+    for reason in result.reasons:
+        out.write(f"    - {reason}\n")
+
+
+def _print_monte_carlo(out: TextIO, mc: MonteCarlo) -> None:
+    data = mc.to_json()
+    runs = data["runs"]
+    out.write(f"\n{runs} runs of scenario {mc.scenario}\n")
+    for outcome, count in data["outcomes"].items():
+        out.write(f"  {outcome:<17} {count:>6}  ({100 * count / runs:5.1f}%)\n")
+    out.write(f"  median duration        {fmt_duration(data['median_duration_s'])}\n")
+    out.write(f"  median canary errors   {data['median_canary_errors']:g}\n")
+
+
+def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.runs < 1:
+        raise CliError("--runs must be at least 1")
+    if args.speed < 0:
+        raise CliError("--speed must be 0 (as fast as possible) or more")
+    spec, scenario = _load_inputs(args)
+    report_path = args.report
+    if args.runs == 1:
+        view = None if args.json else _LiveView(out, spec, args.speed)
+        if view is not None:
+            steps = " → ".join(f"{w}%" for w in spec.steps)
+            out.write(
+                f"canaryd simulate · scenario {scenario.name} · seed {args.seed} · steps {steps}"
+                f" · interval {format_duration(spec.analysis.interval)}\n"
+            )
+            if scenario.description:
+                out.write(f"  {scenario.description}\n")
+        result = simulate_once(
+            spec,
+            scenario,
+            args.seed,
+            on_sample=view.sample if view else None,
+            on_event=view.event if view else None,
+        )
+        if view is not None:
+            view.done()
+            _print_run(out, result)
+        else:
+            _emit_json(out, result.to_json())
+        _write_report(report_path, result, spec, None, out if not args.json else err)
+        return result.exit_code
+    progress = _Progress(err, args.runs) if err.isatty() else None
+    mc = simulate_many(spec, scenario, args.seed, args.runs, progress.update if progress else None)
+    if progress is not None:
+        progress.done()
+    if args.json:
+        _emit_json(out, mc.to_json())
+    else:
+        _print_monte_carlo(out, mc)
+    _write_report(report_path, mc.runs[0], spec, mc, out if not args.json else err)
+    return EXIT_OK
+
+
+class _Progress:
+    def __init__(self, err: TextIO, total: int) -> None:
+        self.err, self.total, self.rolled_back = err, total, 0
+
+    def update(self, done: int, result: RunResult) -> None:
+        self.rolled_back += result.outcome == "rolled_back"
+        self.err.write(f"\rrun {done}/{self.total} · rolled back so far: {self.rolled_back}")
+        self.err.flush()
+
+    def done(self) -> None:
+        self.err.write("\r\033[2K")
+        self.err.flush()
+
+
+def _write_report(
+    path: str | None,
+    result: RunResult,
+    spec: CanarySpec,
+    mc: MonteCarlo | None,
+    note: TextIO,
+) -> None:
+    if not path:
+        return
+    from canaryd.report import write_report  # noqa: PLC0415 - only when asked for
+
+    try:
+        write_report(path, result, spec, mc)
+    except OSError as exc:
+        raise CliError(f"--report {path}: cannot write the report: {exc.strerror or exc}") from None
+    note.write(f"report written to {path}\n")
+
+
+def _emit_json(out: TextIO, data: dict[str, Any]) -> None:
+    out.write(json.dumps(data, allow_nan=False) + "\n")
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+def cmd_scenarios(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.name:
+        try:
+            scenario = get_scenario(args.name)
+        except ScenarioError as exc:
+            raise CliError(str(exc)) from None
+        if args.json:
+            _emit_json(out, scenario.model_dump(mode="json"))
+        else:
+            out.write(scenario.to_yaml())
+        return EXIT_OK
+    if args.json:
+        _emit_json(
+            out,
+            {
+                "scenarios": [
+                    {"name": n, "description": s.description} for n, s in BUILTIN_SCENARIOS.items()
+                ]
+            },
+        )
+        return EXIT_OK
+    width = max(len(n) for n in BUILTIN_SCENARIOS)
+    for name, scenario in BUILTIN_SCENARIOS.items():
+        out.write(f"{name:<{width}}  {scenario.description}\n")
+    out.write(
+        "\nShow one as a YAML file to start your own from: canaryd scenarios NAME > mine.yaml\n"
+        "Run it: canaryd simulate --scenario-file mine.yaml\n"
+    )
+    return EXIT_OK
+
+
+# -- validate ------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        spec = load_spec_file(args.file)
+    except SpecError as exc:
+        if args.json:
+            _emit_json(
+                out, {"file": args.file, "valid": False, "errors": exc.problems, "warnings": []}
+            )
+        else:
+            count = len(exc.problems)
+            out.write(f"{args.file}: invalid ({count} problem{'s' * (count > 1)})\n")
+            for problem in exc.problems:
+                out.write(f"  error: {problem}\n")
+        return EXIT_REJECTED
+    warnings = cluster_warnings(spec)
+    valid = not (args.strict and warnings)
+    if args.json:
+        _emit_json(out, {"file": args.file, "valid": valid, "errors": [], "warnings": warnings})
+    else:
+        steps = " → ".join(f"{w}%" for w in spec.steps)
+        out.write(f"{args.file}: {'valid' if valid else 'invalid (--strict)'}; steps {steps}\n")
+        for warning in warnings:
+            out.write(f"  {'error' if args.strict else 'warning'}: {warning}\n")
+    return EXIT_OK if valid else EXIT_REJECTED
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\nTry '{self.prog} --help'.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="canaryd",
+        formatter_class=fmt,
+        description=(
+            "canaryd moves traffic to a new version in steps (10% → 50% → 100%) and, at\n"
+            "every step, compares it with the stable version using anytime-valid\n"
+            "statistics: it rolls back on evidence of harm, moves on when the evidence\n"
+            "says the canary is fine, and holds when there is too little data."
+        ),
+        epilog="Start with: canaryd simulate --scenario error-spike",
+    )
+    parser.add_argument("--version", action="version", version=f"canaryd {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    sim = sub.add_parser(
+        "simulate",
+        help="dry-run a rollout on synthetic traffic (no cluster needed)",
+        description=SIMULATE_HELP,
+        formatter_class=fmt,
+    )
+    source = sim.add_mutually_exclusive_group()
+    source.add_argument(
+        "--scenario",
+        metavar="NAME",
+        help="built-in scenario (default: healthy); see 'canaryd scenarios'",
+    )
+    source.add_argument(
+        "--scenario-file", metavar="FILE", help="scenario YAML file (see 'canaryd scenarios NAME')"
+    )
+    sim.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="Canary spec or resource YAML; only steps and analysis matter here "
+        "(default: built-in defaults)",
+    )
+    sim.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    sim.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Monte Carlo: N runs with seeds N, N+1, … (default: 1)",
+    )
+    sim.add_argument(
+        "--json",
+        action="store_true",
+        help="print exactly one JSON object and nothing else on stdout",
+    )
+    sim.add_argument(
+        "--report", metavar="FILE.html", help="also write a self-contained HTML report with charts"
+    )
+    sim.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="pace the live view at X virtual seconds per real second "
+        "(default: 0, as fast as possible)",
+    )
+    sim.set_defaults(handler=cmd_simulate)
+
+    scen = sub.add_parser(
+        "scenarios",
+        help="list built-in scenarios, or print one as YAML",
+        description="List the built-in traffic scenarios, or print one as a YAML file to edit.",
+        formatter_class=fmt,
+    )
+    scen.add_argument("name", nargs="?", metavar="NAME", help="print this scenario as YAML")
+    scen.add_argument("--json", action="store_true", help="machine-readable output")
+    scen.set_defaults(handler=cmd_scenarios)
+
+    val = sub.add_parser(
+        "validate",
+        help="check a Canary spec or resource YAML file",
+        description=(
+            "Check a YAML file holding a bare Canary spec or a whole Canary resource.\n"
+            "Lists every problem with its field path.  Fields only a cluster needs\n"
+            "(service, stable, canary, trafficRouting) are warnings unless --strict.\n\n"
+            "exit codes: 0 valid, 1 invalid, 2 usage error"
+        ),
+        formatter_class=fmt,
+    )
+    val.add_argument("file", metavar="FILE")
+    val.add_argument("--strict", action="store_true", help="treat missing cluster fields as errors")
+    val.add_argument("--json", action="store_true", help="machine-readable output")
+    val.set_defaults(handler=cmd_validate)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        code: int = args.handler(args, out, err)
+    except CliError as exc:
+        err.write(f"canaryd: error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.write("\ncanaryd: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    return code

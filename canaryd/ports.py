@@ -1,0 +1,76 @@
+"""The ports (design §2): what the core needs from the world, as small Protocols.
+
+Each integration lives in one module behind one of these, with its own error types;
+the simulator provides fakes of the metrics source, the router and the workloads.
+``canaryd simulate`` drives the simulator directly in virtual time; the daemon
+(``canaryd run``) drives these ports on the wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from analysis.counts import Observation
+from canaryd.rollout import Command, Notify
+from canaryd.spec import CanarySpec
+from canaryd.status import CanaryStatus
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryRef:
+    """Which Canary: ``namespace``/``name``."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class MetricsSource(Protocol):
+    """Cumulative request, error and latency counters of both arms (Prometheus, simulator).
+
+    Raises ``MetricsError`` (defined by each implementation's module) when the data
+    cannot be had; the core turns that into a *hold*, never a rollback or a pass.
+    """
+
+    async def observe(self, ref: CanaryRef, spec: CanarySpec) -> Observation: ...
+
+
+class TrafficRouter(Protocol):
+    """Sets the canary's share of traffic (Istio VirtualService, HTTPRoute, simulator mesh)."""
+
+    async def set_weights(self, ref: CanaryRef, spec: CanarySpec, canary_pct: int) -> None: ...
+
+    async def get_canary_weight(self, ref: CanaryRef, spec: CanarySpec) -> int: ...
+
+
+class Workloads(Protocol):
+    """Stable and canary workloads (Kubernetes Deployments, simulator)."""
+
+    async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None: ...
+
+    async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None: ...
+
+    async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None: ...
+
+
+class StatusStore(Protocol):
+    """Where status lives (the Canary's status subresource; memory in simulation)."""
+
+    async def read(self, ref: CanaryRef) -> tuple[CanarySpec, CanaryStatus, list[Command]]: ...
+
+    async def write(self, ref: CanaryRef, status: CanaryStatus) -> None: ...
+
+
+class Notifier(Protocol):
+    """Tells people and systems what happened (Kubernetes Events, MQTT, Slack, logs)."""
+
+    async def notify(self, ref: CanaryRef, status: CanaryStatus, event: Notify) -> None: ...
+
+
+class Approvals(Protocol):
+    """Asks for approvals (Slack); approvals come back as commands on the resource."""
+
+    async def request(self, ref: CanaryRef, status: CanaryStatus, weight: int) -> None: ...

@@ -1,0 +1,525 @@
+"""The rollout state machine (design §4): pure, so every driver shares it.
+
+:func:`reconcile` takes the spec, the current status, what was observed, the
+commands written on the resource and the time, and returns the new status and the
+actions to carry out.  It never sleeps, reads a clock, logs or calls out; the daemon,
+``canaryd simulate`` and the tests are drivers around it.
+
+Invariants it keeps (and the tests check):
+
+* weights always sum to 100 (``SetWeights`` carries the canary's share only);
+* a rollback's first action sets the canary weight to 0;
+* no step advances without a verdict on data from that step;
+* re-running with the same inputs changes nothing: commands are acknowledged by id,
+  and a step that began at ``now`` is not judged before data arrives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from analysis.counts import ArmCounts, Observation
+from analysis.engine import Settings, StepData, evaluate
+from analysis.verdict import CheckStatus, Decision, Verdict, fmt_duration
+from canaryd.spec import CanarySpec
+from canaryd.status import (
+    ApprovalRecord,
+    Baseline,
+    CanaryStatus,
+    CheckRecord,
+    Counts,
+    Phase,
+    StepRecord,
+    VerdictRecord,
+)
+
+#: How many handled command ids the status remembers (older ones are dropped).
+ACK_MEMORY = 50
+
+
+class CommandKind(StrEnum):
+    """Commands people and pipelines write on the resource."""
+
+    PROMOTE = "promote"  #: start (or restart) a rollout of ``revision``
+    ABORT = "abort"  #: roll back now
+    APPROVE = "approve"  #: let the rollout enter the step waiting for approval
+    SKIP = "skip"  #: treat the current step as passed
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command, identified by ``id`` so it is handled exactly once.
+
+    Attributes:
+        id: unique id; handled ids are kept in ``status.acknowledged``.
+        kind: see :class:`CommandKind`.
+        revision: for ``promote``: the revision to roll out.
+        weight: for ``approve``: the step weight (%) approved; None approves whatever
+            step is waiting.
+        by: who issued it (user, pipeline, Slack handle).
+        reason: free text recorded with it.
+    """
+
+    id: str
+    kind: CommandKind
+    revision: str | None = None
+    weight: int | None = None
+    by: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the drivers observed for one reconcile.
+
+    Attributes:
+        metrics: both arms' cumulative counters, or None when the metrics source failed.
+        metrics_error: why metrics are missing (shown in the hold reason).
+        stable_revision: the revision the stable workload has fully rolled out, if known.
+    """
+
+    metrics: Observation | None = None
+    metrics_error: str | None = None
+    stable_revision: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetWeights:
+    """Route ``canary_pct`` % of traffic to the canary and the rest to stable."""
+
+    canary_pct: int
+
+    @property
+    def stable_pct(self) -> int:
+        return 100 - self.canary_pct
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteStable:
+    """Copy the canary's pod template into the stable workload (idempotent)."""
+
+    revision: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleCanary:
+    """Scale the canary workload to ``replicas``."""
+
+    replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Tell the world (Kubernetes Event, MQTT, logs): ``reason`` is a CamelCase word."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+Action = SetWeights | PromoteStable | ScaleCanary | Notify
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What :func:`reconcile` returns: the new status and the actions, in order."""
+
+    status: CanaryStatus
+    actions: tuple[Action, ...] = field(default_factory=tuple)
+
+
+def analysis_settings(spec: CanarySpec) -> Settings:
+    """The analysis settings a spec asks for."""
+    a = spec.analysis
+    return Settings(
+        alpha=a.alpha,
+        step_duration_s=a.step_duration,
+        min_step_duration_s=a.min_step_duration,
+        min_requests=a.min_requests,
+        error_tolerance=a.error_rate.relative_tolerance,
+        error_max_pct=a.error_rate.max_pct,
+    )
+
+
+class _Run:
+    """Mutable scratch for one reconcile: the status being built and the actions."""
+
+    def __init__(self, spec: CanarySpec, status: CanaryStatus, observed: Observed, now: datetime):
+        self.spec = spec
+        self.status = status
+        self.observed = observed
+        self.now = now
+        self.actions: list[Action] = []
+
+    def update(self, **changes: object) -> None:
+        self.status = self.status.model_copy(update=changes)
+
+    def emit(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.actions.append(Notify(reason, message, warning))
+
+    # -- transitions -----------------------------------------------------------------
+
+    def start(self, revision: str, by: str) -> None:
+        """A new rollout of ``revision`` from step 0."""
+        fresh = CanaryStatus(
+            revision=revision,
+            acknowledged=self.status.acknowledged,
+            observed_generation=self.status.observed_generation,
+        )
+        self.status = fresh
+        who = f" by {by}" if by else ""
+        self.emit("RolloutStarted", f"rollout of revision {revision} started{who}")
+        self.enter_or_wait(0)
+
+    def enter_or_wait(self, index: int) -> None:
+        """Enter step ``index``, or wait for approval if the spec asks for one first."""
+        weight = self.spec.steps[index]
+        approved = any(a.weight == weight for a in self.status.approvals)
+        if weight in self.spec.approvals.before and not approved:
+            self.update(
+                phase=Phase.WAITING_APPROVAL,
+                phase_since=self.now,
+                pending_step_index=index,
+                message=f"waiting for approval to move to {weight}%",
+            )
+            self.emit("WaitingApproval", f"approval needed before the {weight}% step")
+            return
+        self.enter_step(index)
+
+    def enter_step(self, index: int) -> None:
+        self.carry_evidence()
+        weight = self.spec.steps[index]
+        metrics = self.observed.metrics
+        baseline = (
+            Baseline(stable=Counts.of(metrics.stable), canary=Counts.of(metrics.canary))
+            if metrics is not None and metrics.stable is not None and metrics.canary is not None
+            else None
+        )
+        history = [
+            *self.status.history,
+            StepRecord(index=index, weight=weight, started_at=self.now),
+        ]
+        self.update(
+            phase=Phase.PROGRESSING,
+            phase_since=self.now,
+            step_index=index,
+            canary_weight=weight,
+            step_started_at=self.now,
+            pending_step_index=None,
+            baseline=baseline,
+            last_data_at=self.now,
+            last_canary_requests=baseline.canary.requests if baseline else None,
+            step_evidence={},
+            history=history,
+            message=f"step {index + 1}/{len(self.spec.steps)}: {weight}% of traffic on the canary",
+        )
+        self.actions.append(SetWeights(weight))
+        self.emit("StepStarted", f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%")
+
+    def finish_history(self, verdict: str, reasons: Sequence[str]) -> None:
+        """Record the current step's outcome in the audit trail."""
+        history = list(self.status.history)
+        if history and history[-1].ended_at is None:
+            history[-1] = history[-1].model_copy(
+                update={"ended_at": self.now, "verdict": verdict, "reasons": list(reasons)}
+            )
+            self.update(history=history)
+
+    def carry_evidence(self) -> None:
+        """Close the current step's evidence: it becomes one factor of the rollout's."""
+        evidence = {k: list(v) for k, v in self.status.evidence.items()}
+        for name, log_e in self.status.step_evidence.items():
+            evidence.setdefault(name, []).append(log_e)
+        self.update(evidence=evidence, step_evidence={})
+
+    def advance(self, reasons: Sequence[str], verdict: str = "pass") -> None:
+        """The current step is done: next step, or promotion after the last.
+
+        A step that waits for approval keeps its window (and evidence) open: the canary
+        still serves at its weight and is still judged; the evidence is carried only
+        when the next step starts.
+        """
+        self.finish_history(verdict, reasons)
+        index = self.status.step_index
+        weight = self.spec.steps[index]
+        self.emit("StepPassed", f"{weight}% {reasons[0] if reasons else 'step ' + verdict}")
+        if index + 1 < len(self.spec.steps):
+            self.enter_or_wait(index + 1)
+            return
+        revision = self.status.revision or ""
+        if self.spec.promotion.mode == "weights-only":
+            self.update(
+                phase=Phase.SUCCEEDED,
+                phase_since=self.now,
+                message=f"revision {revision} promoted: canary carries 100% (weights-only)",
+            )
+            self.emit("Promoted", f"revision {revision} promoted (weights-only)")
+            return
+        self.update(
+            phase=Phase.PROMOTING,
+            phase_since=self.now,
+            message=f"promoting revision {revision}: rolling it out to the stable workload",
+        )
+        self.actions.append(PromoteStable(revision))
+        self.emit("Promoting", f"copying revision {revision} to the stable workload")
+
+    def rollback(self, reasons: Sequence[str], verdict: str = "rollback") -> None:
+        """Canary weight 0 first, then scale the canary down."""
+        self.finish_history(verdict, reasons)
+        first = reasons[0] if reasons else verdict
+        self.update(
+            phase=Phase.ROLLED_BACK,
+            phase_since=self.now,
+            canary_weight=0,
+            pending_step_index=None,
+            message=f"rolled back: {first}",
+        )
+        self.actions.append(SetWeights(0))
+        self.actions.append(ScaleCanary(0))
+        self.emit("RolledBack", f"rolled back: {first}", warning=True)
+
+    # -- commands ----------------------------------------------------------------------
+
+    def command(self, cmd: Command) -> None:
+        phase = self.status.phase
+        if cmd.kind is CommandKind.PROMOTE:
+            revision = cmd.revision or self.status.revision or "unversioned"
+            if phase.active and revision == self.status.revision:
+                return
+            if phase.active:
+                self.emit(
+                    "Superseded",
+                    f"revision {self.status.revision} superseded by {revision}",
+                    warning=True,
+                )
+            self.start(revision, cmd.by)
+        elif cmd.kind is CommandKind.ABORT:
+            if phase.active and phase is not Phase.PROMOTING:
+                who = f" by {cmd.by}" if cmd.by else ""
+                why = f": {cmd.reason}" if cmd.reason else ""
+                self.rollback([f"aborted{who}{why}"], verdict="aborted")
+        elif cmd.kind is CommandKind.APPROVE:
+            self.approve(cmd)
+        elif cmd.kind is CommandKind.SKIP and phase in (Phase.PROGRESSING, Phase.HOLDING):
+            who = f" by {cmd.by}" if cmd.by else ""
+            self.advance([f"step skipped{who}"], verdict="skipped")
+
+    def approve(self, cmd: Command) -> None:
+        if not self.status.phase.active:
+            return
+        pending = self.status.pending_step_index
+        waiting_weight = self.spec.steps[pending] if pending is not None else None
+        weight = cmd.weight if cmd.weight is not None else waiting_weight
+        if weight is None or weight not in self.spec.steps:
+            return
+        record = ApprovalRecord(weight=weight, by=cmd.by or "unknown", at=self.now)
+        self.update(approvals=[*self.status.approvals, record])
+        if self.status.phase is Phase.WAITING_APPROVAL and weight == waiting_weight:
+            assert pending is not None
+            self.emit("Approved", f"{weight}% step approved by {record.by}")
+            if pending == self.status.step_index and self.status.step_started_at is not None:
+                # a pause (noData.then: pause) resumes the step it interrupted
+                self.update(phase=Phase.PROGRESSING, pending_step_index=None, last_data_at=self.now)
+            else:
+                self.enter_step(pending)
+
+    # -- analysis ----------------------------------------------------------------------
+
+    def judge(self) -> None:
+        """Evaluate the current step and act on the verdict."""
+        st = self.status
+        metrics = self.observed.metrics
+        if st.step_started_at is None or self.now <= st.step_started_at:
+            return  # the step began now: no data from it yet
+        if metrics is None or metrics.stable is None or metrics.canary is None:
+            self.no_data(self.observed.metrics_error or "the metrics source returned nothing")
+            return
+        if st.baseline is None:
+            # data was missing when the step began: its window starts now
+            self.update(
+                baseline=Baseline(
+                    stable=Counts.of(metrics.stable), canary=Counts.of(metrics.canary)
+                ),
+                step_started_at=self.now,
+                last_data_at=self.now,
+                last_canary_requests=metrics.canary.requests,
+            )
+            return
+        stable = metrics.stable - st.baseline.stable.arm()
+        canary = metrics.canary - st.baseline.canary.arm()
+        went_back = (
+            st.last_canary_requests is not None
+            and metrics.canary.requests < st.last_canary_requests
+        )
+        if went_back or min(stable.requests, stable.errors, canary.requests, canary.errors) < 0:
+            self.update(
+                baseline=Baseline(
+                    stable=Counts.of(metrics.stable), canary=Counts.of(metrics.canary)
+                ),
+                step_started_at=self.now,
+                last_data_at=self.now,
+                last_canary_requests=metrics.canary.requests,
+                message="metric counters reset: the step's analysis window restarts now",
+            )
+            return
+        if metrics.canary.requests != st.last_canary_requests:
+            self.update(last_data_at=self.now, last_canary_requests=metrics.canary.requests)
+        elif self.no_data_expired("no new canary requests"):
+            return
+        verdict = self.evaluate(stable, canary)
+        self.record(verdict)
+        decision = verdict.decision
+        if self.status.phase is Phase.WAITING_APPROVAL:
+            if decision is Decision.ROLLBACK:
+                self.rollback(verdict.reasons)
+            return
+        if decision is Decision.ROLLBACK:
+            self.rollback(verdict.reasons)
+        elif decision is Decision.PASS:
+            self.advance(verdict.reasons)
+        elif decision is Decision.HOLD:
+            if self.status.phase is not Phase.HOLDING:
+                self.emit("Holding", verdict.reasons[0], warning=True)
+            self.update(phase=Phase.HOLDING, message=f"holding: {verdict.reasons[0]}")
+        else:
+            if self.status.phase is Phase.HOLDING:
+                self.emit("Resumed", verdict.reasons[0])
+            self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
+
+    def evaluate(self, stable: ArmCounts, canary: ArmCounts) -> Verdict:
+        st = self.status
+        assert st.step_started_at is not None
+        data = StepData(
+            steps=tuple(self.spec.steps),
+            step_index=st.step_index,
+            elapsed_s=(self.now - st.step_started_at).total_seconds(),
+            stable=stable,
+            canary=canary,
+            prior_log_e=st.evidence,
+        )
+        return evaluate(analysis_settings(self.spec), data)
+
+    def record(self, verdict: Verdict) -> None:
+        checks = [
+            CheckRecord(
+                name=c.name,
+                status=str(c.status),
+                e_value=None if c.status is CheckStatus.NOT_APPLICABLE else c.e_value,
+                threshold=c.threshold,
+                reason=c.reason,
+                stats={k: (v if math.isfinite(v) else None) for k, v in c.stats.items()},
+            )
+            for c in verdict.checks
+        ]
+        self.update(
+            last_verdict=VerdictRecord(
+                decision=str(verdict.decision),
+                at=self.now,
+                reasons=list(verdict.reasons),
+                checks=checks,
+            ),
+            step_evidence=verdict.step_log_es(),
+        )
+
+    def no_data_expired(self, why: str) -> bool:
+        """Apply ``noData`` once data has been missing for ``holdFor``; True if it acted."""
+        st = self.status
+        since = st.last_data_at or st.step_started_at or self.now
+        missing_s = (self.now - since).total_seconds()
+        policy = self.spec.analysis.no_data
+        if missing_s < policy.hold_for:
+            return False
+        reason = f"no data for {fmt_duration(missing_s)} ({why}); noData.then is {policy.then}"
+        if policy.then == "rollback":
+            self.rollback([reason], verdict="no-data")
+        elif self.status.phase is not Phase.WAITING_APPROVAL:
+            self.update(
+                phase=Phase.WAITING_APPROVAL,
+                phase_since=self.now,
+                pending_step_index=st.step_index,
+                message=f"paused: {reason}; approve to resume",
+            )
+            self.emit("Paused", reason, warning=True)
+        return True
+
+    def no_data(self, why: str) -> None:
+        if self.no_data_expired(why):
+            return
+        reason = f"no metrics: {why}"
+        record = VerdictRecord(decision=str(Decision.HOLD), at=self.now, reasons=[reason])
+        if self.status.phase is Phase.PROGRESSING:
+            self.emit("Holding", reason, warning=True)
+            self.update(phase=Phase.HOLDING, message=f"holding: {reason}", last_verdict=record)
+
+    def timers(self) -> None:
+        """Approval and promotion deadlines."""
+        st = self.status
+        since = st.phase_since or self.now
+        waited_s = (self.now - since).total_seconds()
+        if st.phase is Phase.WAITING_APPROVAL:
+            approvals = self.spec.approvals
+            if approvals.on_timeout == "abort" and waited_s >= approvals.timeout:
+                self.rollback(
+                    [
+                        f"no approval within {fmt_duration(approvals.timeout)}: "
+                        "approvals.onTimeout is abort"
+                    ],
+                    verdict="approval-timeout",
+                )
+        elif st.phase is Phase.PROMOTING:
+            revision = st.revision or ""
+            if self.observed.stable_revision == revision:
+                self.update(
+                    phase=Phase.SUCCEEDED,
+                    phase_since=self.now,
+                    canary_weight=0,
+                    message=f"revision {revision} promoted: stable runs it and carries all traffic",
+                )
+                self.actions.append(SetWeights(0))
+                self.actions.append(ScaleCanary(0))
+                self.emit("Promoted", f"revision {revision} promoted")
+            elif waited_s >= self.spec.promotion.timeout:
+                self.update(
+                    phase=Phase.FAILED,
+                    phase_since=self.now,
+                    message=(
+                        f"stable did not roll out revision {revision} within "
+                        f"{fmt_duration(self.spec.promotion.timeout)}; the canary keeps all traffic"
+                    ),
+                )
+                self.emit("PromotionFailed", self.status.message, warning=True)
+            else:
+                self.actions.append(PromoteStable(revision))
+
+
+def reconcile(
+    spec: CanarySpec,
+    status: CanaryStatus,
+    observed: Observed,
+    commands: Sequence[Command],
+    now: datetime,
+) -> Result:
+    """One step of the state machine: new status and the actions to carry out.
+
+    Args:
+        spec: the Canary's spec.
+        status: its current status (the only state).
+        observed: metrics and workload facts observed for this reconcile.
+        commands: commands on the resource; those already acknowledged are skipped.
+        now: the time of this reconcile (wall clock in the daemon, virtual in simulation).
+    """
+    run = _Run(spec, status, observed, now)
+    for cmd in commands:
+        if cmd.id in run.status.acknowledged:
+            continue
+        run.command(cmd)
+        run.update(acknowledged=[*run.status.acknowledged, cmd.id][-ACK_MEMORY:])
+    phase = run.status.phase
+    if phase in (Phase.PROGRESSING, Phase.HOLDING, Phase.WAITING_APPROVAL):
+        run.judge()
+    run.timers()
+    return Result(run.status, tuple(run.actions))

@@ -1,0 +1,450 @@
+"""The ``Canary`` spec (design §3) as pydantic models, and loading it from YAML.
+
+Field names are the camelCase names users write in YAML (``stepDuration``,
+``minRequests``); Python code uses their snake_case attributes.  Durations are
+written like Kubernetes and Go write them (``30s``, ``1m``, ``1h30m``, or a plain
+number of seconds) and held as float seconds.
+
+Every default works: an empty spec is a valid spec for ``canaryd simulate``.  The
+fields that only a cluster needs (``service``, ``stable``, ``canary``,
+``trafficRouting``) are optional here; :func:`cluster_warnings` names the ones a
+cluster would miss.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "canaryd.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "Canary"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class SpecError(ValueError):
+    """A spec or resource that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Sequence[str], source: str = "") -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "; ".join(self.problems))
+
+
+def parse_duration(value: object) -> float:
+    """A duration in seconds from ``90``, ``"90s"``, ``"1m30s"``, ``"1.5h"``, ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '1m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        negative = text.startswith("-")
+        body = text.lstrip("+-")
+        if re.fullmatch(r"\d+(\.\d+)?", body):
+            seconds = float(body)
+        elif body and _DURATION_PART.sub("", body) == "":
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(body))
+        else:
+            raise ValueError(
+                f"'{value}' is not a duration; write it like 30s, 1m, 10m, 1h30m "
+                "or a number of seconds"
+            )
+        seconds = -seconds if negative else seconds
+    else:
+        raise ValueError("a duration must be a number of seconds or a string like '1m'")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be finite")
+    if seconds < 0:
+        raise ValueError(f"durations cannot be negative (got {value!r})")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the shortest Go-style duration string (``600`` → ``10m``)."""
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    out += f"{secs}s" if secs or not out else ""
+    return out
+
+
+#: A duration: float seconds in Python, ``"10m"``-style strings in YAML/JSON.
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "description": "duration: seconds, or a string like 30s, 1m, 1h30m",
+        }
+    ),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+
+class WorkloadRef(_Model):
+    """A Deployment in the Canary's namespace."""
+
+    deployment: str = Field(min_length=1, description="Deployment name")
+
+
+class VirtualServiceRef(_Model):
+    """A user-owned Istio VirtualService whose named HTTP routes canaryd patches."""
+
+    name: str = Field(min_length=1)
+    routes: list[str] = Field(
+        default_factory=list,
+        description="names of the HTTP routes to shift; empty means every route of the host",
+    )
+
+
+class DestinationRuleRef(_Model):
+    """Subsets of a DestinationRule that separate stable and canary pods."""
+
+    name: str = Field(min_length=1)
+    stable_subset: str = "stable"
+    canary_subset: str = "canary"
+
+
+class IstioRouting(_Model):
+    """Istio routing: a VirtualService, split by DestinationRule subsets or by host."""
+
+    virtual_service: VirtualServiceRef
+    destination_rule: DestinationRuleRef | None = Field(
+        default=None, description="omit to split by host (one Service per version)"
+    )
+
+
+class TrafficRouting(_Model):
+    """How traffic is shifted between stable and canary."""
+
+    istio: IstioRouting
+
+
+class ErrorRateCheck(_Model):
+    """Canary-vs-stable error rate (5xx responses)."""
+
+    relative_tolerance: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="canary errors up to (1 + tolerance) × stable's are accepted",
+    )
+    max_pct: float | None = Field(
+        default=5.0, gt=0, le=100, description="absolute limit on the canary's error %"
+    )
+
+
+class LatencyCheck(_Model):
+    """Canary-vs-stable latency at one percentile."""
+
+    percentile: float = Field(gt=0, lt=100, description="e.g. 50, 90, 95, 99")
+    relative_tolerance: float = Field(default=0.2, ge=0, le=10)
+    max_ms: float | None = Field(default=None, gt=0, description="absolute limit, ms")
+
+
+class SLO(_Model):
+    """The service's availability objective, for error-budget burn checks."""
+
+    availability_pct: float = Field(default=99.9, gt=0, lt=100)
+    burn_rate_limit: float = Field(default=14.4, gt=0)
+
+
+class NoData(_Model):
+    """What to do when metrics stop arriving."""
+
+    hold_for: Duration = Field(default=300.0, description="how long to hold without data")
+    then: Literal["rollback", "pause"] = Field(
+        default="rollback", description="rollback, or pause for a person's approval"
+    )
+
+
+def _default_latency() -> list[LatencyCheck]:
+    return [
+        LatencyCheck(percentile=99, relative_tolerance=0.2, max_ms=1000),
+        LatencyCheck(percentile=50, relative_tolerance=0.2),
+    ]
+
+
+class Analysis(_Model):
+    """When and how each step is judged."""
+
+    interval: Duration = Field(default=60.0, description="how often to evaluate")
+    step_duration: Duration = Field(
+        default=600.0, description="a step passes after this long with no regression"
+    )
+    min_step_duration: Duration = Field(default=120.0, description="no step passes sooner")
+    min_requests: int = Field(default=200, ge=1, description="canary requests before a pass")
+    alpha: float = Field(default=0.01, description="false-rollback budget for the rollout")
+    error_rate: ErrorRateCheck = Field(default_factory=ErrorRateCheck)
+    latency: list[LatencyCheck] = Field(default_factory=_default_latency)
+    slo: SLO | None = Field(default_factory=SLO)
+    no_data: NoData = Field(default_factory=NoData)
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_unit_interval(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(
+                f"alpha is a probability of rolling back a healthy canary and must lie "
+                f"strictly between 0 and 1 (got {v}); 0.01 is a good default"
+            )
+        return v
+
+    @field_validator("interval", "step_duration")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be longer than 0s")
+        return v
+
+    @model_validator(mode="after")
+    def _durations_consistent(self) -> Analysis:
+        if self.min_step_duration > self.step_duration:
+            raise ValueError(
+                f"minStepDuration ({format_duration(self.min_step_duration)}) is longer than "
+                f"stepDuration ({format_duration(self.step_duration)})"
+            )
+        if self.interval > self.step_duration:
+            raise ValueError(
+                f"interval ({format_duration(self.interval)}) is longer than stepDuration "
+                f"({format_duration(self.step_duration)}): a step would end before its "
+                "first evaluation"
+            )
+        return self
+
+
+class SlackApproval(_Model):
+    """Ask for approvals in a Slack channel."""
+
+    channel: str = Field(min_length=1)
+
+
+class Approvals(_Model):
+    """Steps that wait for a person's approval before they start."""
+
+    before: list[int] = Field(
+        default_factory=list, description="step weights (%) that need approval to enter"
+    )
+    slack: SlackApproval | None = None
+    timeout: Duration = Field(default=3600.0, description="how long to wait for approval")
+    on_timeout: Literal["abort", "wait"] = Field(
+        default="abort", description="abort the rollout, or keep waiting"
+    )
+
+
+class Promotion(_Model):
+    """What happens once the last step has passed."""
+
+    mode: Literal["copy-to-stable", "weights-only"] = Field(
+        default="copy-to-stable",
+        description="copy the canary's pod template into stable, or only move traffic",
+    )
+    timeout: Duration = Field(
+        default=600.0, description="how long to wait for stable to roll out the new version"
+    )
+
+
+class CanarySpec(_Model):
+    """``spec`` of a ``Canary`` resource."""
+
+    service: str | None = Field(default=None, description="Istio host / app label")
+    stable: WorkloadRef | None = None
+    canary: WorkloadRef | None = None
+    traffic_routing: TrafficRouting | None = None
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100], description="canary weights (%); ends at 100"
+    )
+    analysis: Analysis = Field(default_factory=Analysis)
+    approvals: Approvals = Field(default_factory=Approvals)
+    promotion: Promotion = Field(default_factory=Promotion)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_valid(cls, steps: list[int]) -> list[int]:
+        if not steps:
+            raise ValueError("needs at least one step, and the last must be 100")
+        bad = [w for w in steps if not 0 < w <= 100]
+        if bad:
+            raise ValueError(
+                f"weights are canary traffic percentages from 1 to 100; got {bad} in {steps}"
+            )
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"weights must increase from step to step (got {steps})")
+        if steps[-1] != 100:
+            raise ValueError(
+                f"the last step must be 100 (got {steps}): a canary is promoted only after "
+                "it has carried all traffic"
+            )
+        return steps
+
+    @model_validator(mode="after")
+    def _approvals_name_steps(self) -> CanarySpec:
+        unknown = [w for w in self.approvals.before if w not in self.steps]
+        if unknown:
+            raise ValueError(
+                f"approvals.before names weights {unknown} that are not steps {self.steps}"
+            )
+        return self
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The pydantic model class that the error location ``loc`` points into."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or isinstance(part, int):
+            continue
+        field = next(
+            (f for name, f in current.model_fields.items() if part in (name, f.alias)), None
+        )
+        if field is None:
+            return current
+        current = _first_model(field.annotation)
+    return current
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_errors(error: ValidationError, model: type[BaseModel], prefix: str) -> list[str]:
+    """Each pydantic error as one line a person understands, naming the field path."""
+    lines = []
+    for err in error.errors():
+        loc = [p for p in err["loc"] if p != "__root__"]
+        path = ".".join([prefix] + [f"[{p}]" if isinstance(p, int) else str(p) for p in loc])
+        path = path.replace(".[", "[")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            names = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+            msg = "unknown field" + (f"; did you mean '{close[0]}'?" if close else "")
+            if names and not close:
+                msg += f" (known fields: {', '.join(names)})"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            bad_input = err.get("input")
+            if err["type"] not in ("value_error", "assertion_error") and not isinstance(
+                bad_input, dict | list
+            ):
+                msg += f" (got {bad_input!r})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def parse_spec(data: Mapping[str, Any] | None, source: str = "") -> CanarySpec:
+    """A spec from a bare spec mapping or a whole ``Canary`` resource mapping.
+
+    Raises:
+        SpecError: listing every problem, each naming its field path.
+    """
+    data = dict(data or {})
+    prefix = "spec"
+    if "kind" in data or "apiVersion" in data or "metadata" in data:
+        problems = []
+        if data.get("apiVersion") != API_VERSION:
+            problems.append(f"apiVersion: expected '{API_VERSION}', got {data.get('apiVersion')!r}")
+        if data.get("kind") != KIND:
+            problems.append(f"kind: expected '{KIND}', got {data.get('kind')!r}")
+        spec_data = data.get("spec") or {}
+        if not isinstance(spec_data, dict):
+            problems.append("spec: must be a mapping")
+            spec_data = {}
+        if problems:
+            try:
+                CanarySpec.model_validate(spec_data)
+            except ValidationError as exc:
+                problems += describe_errors(exc, CanarySpec, prefix)
+            raise SpecError(problems, source)
+        data = spec_data
+    try:
+        return CanarySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(describe_errors(exc, CanarySpec, prefix), source) from None
+
+
+def load_spec_text(text: str, source: str = "<string>") -> CanarySpec:
+    """Parse YAML text holding a bare spec or a whole ``Canary`` resource."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"not valid YAML{where}: {problem}"], source) from None
+    if data is not None and not isinstance(data, dict):
+        raise SpecError(
+            [f"expected a mapping (a spec or a Canary resource), got {type(data).__name__}"],
+            source,
+        )
+    return parse_spec(data, source)
+
+
+def load_spec_file(path: str | Path) -> CanarySpec:
+    """Parse a YAML file holding a bare spec or a whole ``Canary`` resource."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(["file not found"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"cannot read the file: {exc}"], str(path)) from None
+    return load_spec_text(text, str(path))
+
+
+def cluster_warnings(spec: CanarySpec) -> list[str]:
+    """Fields a cluster rollout needs that this spec leaves out (simulation needs none)."""
+    missing = []
+    if not spec.service:
+        missing.append("spec.service: not set; `canaryd run` needs the Istio host")
+    if spec.stable is None:
+        missing.append("spec.stable.deployment: not set; `canaryd run` needs the stable Deployment")
+    if spec.canary is None:
+        missing.append("spec.canary.deployment: not set; `canaryd run` needs the canary Deployment")
+    if spec.traffic_routing is None:
+        missing.append("spec.trafficRouting: not set; `canaryd run` needs a VirtualService")
+    return missing

@@ -1,0 +1,167 @@
+"""The ``Canary`` status: the only state canaryd keeps (design §3).
+
+Everything the daemon needs to continue a rollout after a restart lives here: the
+phase, the step and its start, the counters captured when the step began, the
+evidence carried from earlier steps, approvals and the commands already handled.
+Serialised with camelCase keys, as Kubernetes status fields are.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from analysis.counts import ArmCounts
+
+
+class Phase(StrEnum):
+    """Where a rollout stands (design §4)."""
+
+    IDLE = "Idle"
+    PROGRESSING = "Progressing"
+    WAITING_APPROVAL = "WaitingApproval"
+    HOLDING = "Holding"
+    PROMOTING = "Promoting"
+    SUCCEEDED = "Succeeded"
+    ROLLED_BACK = "RolledBack"
+    FAILED = "Failed"
+
+    @property
+    def active(self) -> bool:
+        """True while a rollout is under way (traffic may be on the canary)."""
+        return self in _ACTIVE
+
+    @property
+    def terminal(self) -> bool:
+        """True once a rollout has ended."""
+        return self in _TERMINAL
+
+
+_ACTIVE = frozenset({Phase.PROGRESSING, Phase.WAITING_APPROVAL, Phase.HOLDING, Phase.PROMOTING})
+_TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore"
+    )
+
+
+class Counts(_Model):
+    """Counters of one arm as stored in status (see :class:`analysis.counts.ArmCounts`)."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_buckets: list[int] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, arm: ArmCounts) -> Counts:
+        return cls(
+            requests=arm.requests, errors=arm.errors, latency_buckets=list(arm.latency_buckets)
+        )
+
+    def arm(self) -> ArmCounts:
+        return ArmCounts(self.requests, self.errors, tuple(self.latency_buckets))
+
+
+class Baseline(_Model):
+    """Both arms' counters when the current step began."""
+
+    stable: Counts
+    canary: Counts
+
+
+class CheckRecord(_Model):
+    """One check of a verdict, as recorded (numbers for machines, reason for people)."""
+
+    name: str
+    status: str
+    e_value: float | None = None
+    threshold: float | None = None
+    reason: str
+    stats: dict[str, float | None] = Field(default_factory=dict)
+
+
+class VerdictRecord(_Model):
+    """The latest analysis verdict: decision, reasons, and the checks behind them."""
+
+    decision: str
+    at: datetime
+    reasons: list[str] = Field(default_factory=list)
+    checks: list[CheckRecord] = Field(default_factory=list)
+
+
+class StepRecord(_Model):
+    """One step of the rollout, for the audit trail."""
+
+    index: int
+    weight: int
+    started_at: datetime
+    ended_at: datetime | None = None
+    verdict: str | None = None
+    reasons: list[str] = Field(default_factory=list)
+
+
+class ApprovalRecord(_Model):
+    """An approval: who approved which step weight, when."""
+
+    weight: int
+    by: str
+    at: datetime
+
+
+class CanaryStatus(_Model):
+    """``status`` of a ``Canary``.
+
+    Attributes:
+        phase: see :class:`Phase`.
+        revision: the revision being rolled out.
+        step_index: index into ``spec.steps`` of the current step.
+        canary_weight: canary traffic now, percent; stable carries the rest.
+        step_started_at: when the current step's window began.
+        phase_since: when the current phase began (timers for approval and promotion).
+        pending_step_index: the step to enter on approval (WaitingApproval only).
+        baseline: counters captured when the step began; deltas are judged.
+        last_data_at: when metrics last brought new canary requests (noData timer).
+        last_canary_requests: canary counter at ``last_data_at``.
+        evidence: per check, log e-values of the completed steps.
+        step_evidence: per check, the current step's latest log e-value.
+        last_verdict: the latest verdict with its reasons and numbers.
+        history: every step entered, with its outcome.
+        approvals: approvals given for this revision.
+        acknowledged: ids of the commands already handled (newest last).
+        message: one line saying what is happening and why.
+        observed_generation: ``metadata.generation`` the status was computed from.
+    """
+
+    phase: Phase = Phase.IDLE
+    revision: str | None = None
+    step_index: int = 0
+    canary_weight: int = 0
+    step_started_at: datetime | None = None
+    phase_since: datetime | None = None
+    pending_step_index: int | None = None
+    baseline: Baseline | None = None
+    last_data_at: datetime | None = None
+    last_canary_requests: int | None = None
+    evidence: dict[str, list[float]] = Field(default_factory=dict)
+    step_evidence: dict[str, float] = Field(default_factory=dict)
+    last_verdict: VerdictRecord | None = None
+    history: list[StepRecord] = Field(default_factory=list)
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    acknowledged: list[str] = Field(default_factory=list)
+    message: str = ""
+    observed_generation: int | None = None
+
+    @property
+    def stable_weight(self) -> int:
+        """Stable traffic, percent: always ``100 - canary_weight``."""
+        return 100 - self.canary_weight
+
+    def to_json(self) -> dict[str, Any]:
+        """The status as Kubernetes stores it (camelCase, ISO timestamps)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,146 @@
+"""The simulation engine: synthetic traffic, drawn per interval, never per request.
+
+Each call to :meth:`Simulation.advance` covers ``[now_s, now_s + dt_s)`` at the current
+traffic split, cut into sub-intervals at the scenario's change points so that every
+event takes effect exactly at its ``at_s``.  For each sub-interval ``[a, b)``:
+
+* total requests ~ Poisson(expected requests in ``[a, b)``);
+* canary requests ~ Binomial(total, canary_weight_pct / 100), the rest go to stable;
+* 5xx errors per arm ~ Binomial(arm requests, arm error rate);
+* latency bucket counts per arm ~ Multinomial(arm requests, bucket probabilities),
+  drawn independently of the errors.
+
+Counters accumulate like Prometheus counters: requests, errors and the cumulative
+latency histogram (entry ``i`` counts requests at or below ``LATENCY_EDGES_MS[i]``; the
+last, ``+Inf``, equals requests).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from analysis.counts import N_BUCKETS, ArmCounts, Observation
+from simulator.clock import VirtualClock
+from simulator.mesh import Mesh
+from simulator.scenario import Scenario, VersionName
+from simulator.traffic import Behaviour
+
+IntArray = npt.NDArray[np.int64]
+
+_STABLE = 0
+_CANARY = 1
+
+
+class Simulation:
+    """A scenario played in virtual time: the fake of Prometheus and of the mesh.
+
+    Args:
+        scenario: what the versions do and how much traffic arrives.
+        seed: seed for ``numpy.random.default_rng`` (PCG64), or a ready generator.
+
+    Attributes:
+        scenario: the scenario being played.
+        clock: the virtual clock; it starts at 0 s and moves only in :meth:`advance`.
+        mesh: the traffic split; the canary weight starts at 0 %.
+    """
+
+    def __init__(self, scenario: Scenario, seed: int | np.random.Generator = 0) -> None:
+        self.scenario = scenario
+        self.clock = VirtualClock()
+        self.mesh = Mesh()
+        self._rng = np.random.default_rng(seed)
+        self._stable_runs: VersionName = "stable"
+        self._change_points = scenario.change_points()
+        # Behaviour per (version, segment between change points): constant within a segment.
+        self._behaviours: dict[tuple[VersionName, int], Behaviour] = {}
+        # Rows: stable, canary.  Cumulative counters, as Prometheus would report them.
+        self._requests: IntArray = np.zeros(2, dtype=np.int64)
+        self._errors: IntArray = np.zeros(2, dtype=np.int64)
+        self._buckets: IntArray = np.zeros((2, N_BUCKETS), dtype=np.int64)
+
+    @property
+    def now_s(self) -> float:
+        """Current virtual time, in seconds since the scenario started."""
+        return self.clock.now_s
+
+    @property
+    def stable_runs(self) -> VersionName:
+        """Which version's behaviour the stable arm runs: ``"canary"`` after promotion."""
+        return self._stable_runs
+
+    def set_canary_weight(self, pct: int) -> None:
+        """Route ``pct`` percent (0..100) of requests to the canary from now on."""
+        self.mesh.set_canary_weight(pct)
+
+    def promote_stable(self) -> None:
+        """Copy the canary's pod template to stable.
+
+        From now on the stable arm behaves as the canary version does, including the
+        canary's later events.  Weights are left as they are.
+        """
+        self._stable_runs = "canary"
+
+    def advance(self, dt_s: float) -> None:
+        """Serve traffic for ``dt_s`` seconds at the current weights, then move the clock.
+
+        Raises:
+            ValueError: if ``dt_s`` is negative or not finite.
+        """
+        if not math.isfinite(dt_s) or dt_s < 0:
+            raise ValueError(f"dt_s must be a finite number >= 0, got {dt_s!r}")
+        start_s = self.clock.now_s
+        end_s = start_s + dt_s
+        if end_s > start_s:
+            cuts = [t for t in self._change_points if start_s < t < end_s]
+            bounds = [start_s, *cuts, end_s]
+            for sub_start_s, sub_end_s in itertools.pairwise(bounds):
+                self._serve(sub_start_s, sub_end_s)
+        self.clock.advance(dt_s)
+
+    def _serve(self, start_s: float, end_s: float) -> None:
+        """Draw and add the traffic of ``[start_s, end_s)``, where nothing changes."""
+        rng = self._rng
+        expected = self.scenario.expected_requests(start_s, end_s)
+        total = int(rng.poisson(expected))
+        if total == 0:
+            return
+        canary = int(rng.binomial(total, self.mesh.canary_weight_pct / 100.0))
+        served = np.array([total - canary, canary], dtype=np.int64)
+        stable_behaviour = self._behaviour_at(self._stable_runs, start_s)
+        canary_behaviour = self._behaviour_at("canary", start_s)
+        error_rates = np.array([stable_behaviour.error_rate, canary_behaviour.error_rate])
+        self._requests += served
+        self._errors += rng.binomial(served, error_rates).astype(np.int64)
+        for arm, behaviour in ((_STABLE, stable_behaviour), (_CANARY, canary_behaviour)):
+            if served[arm]:
+                counts = rng.multinomial(int(served[arm]), behaviour.bucket_probabilities())
+                self._buckets[arm] += np.cumsum(counts, dtype=np.int64)
+
+    def _behaviour_at(self, version: VersionName, t_s: float) -> Behaviour:
+        """``scenario.behaviour_at(version, t_s)``, memoised per segment."""
+        key = (version, bisect.bisect_right(self._change_points, t_s))
+        behaviour = self._behaviours.get(key)
+        if behaviour is None:
+            behaviour = self._behaviours[key] = self.scenario.behaviour_at(version, t_s)
+        return behaviour
+
+    def observe(self) -> Observation:
+        """Both arms' cumulative counters now, as the Prometheus source reports them."""
+        requests = self._requests.tolist()
+        errors = self._errors.tolist()
+        buckets = self._buckets.tolist()
+        return Observation(
+            stable=ArmCounts(requests[_STABLE], errors[_STABLE], tuple(buckets[_STABLE])),
+            canary=ArmCounts(requests[_CANARY], errors[_CANARY], tuple(buckets[_CANARY])),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Simulation(scenario={self.scenario.name!r}, now_s={self.now_s!r}, "
+            f"canary_weight_pct={self.mesh.canary_weight_pct})"
+        )

@@ -1,0 +1,427 @@
+# The driver's methods change d.status; mypy's narrowing of d.status.phase between
+# assertions does not know that.
+# mypy: disable-error-code="comparison-overlap"
+"""The rollout state machine: transitions, invariants and properties (design §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis.counts import ArmCounts, Observation
+from canaryd.rollout import (
+    Command,
+    CommandKind,
+    Notify,
+    Observed,
+    PromoteStable,
+    Result,
+    ScaleCanary,
+    SetWeights,
+    reconcile,
+)
+from canaryd.spec import CanarySpec, parse_spec
+from canaryd.status import CanaryStatus, Phase
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+SPEC = parse_spec({"analysis": {"interval": "1m"}})
+PROMOTE = Command(id="c1", kind=CommandKind.PROMOTE, revision="v2", by="ci")
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class Driver:
+    """Feeds the state machine traffic like the simulator would, without randomness."""
+
+    def __init__(
+        self,
+        spec: CanarySpec = SPEC,
+        canary_error: float = 0.005,
+        stable_error: float = 0.005,
+        rps: float = 100.0,
+    ):
+        self.spec = spec
+        self.status = CanaryStatus()
+        self.canary = ArmCounts()
+        self.stable = ArmCounts()
+        self.canary_error, self.stable_error, self.rps = canary_error, stable_error, rps
+        self.t = 0.0
+        self.commands: list[Command] = []
+        self.stable_revision: str | None = None
+        self.results: list[Result] = []
+
+    def traffic(self, seconds: float) -> None:
+        total = self.rps * seconds
+        c = round(total * self.status.canary_weight / 100)
+        s = round(total) - c
+        self.canary = self.canary + ArmCounts(c, round(c * self.canary_error))
+        self.stable = self.stable + ArmCounts(s, round(s * self.stable_error))
+        self.t += seconds
+
+    def observe(self, metrics: bool = True) -> Observed:
+        obs = Observation(stable=self.stable, canary=self.canary) if metrics else None
+        return Observed(
+            metrics=obs,
+            metrics_error=None if metrics else "prometheus: connection refused",
+            stable_revision=self.stable_revision,
+        )
+
+    def reconcile(self, *, metrics: bool = True) -> Result:
+        result = reconcile(self.spec, self.status, self.observe(metrics), self.commands, at(self.t))
+        self.status = result.status
+        self.results.append(result)
+        for action in result.actions:
+            if isinstance(action, PromoteStable):
+                self.stable_revision = action.revision
+        return result
+
+    def command(self, cmd: Command) -> Result:
+        self.commands.append(cmd)
+        return self.reconcile()
+
+    def run(self, seconds: float, *, metrics: bool = True) -> None:
+        end = self.t + seconds
+        while self.t < end and not self.status.phase.terminal:
+            self.traffic(60)
+            self.reconcile(metrics=metrics)
+
+    def reasons(self) -> list[str]:
+        return [a.reason for r in self.results for a in r.actions if isinstance(a, Notify)]
+
+
+def test_promote_starts_the_first_step() -> None:
+    d = Driver()
+    result = d.command(PROMOTE)
+    assert d.status.phase is Phase.PROGRESSING
+    assert (d.status.revision, d.status.step_index, d.status.canary_weight) == ("v2", 0, 10)
+    assert d.status.step_started_at == T0
+    assert result.actions[1] == SetWeights(10)
+    assert d.status.acknowledged == ["c1"]
+    assert d.status.history[0].weight == 10
+
+
+def test_healthy_canary_walks_every_step_and_is_promoted() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(600)
+    assert (d.status.step_index, d.status.canary_weight) == (1, 50)
+    d.run(600)
+    assert (d.status.step_index, d.status.canary_weight) == (2, 100)
+    d.run(600)
+    assert d.status.phase is Phase.PROMOTING  # stable is rolling the new version out
+    d.run(60)
+    assert d.status.phase is Phase.SUCCEEDED
+    assert d.status.canary_weight == 0  # all traffic back on stable, which now runs v2
+    weights = [a.canary_pct for r in d.results for a in r.actions if isinstance(a, SetWeights)]
+    assert weights == [10, 50, 100, 0]
+    assert [h.verdict for h in d.status.history] == ["pass", "pass", "pass"]
+    assert d.reasons()[-1] == "Promoted"
+    assert any(isinstance(a, ScaleCanary) for a in d.results[-1].actions)
+
+
+def test_bad_canary_rolls_back_weight_zero_first() -> None:
+    d = Driver(canary_error=0.05)
+    d.command(PROMOTE)
+    d.run(600)
+    assert d.status.phase is Phase.ROLLED_BACK
+    assert d.status.canary_weight == 0
+    last = d.results[-1].actions
+    assert last[0] == SetWeights(0)
+    assert last[1] == ScaleCanary(0)
+    assert d.status.history[-1].verdict == "rollback"
+    assert d.status.message.startswith("rolled back: errors: canary")
+    assert d.t <= 120  # within the first two evaluations of the 10% step
+
+
+def test_abort_rolls_back_and_is_recorded() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(120)
+    result = d.command(Command(id="c2", kind=CommandKind.ABORT, by="alice", reason="pager"))
+    assert d.status.phase is Phase.ROLLED_BACK
+    assert result.actions[0] == SetWeights(0)
+    assert d.status.history[-1].verdict == "aborted"
+    assert "aborted by alice: pager" in d.status.message
+
+
+def test_skip_moves_to_the_next_step() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(60)
+    d.command(Command(id="c2", kind=CommandKind.SKIP, by="bob"))
+    assert (d.status.step_index, d.status.canary_weight) == (1, 50)
+    assert d.status.history[0].verdict == "skipped"
+
+
+def test_approval_gates_a_step_and_approve_enters_it() -> None:
+    spec = parse_spec({"approvals": {"before": [50]}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(600)
+    assert d.status.phase is Phase.WAITING_APPROVAL
+    assert d.status.canary_weight == 10  # stays at the passed step's weight
+    d.run(300)
+    assert d.status.phase is Phase.WAITING_APPROVAL
+    d.command(Command(id="c2", kind=CommandKind.APPROVE, weight=50, by="carol"))
+    assert (d.status.phase, d.status.canary_weight) == (Phase.PROGRESSING, 50)
+    assert d.status.approvals[0].by == "carol"
+
+
+def test_an_approval_given_ahead_of_time_is_remembered() -> None:
+    spec = parse_spec({"approvals": {"before": [50]}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.command(Command(id="c2", kind=CommandKind.APPROVE, weight=50, by="pipeline"))
+    d.run(600)
+    assert (d.status.phase, d.status.canary_weight) == (Phase.PROGRESSING, 50)
+
+
+def test_a_regression_while_waiting_for_approval_still_rolls_back() -> None:
+    spec = parse_spec({"approvals": {"before": [50]}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(600)
+    assert d.status.phase is Phase.WAITING_APPROVAL
+    d.canary_error = 0.2
+    d.run(300)
+    assert d.status.phase is Phase.ROLLED_BACK
+
+
+def test_approval_timeout_aborts() -> None:
+    spec = parse_spec({"approvals": {"before": [50], "timeout": "30m"}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(600 + 1800)
+    assert d.status.phase is Phase.ROLLED_BACK
+    assert "no approval within 30m" in d.status.message
+
+
+def test_missing_metrics_hold_then_roll_back_after_hold_for() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(120)
+    d.run(120, metrics=False)
+    assert d.status.phase is Phase.HOLDING
+    assert d.status.last_verdict is not None
+    assert d.status.last_verdict.reasons == ["no metrics: prometheus: connection refused"]
+    assert d.status.canary_weight == 10
+    d.run(120, metrics=False)
+    assert d.status.phase is Phase.HOLDING  # 4m since the last data at 2m
+    d.run(60, metrics=False)
+    assert d.status.phase is Phase.ROLLED_BACK
+    assert "no data for 5m" in d.status.message
+
+
+def test_missing_metrics_then_data_returns_resumes() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(120)
+    d.run(120, metrics=False)
+    assert d.status.phase is Phase.HOLDING
+    d.run(60)
+    assert d.status.phase is Phase.PROGRESSING
+    assert "Resumed" in d.reasons()
+
+
+def test_no_data_pause_waits_for_approval_and_resumes_the_same_step() -> None:
+    spec = parse_spec({"analysis": {"noData": {"holdFor": "2m", "then": "pause"}}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(120)
+    d.run(180, metrics=False)
+    assert d.status.phase is Phase.WAITING_APPROVAL
+    assert d.status.canary_weight == 10
+    started = d.status.step_started_at
+    d.command(Command(id="c2", kind=CommandKind.APPROVE, by="dave"))
+    assert (d.status.phase, d.status.step_index) == (Phase.PROGRESSING, 0)
+    assert d.status.step_started_at == started
+
+
+def test_low_traffic_holds_rather_than_passing_or_rolling_back() -> None:
+    d = Driver(rps=2)
+    d.command(PROMOTE)
+    d.run(660)
+    assert d.status.phase is Phase.HOLDING
+    assert d.status.last_verdict is not None
+    assert d.status.last_verdict.reasons[0].startswith("insufficient data")
+    d.run(600)
+    assert d.status.step_index == 1  # enough canary requests arrived: the step passed
+
+
+def test_weights_only_promotion_leaves_traffic_on_the_canary() -> None:
+    spec = parse_spec({"promotion": {"mode": "weights-only"}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(1800)
+    assert d.status.phase is Phase.SUCCEEDED
+    assert d.status.canary_weight == 100
+    assert not any(isinstance(a, PromoteStable) for r in d.results for a in r.actions)
+
+
+class StuckStable(Driver):
+    """A cluster whose stable Deployment never finishes rolling out."""
+
+    def reconcile(self, *, metrics: bool = True) -> Result:
+        result = super().reconcile(metrics=metrics)
+        self.stable_revision = None
+        return result
+
+
+def test_promotion_that_never_completes_fails() -> None:
+    d = StuckStable()
+    d.command(PROMOTE)
+    d.run(1800)
+    assert d.status.phase is Phase.PROMOTING
+    d.run(60 * 9)
+    assert d.status.phase is Phase.PROMOTING
+    d.run(60)
+    assert d.status.phase is Phase.FAILED
+    assert "did not roll out revision v2 within 10m" in d.status.message
+    assert d.status.canary_weight == 100  # the verified canary keeps serving
+
+
+def test_a_new_revision_supersedes_the_running_one() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(600)
+    assert d.status.step_index == 1
+    d.command(Command(id="c2", kind=CommandKind.PROMOTE, revision="v3"))
+    assert (d.status.revision, d.status.step_index, d.status.canary_weight) == ("v3", 0, 10)
+    assert "Superseded" in d.reasons()
+    assert d.status.evidence == {}
+
+
+def test_same_revision_promote_is_a_no_op() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(300)
+    before = d.status
+    result = d.command(Command(id="c2", kind=CommandKind.PROMOTE, revision="v2"))
+    assert result.actions == ()
+    assert d.status.model_copy(update={"acknowledged": before.acknowledged}) == before
+
+
+def test_a_counter_reset_restarts_the_window_instead_of_misjudging() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(300)
+    d.canary = ArmCounts(5, 0)  # the canary pods restarted
+    d.t += 60
+    d.reconcile()
+    assert d.status.phase is Phase.PROGRESSING
+    assert "counters reset" in d.status.message
+    assert d.status.step_started_at == at(d.t)
+
+
+def test_no_step_advances_without_data_from_that_step() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(600)
+    assert d.status.step_index == 1
+    # same instant, same counters: nothing to judge the new step on
+    again = d.reconcile()
+    assert again.actions == ()
+    assert d.status.step_index == 1
+
+
+# -- properties ------------------------------------------------------------------------------
+
+commands = st.sampled_from(["promote", "promote2", "abort", "approve", "skip", "none"])
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[tuple[str, float, float, bool]]:
+    """Random runs: a command, the canary's error rate, seconds of traffic, metrics up?"""
+    return draw(
+        st.lists(
+            st.tuples(
+                commands,
+                st.sampled_from([0.0, 0.005, 0.01, 0.05, 0.3]),
+                st.sampled_from([0.0, 30.0, 60.0, 600.0]),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=25,
+        )
+    )
+
+
+SPECS = [
+    SPEC,
+    parse_spec({"approvals": {"before": [50, 100]}}),
+    parse_spec({"steps": [5, 25, 100], "analysis": {"noData": {"then": "pause", "holdFor": "1m"}}}),
+    parse_spec({"steps": [100], "promotion": {"mode": "weights-only"}}),
+]
+
+
+def _play(spec: CanarySpec, script: Sequence[tuple[str, float, float, bool]]) -> Driver:
+    d = Driver(spec)
+    for i, (name, error, seconds, metrics) in enumerate(script):
+        d.canary_error = error
+        if name != "none":
+            kind = {"promote2": "promote"}.get(name, name)
+            revision = "v3" if name == "promote2" else "v2"
+            d.commands.append(Command(id=f"c{i}", kind=CommandKind(kind), revision=revision))
+        d.traffic(seconds)
+        d.reconcile(metrics=metrics)
+    return d
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(spec_index=st.integers(0, len(SPECS) - 1), script=scripts())
+def test_weights_always_sum_to_100_and_rollback_sets_zero_first(
+    spec_index: int, script: list[tuple[str, float, float, bool]]
+) -> None:
+    spec = SPECS[spec_index]
+    d = _play(spec, script)
+    for result in d.results:
+        status = result.status
+        assert 0 <= status.canary_weight <= 100
+        assert status.canary_weight + status.stable_weight == 100
+        for action in result.actions:
+            if isinstance(action, SetWeights):
+                assert 0 <= action.canary_pct <= 100
+                assert action.canary_pct + action.stable_pct == 100
+        rolled_back = any(
+            isinstance(a, Notify) and a.reason == "RolledBack" for a in result.actions
+        )
+        if rolled_back:
+            effects = [a for a in result.actions if not isinstance(a, Notify)]
+            assert effects[-2:] == [SetWeights(0), ScaleCanary(0)]
+            assert status.canary_weight == 0
+        if status.phase in (Phase.PROGRESSING, Phase.HOLDING):
+            assert status.canary_weight == spec.steps[status.step_index]
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(spec_index=st.integers(0, len(SPECS) - 1), script=scripts())
+def test_reconcile_is_idempotent(
+    spec_index: int, script: list[tuple[str, float, float, bool]]
+) -> None:
+    """Re-running a reconcile with the same inputs changes nothing (design §4)."""
+    spec = SPECS[spec_index]
+    d = _play(spec, script)
+    once = d.status
+    again = reconcile(spec, once, d.observe(), d.commands, at(d.t))
+    twice = reconcile(spec, again.status, d.observe(), d.commands, at(d.t))
+    assert twice.status == again.status
+    assert not any(isinstance(a, SetWeights) for a in twice.actions)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(script=scripts())
+def test_steps_only_advance_on_a_verdict_or_command(
+    script: list[tuple[str, float, float, bool]],
+) -> None:
+    d = _play(SPEC, script)
+    for record in d.status.history:
+        if record.ended_at is not None:
+            assert record.verdict in {
+                "pass", "skipped", "rollback", "aborted", "no-data", "approval-timeout"
+            }  # fmt: skip
+            assert record.reasons
