@@ -340,14 +340,7 @@ class _Run:
             return
         if st.baseline is None:
             # data was missing when the step began: its window starts now
-            self.update(
-                baseline=Baseline(
-                    stable=Counts.of(metrics.stable), canary=Counts.of(metrics.canary)
-                ),
-                step_started_at=self.now,
-                last_data_at=self.now,
-                last_canary_requests=metrics.canary.requests,
-            )
+            self.restart_window(metrics.stable, metrics.canary)
             return
         stable = metrics.stable - st.baseline.stable.arm()
         canary = metrics.canary - st.baseline.canary.arm()
@@ -356,13 +349,9 @@ class _Run:
             and metrics.canary.requests < st.last_canary_requests
         )
         if went_back or min(stable.requests, stable.errors, canary.requests, canary.errors) < 0:
-            self.update(
-                baseline=Baseline(
-                    stable=Counts.of(metrics.stable), canary=Counts.of(metrics.canary)
-                ),
-                step_started_at=self.now,
-                last_data_at=self.now,
-                last_canary_requests=metrics.canary.requests,
+            self.restart_window(
+                metrics.stable,
+                metrics.canary,
                 message="metric counters reset: the step's analysis window restarts now",
             )
             return
@@ -389,6 +378,22 @@ class _Run:
             if self.status.phase is Phase.HOLDING:
                 self.emit("Resumed", verdict.reasons[0])
             self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
+
+    def restart_window(self, stable: ArmCounts, canary: ArmCounts, **changes: object) -> None:
+        """Start the step's analysis window at these counters, now.
+
+        Used when the window's start is unknown or its counters are no longer
+        comparable; evidence gathered in the window so far is dropped, never double
+        counted.
+        """
+        self.update(
+            baseline=Baseline(stable=Counts.of(stable), canary=Counts.of(canary)),
+            step_started_at=self.now,
+            last_data_at=self.now,
+            last_canary_requests=canary.requests,
+            step_evidence={},
+            **changes,
+        )
 
     def evaluate(self, stable: ArmCounts, canary: ArmCounts) -> Verdict:
         st = self.status
