@@ -41,13 +41,20 @@ unit: $(VENV)/.installed-dev
 
 test: lint typecheck unit
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install -c $(LOCK) -e '.[bench]'
+	touch $@
+
+# Benchmarks: numbers for bench/README.md; never part of `make test`.
+bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/simulator_speed.py
+	$(BIN)/python bench/engine_speed.py
+	$(BIN)/python bench/detection.py --out bench/out
 
 # Re-pin every dependency (after changing pyproject.toml) from a throwaway venv.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip --disable-pip-version-check --quiet install -e '.[dev]'
+	.venv-lock/bin/python -m pip --disable-pip-version-check --quiet install -e '.[dev,bench]'
 	.venv-lock/bin/python -m pip freeze --exclude-editable --exclude canaryd | sort > $(LOCK)
 	rm -rf .venv-lock
 

@@ -38,6 +38,8 @@ class CheckResult:
         threshold: rollback when ``exp(log_e) ≥ threshold`` (``1/α`` of this check).
         reason: one line a person can read, with the numbers.
         stats: the numbers behind the reason, for machines.
+        pass_ok: the check allows an early pass (its confidence sequence lies below
+            its pass bound); not-applicable checks never hold a pass back.
     """
 
     name: str
@@ -47,6 +49,7 @@ class CheckResult:
     threshold: float
     reason: str
     stats: Mapping[str, float] = field(default_factory=dict)
+    pass_ok: bool = False
 
     @property
     def e_value(self) -> float:
@@ -61,6 +64,11 @@ class Verdict:
     decision: Decision
     reasons: tuple[str, ...]
     checks: tuple[CheckResult, ...] = ()
+
+    @property
+    def shared_incident(self) -> bool:
+        """True when a limit is breached by stable as well as by the canary."""
+        return any(c.status is CheckStatus.SHARED for c in self.checks)
 
     def step_log_es(self) -> dict[str, float]:
         """Per check, this step's log e-value, to carry into the next step."""

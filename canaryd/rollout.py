@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from analysis.counts import ArmCounts, Observation
-from analysis.engine import Settings, StepData, evaluate
+from analysis.engine import LatencySettings, Settings, StepData, evaluate
 from analysis.verdict import CheckStatus, Decision, Verdict, fmt_duration
 from canaryd.spec import CanarySpec
 from canaryd.status import (
@@ -142,6 +142,12 @@ def analysis_settings(spec: CanarySpec) -> Settings:
         min_requests=a.min_requests,
         error_tolerance=a.error_rate.relative_tolerance,
         error_max_pct=a.error_rate.max_pct,
+        latency=tuple(
+            LatencySettings(c.percentile, c.relative_tolerance, c.max_ms) for c in a.latency
+        ),
+        slo_availability_pct=a.slo.availability_pct if a.slo else None,
+        slo_burn_rate_limit=a.slo.burn_rate_limit if a.slo else 14.4,
+        early_pass_ratio=a.early_pass_ratio,
     )
 
 
@@ -154,6 +160,7 @@ class _Run:
         self.observed = observed
         self.now = now
         self.actions: list[Action] = []
+        self.settings = analysis_settings(spec)
 
     def update(self, **changes: object) -> None:
         self.status = self.status.model_copy(update=changes)
@@ -374,6 +381,10 @@ class _Run:
             if self.status.phase is not Phase.HOLDING:
                 self.emit("Holding", verdict.reasons[0], warning=True)
             self.update(phase=Phase.HOLDING, message=f"holding: {verdict.reasons[0]}")
+            if verdict.shared_incident:
+                # The incident's data says nothing about the canary: once it is over,
+                # judge the step on clean data only.
+                self.restart_window(metrics.stable, metrics.canary)
         else:
             if self.status.phase is Phase.HOLDING:
                 self.emit("Resumed", verdict.reasons[0])
@@ -405,8 +416,9 @@ class _Run:
             stable=stable,
             canary=canary,
             prior_log_e=st.evidence,
+            stable_reference=st.baseline.stable.arm() if st.baseline else None,
         )
-        return evaluate(analysis_settings(self.spec), data)
+        return evaluate(self.settings, data)
 
     def record(self, verdict: Verdict) -> None:
         checks = [

@@ -217,6 +217,14 @@ class Analysis(_Model):
     latency: list[LatencyCheck] = Field(default_factory=_default_latency)
     slo: SLO | None = Field(default_factory=SLO)
     no_data: NoData = Field(default_factory=NoData)
+    early_pass_ratio: float | None = Field(
+        default=1.5,
+        gt=1,
+        description=(
+            "a step passes early (after minStepDuration) once, for every check, the 95% "
+            "confidence sequence for the canary/stable ratio lies below this; null disables"
+        ),
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -241,6 +249,15 @@ class Analysis(_Model):
             raise ValueError(
                 f"minStepDuration ({format_duration(self.min_step_duration)}) is longer than "
                 f"stepDuration ({format_duration(self.step_duration)})"
+            )
+        tolerances = [self.error_rate.relative_tolerance] + [
+            c.relative_tolerance for c in self.latency
+        ]
+        if self.early_pass_ratio is not None and self.early_pass_ratio <= 1 + max(tolerances):
+            raise ValueError(
+                f"earlyPassRatio ({self.early_pass_ratio:g}) must be above 1 + relativeTolerance "
+                f"({1 + max(tolerances):g}): a canary could pass early while evidence against it "
+                "is still building"
             )
         if self.interval > self.step_duration:
             raise ValueError(

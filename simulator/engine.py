@@ -42,16 +42,21 @@ class Simulation:
     Args:
         scenario: what the versions do and how much traffic arrives.
         seed: seed for ``numpy.random.default_rng`` (PCG64), or a ready generator.
+        start_s: where the clock starts; negative for a warm-up before the scenario's
+            0 s, served with the behaviour and traffic in force at 0 s (a stable that has
+            been running before the rollout).
 
     Attributes:
         scenario: the scenario being played.
-        clock: the virtual clock; it starts at 0 s and moves only in :meth:`advance`.
+        clock: the virtual clock; it starts at ``start_s`` and moves only in :meth:`advance`.
         mesh: the traffic split; the canary weight starts at 0 %.
     """
 
-    def __init__(self, scenario: Scenario, seed: int | np.random.Generator = 0) -> None:
+    def __init__(
+        self, scenario: Scenario, seed: int | np.random.Generator = 0, start_s: float = 0.0
+    ) -> None:
         self.scenario = scenario
-        self.clock = VirtualClock()
+        self.clock = VirtualClock(start_s)
         self.mesh = Mesh()
         self._rng = np.random.default_rng(seed)
         self._stable_runs: VersionName = "stable"

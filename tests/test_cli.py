@@ -114,7 +114,8 @@ def test_a_run_of_a_batch_is_reproduced_by_its_seed() -> None:
 def test_partial_spec_file_is_used(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(
-        "steps: [20, 100]\nanalysis: {interval: 10s, stepDuration: 2m, minStepDuration: 1m}\n"
+        "steps: [20, 100]\n"
+        "analysis: {interval: 10s, stepDuration: 2m, minStepDuration: 1m, earlyPassRatio: null}\n"
     )
     code, data = run_json("simulate", "--scenario", "healthy", "--spec", str(spec))
     assert code == 0

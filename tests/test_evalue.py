@@ -11,11 +11,14 @@ import pytest
 from analysis.evalue import (
     combine_steps,
     log_betainc,
+    log_evalue_upper,
     mixture_log_evalue,
     prior_params,
     ratio_for_theta,
     restart_weights,
     theta0_for_ratio,
+    theta_bounds,
+    theta_bounds_scalar,
 )
 
 
@@ -99,11 +102,11 @@ def test_combine_steps_is_a_convex_mixture() -> None:
     assert combine_steps([], 3) == 0.0
     # before any evidence, every term is 1
     assert combine_steps([0.0], 3) == pytest.approx(0.0)
-    # a strong first step counts at half weight plus the unstarted mass
-    assert combine_steps([math.log(1000.0)], 3) == pytest.approx(math.log(0.5 * 1000 + 0.5))
+    # a strong first step counts at the first step's weight plus the unstarted mass
+    assert combine_steps([math.log(1000.0)], 3) == pytest.approx(math.log(0.8 * 1000 + 0.2))
     # a hopeless first step does not mask a later regression
     late = combine_steps([-50.0, math.log(1000.0)], 3)
-    assert late == pytest.approx(math.log(0.25 * 1000 + 0.25 + 0.5 * math.exp(-50) * 1000))
+    assert late == pytest.approx(math.log(0.1 * 1000 + 0.1 + 0.8 * math.exp(-50) * 1000))
 
 
 def _false_rollback_rate(
@@ -166,3 +169,54 @@ def test_restart_mixture_stays_valid_across_steps() -> None:
             done.append(step)
         rejected += hit
     assert rejected / runs <= 0.019  # α = 0.01 plus the 99.9% sampling margin at 1500 runs
+
+
+@pytest.mark.parametrize("stable_rate", [0.36, 0.8])
+def test_comparison_stays_valid_when_bad_events_are_frequent(stable_rate: float) -> None:
+    """Latency 'bad events' (slower than the p50 edge) are common, unlike errors: the
+    binomial reduction of design §5 must still hold α at the null boundary."""
+    rng = np.random.default_rng(3)
+    tol, looks, nc, ns = 0.2, 60, 100, 900
+    theta0 = theta0_for_ratio(nc / (nc + ns), 1 + tol)
+    runs, rejected = 400, 0
+    for _ in range(runs):
+        x = np.cumsum(rng.binomial(nc, stable_rate * (1 + tol), looks))
+        y = np.cumsum(rng.binomial(ns, stable_rate, looks))
+        rejected += any(
+            mixture_log_evalue(int(a), int(b), theta0, 10) >= math.log(100)
+            for a, b in zip(x, y, strict=True)
+        )
+    assert rejected / runs <= 0.025
+
+
+def test_confidence_sequence_covers_the_true_ratio_at_all_looks_at_once() -> None:
+    """95% sequence: the true ratio is outside it at *any* of 40 looks in ≤ 5% of runs."""
+    rng = np.random.default_rng(17)
+    runs, looks, w, ratio, stable_rate = 600, 40, 0.1, 2.0, 0.01
+    nc, ns = 200, 1800
+    theta_true = theta0_for_ratio(w, ratio)
+    x = np.cumsum(rng.binomial(nc, stable_rate * ratio, (runs, looks)), axis=1)
+    y = np.cumsum(rng.binomial(ns, stable_rate, (runs, looks)), axis=1)
+    missed = np.zeros(runs, dtype=bool)
+    for look in range(looks):
+        lo, hi = theta_bounds(x[:, look], y[:, look], 0.025, 10)
+        missed |= (theta_true < lo) | (theta_true > hi)
+    assert missed.mean() <= 0.05
+    # and the sequence is informative: at the last look it excludes ratio 1
+    lo, _ = theta_bounds(x[:, -1], y[:, -1], 0.025, 10)
+    assert (lo > theta0_for_ratio(w, 1.0)).mean() >= 0.9
+
+
+def test_scalar_and_vectorised_evalues_agree() -> None:
+    xs, ys = np.array([0, 3, 27, 154, 761]), np.array([5, 10, 25, 75, 149_174])
+    thetas = np.array([0.1, 0.1176, 0.1176, 0.5455, 0.05])
+    vector = log_evalue_upper(xs, ys, thetas, 10)
+    for x, y, t, v in zip(xs, ys, thetas, vector, strict=True):
+        assert mixture_log_evalue(int(x), int(y), float(t), 10) == pytest.approx(v, rel=1e-12)
+    lo_v, hi_v = theta_bounds(xs, ys, 0.025, 10)
+    for x, y, lo, hi in zip(xs, ys, lo_v, hi_v, strict=True):
+        assert theta_bounds_scalar(int(x), int(y), 0.025, 10) == pytest.approx((lo, hi), rel=1e-9)
+
+
+def test_combine_steps_with_a_single_step_is_that_step() -> None:
+    assert combine_steps([3.0], 1) == 3.0

@@ -27,7 +27,8 @@ from canaryd.spec import CanarySpec, parse_spec
 from canaryd.status import CanaryStatus, Phase
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
-SPEC = parse_spec({"analysis": {"interval": "1m"}})
+# Fixed step timing: early pass is tested on its own below.
+SPEC = parse_spec({"analysis": {"interval": "1m", "earlyPassRatio": None}})
 PROMOTE = Command(id="c1", kind=CommandKind.PROMOTE, revision="v2", by="ci")
 
 
@@ -159,7 +160,7 @@ def test_skip_moves_to_the_next_step() -> None:
 
 
 def test_approval_gates_a_step_and_approve_enters_it() -> None:
-    spec = parse_spec({"approvals": {"before": [50]}})
+    spec = parse_spec({"approvals": {"before": [50]}, "analysis": {"earlyPassRatio": None}})
     d = Driver(spec)
     d.command(PROMOTE)
     d.run(600)
@@ -173,7 +174,7 @@ def test_approval_gates_a_step_and_approve_enters_it() -> None:
 
 
 def test_an_approval_given_ahead_of_time_is_remembered() -> None:
-    spec = parse_spec({"approvals": {"before": [50]}})
+    spec = parse_spec({"approvals": {"before": [50]}, "analysis": {"earlyPassRatio": None}})
     d = Driver(spec)
     d.command(PROMOTE)
     d.command(Command(id="c2", kind=CommandKind.APPROVE, weight=50, by="pipeline"))
@@ -182,7 +183,7 @@ def test_an_approval_given_ahead_of_time_is_remembered() -> None:
 
 
 def test_a_regression_while_waiting_for_approval_still_rolls_back() -> None:
-    spec = parse_spec({"approvals": {"before": [50]}})
+    spec = parse_spec({"approvals": {"before": [50]}, "analysis": {"earlyPassRatio": None}})
     d = Driver(spec)
     d.command(PROMOTE)
     d.run(600)
@@ -193,7 +194,9 @@ def test_a_regression_while_waiting_for_approval_still_rolls_back() -> None:
 
 
 def test_approval_timeout_aborts() -> None:
-    spec = parse_spec({"approvals": {"before": [50], "timeout": "30m"}})
+    spec = parse_spec(
+        {"approvals": {"before": [50], "timeout": "30m"}, "analysis": {"earlyPassRatio": None}}
+    )
     d = Driver(spec)
     d.command(PROMOTE)
     d.run(600 + 1800)
@@ -254,13 +257,23 @@ def test_low_traffic_holds_rather_than_passing_or_rolling_back() -> None:
 
 
 def test_weights_only_promotion_leaves_traffic_on_the_canary() -> None:
-    spec = parse_spec({"promotion": {"mode": "weights-only"}})
+    spec = parse_spec({"promotion": {"mode": "weights-only"}, "analysis": {"earlyPassRatio": None}})
     d = Driver(spec)
     d.command(PROMOTE)
     d.run(1800)
     assert d.status.phase is Phase.SUCCEEDED
     assert d.status.canary_weight == 100
     assert not any(isinstance(a, PromoteStable) for r in d.results for a in r.actions)
+
+
+def test_early_pass_moves_a_clearly_healthy_canary_on_after_the_minimum() -> None:
+    d = Driver(parse_spec({}), rps=2000)
+    d.command(PROMOTE)
+    d.run(60)
+    assert d.status.step_index == 0  # never before minStepDuration (2m)
+    d.run(60)
+    assert d.status.step_index == 1
+    assert d.status.history[0].reasons[0].startswith("step passed early after 2m")
 
 
 class StuckStable(Driver):
