@@ -25,12 +25,14 @@ Rules, in order:
    comparisons, the limit itself for limits) → **pass**;
 6. otherwise **continue**.
 
-The false-rollback budget ``alpha`` is split evenly over the checks (fixed before
-any data is seen), so the whole rollout stays within ``alpha``.
+The false-rollback budget ``alpha`` is split over the checks by fixed weights (see
+``ALPHA_WEIGHTS``; fixed before any data is seen), so the whole rollout stays within
+``alpha``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,6 +47,7 @@ from analysis.evalue import (
     log_evalue_upper,
     mixture_log_evalue,
     ratio_for_theta,
+    restart_weights,
     theta0_for_ratio,
     theta_bounds,
     theta_bounds_scalar,
@@ -124,7 +127,7 @@ class Settings:
     step_duration_s: float = 600.0
     min_step_duration_s: float = 120.0
     min_requests: int = 200
-    error_tolerance: float = 0.2
+    error_tolerance: float = 0.0
     error_max_pct: float | None = 5.0
     latency: tuple[LatencySettings, ...] = ()
     slo_availability_pct: float | None = None
@@ -161,7 +164,7 @@ class Settings:
         return min(limits) if limits else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CheckPlan:
     """A check as planned for a rollout: what it tests and its share of ``alpha``."""
 
@@ -176,7 +179,18 @@ class CheckPlan:
 
     @property
     def threshold(self) -> float:
+        """Roll back when the check's e-value reaches this (``1/alpha``)."""
         return 1.0 / self.alpha
+
+    @functools.cached_property
+    def log_threshold(self) -> float:
+        return -math.log(self.alpha)
+
+    @functools.cached_property
+    def first_weight(self) -> tuple[float, float]:
+        """log π0 and log(1 − π0) of the restart mixture, for the first step."""
+        w0 = restart_weights(self.n_steps)[0]
+        return math.log(w0), (math.log1p(-w0) if w0 < 1.0 else -math.inf)
 
 
 def plan_checks(settings: Settings, steps: Sequence[int]) -> tuple[CheckPlan, ...]:
@@ -223,8 +237,26 @@ def plan_checks(settings: Settings, steps: Sequence[int]) -> tuple[CheckPlan, ..
         for lat in settings.latency
         if lat.max_ms is not None and _edge_index_at_or_above(lat.max_ms) is not None
     ]
-    alpha = settings.alpha / max(len(plans), 1)
-    return tuple(replace(plan, alpha=alpha) for plan in plans)
+    weights = [ALPHA_WEIGHTS[_weight_class(plan)] for plan in plans]
+    total = sum(weights) or 1.0
+    return tuple(
+        replace(plan, alpha=settings.alpha * w / total)
+        for plan, w in zip(plans, weights, strict=True)
+    )
+
+
+#: Shares of ``alpha`` by kind of check.  The error comparison is the check most
+#: regressions show in, and the one whose speed matters most: it gets the largest
+#: share; latency comparisons next; the absolute limits are backstops (a canary far
+#: over a limit produces overwhelming evidence at any threshold).  With the default
+#: spec: errors 0.4·α, latency p99 and p50 0.2·α each, the two limits 0.1·α each.
+ALPHA_WEIGHTS: Mapping[str, float] = {"errors": 4.0, "latency": 2.0, "limit": 1.0}
+
+
+def _weight_class(plan: CheckPlan) -> str:
+    if plan.kind is CheckKind.LIMIT:
+        return "limit"
+    return "latency" if plan.latency is not None else "errors"
 
 
 def _edge_index_at_or_above(value_ms: float) -> int | None:
@@ -263,6 +295,9 @@ class StepData:
         prior_log_e: per check, log e-values of the earlier steps it applied to.
         stable_reference: stable's latency history before the step began, from which
             each latency check fixes its threshold ``L``; None when unknown.
+        window_carry_log_e: per check, log e-value of this step's earlier windows when
+            the step's window was restarted (shared incident, counter reset): the step's
+            factor is their product with the current window's, never a fresh start.
     """
 
     steps: tuple[int, ...]
@@ -272,6 +307,7 @@ class StepData:
     canary: ArmCounts
     prior_log_e: Mapping[str, Sequence[float]]
     stable_reference: ArmCounts | None = None
+    window_carry_log_e: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +448,16 @@ def _fill(column: _Column, settings: Settings, upper: EvalFn, lower: EvalFn) -> 
             column.log_pass[i] = v
 
 
+def _first(plan: CheckPlan, step_log_e: float) -> float:
+    """:func:`combine_steps` for the first step, from the plan's cached weights."""
+    head, rest = plan.first_weight
+    head += step_log_e
+    if rest == -math.inf:
+        return step_log_e
+    top = max(head, rest)
+    return top + math.log(math.exp(head - top) + math.exp(rest - top))
+
+
 def _fmt_ratio(value: float) -> str:
     if math.isnan(value):
         return "n/a"
@@ -426,30 +472,25 @@ def _result(
     step_log_e: float,
     log_pass: float,
 ) -> CheckResult:
-    prior = list(data.prior_log_e.get(plan.name, ()))
+    prior = data.prior_log_e.get(plan.name, ())
+    carry = data.window_carry_log_e.get(plan.name, 0.0) if data.window_carry_log_e else 0.0
     threshold = plan.threshold
     if inp.missing:
-        log_e = combine_steps(prior, plan.n_steps) if prior else 0.0
+        log_e = combine_steps((*prior, carry), plan.n_steps) if prior or carry else 0.0
         return CheckResult(
             plan.name,
             CheckStatus.NOT_APPLICABLE,
-            0.0,
+            carry,
             log_e,
             threshold,
             f"{plan.name}: {inp.missing}",
             pass_ok=True,
         )
-    log_e = combine_steps([*prior, step_log_e], plan.n_steps)
+    step_log_e += carry
+    log_e = combine_steps((*prior, step_log_e), plan.n_steps) if prior else _first(plan, step_log_e)
     e_value = math.exp(min(log_e, 709.0))
-    breach = log_e >= math.log(threshold)
-    pass_ok = settings.early_pass_ratio is not None and log_pass >= math.log(1 / settings.cs_level)
-    stats: dict[str, float] = {
-        "canary_requests": float(inp.canary_n),
-        "canary_bad": float(inp.x),
-        "e_value": e_value,
-        "threshold": threshold,
-        "alpha": plan.alpha,
-    }
+    breach = log_e >= plan.log_threshold
+    pass_ok = settings.early_pass_ratio is not None and log_pass >= -math.log(settings.cs_level)
     status = CheckStatus.BREACH if breach else CheckStatus.OK
     compare = "≥" if breach else "<"
     canary_rate = inp.x / inp.canary_n
@@ -457,9 +498,14 @@ def _result(
     if plan.kind is CheckKind.COMPARE:
         stable_rate = inp.y / inp.stable_n
         ratio = canary_rate / stable_rate if inp.y else (math.inf if inp.x else math.nan)
-        stats |= {
-            "stable_requests": float(inp.stable_n),
-            "stable_bad": float(inp.y),
+        stats: dict[str, float] = {
+            "canary_requests": inp.canary_n,
+            "canary_bad": inp.x,
+            "e_value": e_value,
+            "threshold": threshold,
+            "alpha": plan.alpha,
+            "stable_requests": inp.stable_n,
+            "stable_bad": inp.y,
             "ratio": ratio,
             "ratio_bound": 1.0 + plan.tolerance,
             "canary_share": inp.weight,
@@ -475,7 +521,15 @@ def _result(
             plan.name, status, step_log_e, log_e, threshold, reason, stats, pass_ok=pass_ok
         )
     what = "errors" if inp.edge_ms is None else f"requests {slower}"
-    stats |= {"limit": plan.bound, "stable_requests": float(inp.stable_n)}
+    stats = {
+        "canary_requests": inp.canary_n,
+        "canary_bad": inp.x,
+        "e_value": e_value,
+        "threshold": threshold,
+        "alpha": plan.alpha,
+        "limit": plan.bound,
+        "stable_requests": inp.stable_n,
+    }
     reason = (
         f"{plan.name}: canary {what} {fmt_pct(canary_rate)} ({inp.x}/{inp.canary_n}) vs "
         f"{plan.bound_text}"
@@ -487,7 +541,7 @@ def _result(
         stable_log_e = mixture_log_evalue(
             inp.stable_x, inp.stable_n - inp.stable_x, plan.bound, settings.guard_concentration
         )
-        if stable_rate >= plan.bound or stable_log_e >= math.log(threshold):
+        if stable_rate >= plan.bound or stable_log_e >= plan.log_threshold:
             status = CheckStatus.SHARED
             reason += f"; stable is at {fmt_pct(stable_rate)} too: shared incident, not the canary"
         stats["stable_rate"] = stable_rate

@@ -71,9 +71,15 @@ class Verdict:
         return any(c.status is CheckStatus.SHARED for c in self.checks)
 
     def step_log_es(self) -> dict[str, float]:
-        """Per check, this step's log e-value, to carry into the next step."""
+        """Per check, this step's log e-value so far, to carry into the next step.
+
+        A check not applicable now is left out unless an earlier window of the step
+        gave it evidence, which must not be lost.
+        """
         return {
-            c.name: c.step_log_e for c in self.checks if c.status is not CheckStatus.NOT_APPLICABLE
+            c.name: c.step_log_e
+            for c in self.checks
+            if c.status is not CheckStatus.NOT_APPLICABLE or c.step_log_e != 0.0
         }
 
 

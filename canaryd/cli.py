@@ -313,6 +313,16 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if valid else EXIT_REJECTED
 
 
+# -- crd -----------------------------------------------------------------------------------
+
+
+def cmd_crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from canaryd.crd import crd_yaml  # noqa: PLC0415 - keeps `canaryd simulate` start-up lean
+
+    out.write(crd_yaml())
+    return EXIT_OK
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -411,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--strict", action="store_true", help="treat missing cluster fields as errors")
     val.add_argument("--json", action="store_true", help="machine-readable output")
     val.set_defaults(handler=cmd_validate)
+
+    crd = sub.add_parser(
+        "crd",
+        help="print the Canary CustomResourceDefinition (YAML)",
+        description=(
+            "Print the Canary CRD, generated from the spec model: install it with\n"
+            "  canaryd crd | kubectl apply -f -\n"
+            "manifests/crd.yaml holds the same output."
+        ),
+        formatter_class=fmt,
+    )
+    crd.set_defaults(handler=cmd_crd)
     return parser
 
 

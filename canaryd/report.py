@@ -621,6 +621,16 @@ def _spec(spec: CanarySpec) -> str:
         ),
         ("errorRate.maxPct", max_pct),
         ("latency", latency or "none"),
+        (
+            "slo",
+            f"{a.slo.availability_pct:g}% availability, burn limit {a.slo.burn_rate_limit:g}×"
+            if a.slo
+            else "none",
+        ),
+        (
+            "earlyPassRatio",
+            f"{a.early_pass_ratio:g}" if a.early_pass_ratio is not None else "off",
+        ),
     ]
     rows = "".join(f"<dt><code>{_e(k)}</code></dt><dd>{_e(v)}</dd>" for k, v in items)
     return f'<section id="spec"><h2>Spec</h2><dl class="facts">{rows}</dl></section>'

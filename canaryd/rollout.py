@@ -17,7 +17,7 @@ Invariants it keeps (and the tests check):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -241,7 +241,7 @@ class _Run:
         evidence = {k: list(v) for k, v in self.status.evidence.items()}
         for name, log_e in self.status.step_evidence.items():
             evidence.setdefault(name, []).append(log_e)
-        self.update(evidence=evidence, step_evidence={})
+        self.update(evidence=evidence, step_evidence={}, window_carry={})
 
     def advance(self, reasons: Sequence[str], verdict: str = "pass") -> None:
         """The current step is done: next step, or promotion after the last.
@@ -384,25 +384,39 @@ class _Run:
             if verdict.shared_incident:
                 # The incident's data says nothing about the canary: once it is over,
                 # judge the step on clean data only.
-                self.restart_window(metrics.stable, metrics.canary)
+                shared = [c.name for c in verdict.checks if c.status is CheckStatus.SHARED]
+                self.restart_window(metrics.stable, metrics.canary, drop=shared)
         else:
             if self.status.phase is Phase.HOLDING:
                 self.emit("Resumed", verdict.reasons[0])
             self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
 
-    def restart_window(self, stable: ArmCounts, canary: ArmCounts, **changes: object) -> None:
+    def restart_window(
+        self,
+        stable: ArmCounts,
+        canary: ArmCounts,
+        *,
+        drop: Collection[str] = (),
+        **changes: object,
+    ) -> None:
         """Start the step's analysis window at these counters, now.
 
         Used when the window's start is unknown or its counters are no longer
-        comparable; evidence gathered in the window so far is dropped, never double
-        counted.
+        comparable.  The evidence of the windows so far is carried, not dropped:
+        dropping a factor below 1 and starting again at 1 would inflate the
+        false-rollback rate; the step's factor is the product of its windows'.
+
+        ``drop`` names limit checks breached in a shared incident: their evidence
+        measured the incident, not the canary.  Dropping it keeps α, because a limit
+        check can only roll back after a first crossing of its threshold, and these
+        have crossed already.
         """
         self.update(
             baseline=Baseline(stable=Counts.of(stable), canary=Counts.of(canary)),
             step_started_at=self.now,
             last_data_at=self.now,
             last_canary_requests=canary.requests,
-            step_evidence={},
+            window_carry={k: v for k, v in self.status.step_evidence.items() if k not in drop},
             **changes,
         )
 
@@ -417,6 +431,7 @@ class _Run:
             canary=canary,
             prior_log_e=st.evidence,
             stable_reference=st.baseline.stable.arm() if st.baseline else None,
+            window_carry_log_e=st.window_carry,
         )
         return evaluate(self.settings, data)
 

@@ -162,10 +162,14 @@ class ErrorRateCheck(_Model):
     """Canary-vs-stable error rate (5xx responses)."""
 
     relative_tolerance: float = Field(
-        default=0.2,
+        default=0.0,
         ge=0,
         le=10,
-        description="canary errors up to (1 + tolerance) × stable's are accepted",
+        description=(
+            "canary errors up to (1 + tolerance) × stable's are accepted; 0 means "
+            "'no worse than stable' (traffic volume then sets how small a difference "
+            "can be told apart within a step)"
+        ),
     )
     max_pct: float | None = Field(
         default=5.0, gt=0, le=100, description="absolute limit on the canary's error %"

@@ -129,7 +129,10 @@ class CanaryStatus(_Model):
         last_data_at: when metrics last brought new canary requests (noData timer).
         last_canary_requests: canary counter at ``last_data_at``.
         evidence: per check, log e-values of the completed steps.
-        step_evidence: per check, the current step's latest log e-value.
+        step_evidence: per check, the current step's latest log e-value (all of the
+            step's windows).
+        window_carry: per check, log e-value of the step's windows before the current
+            one (the window restarts on a shared incident or a counter reset).
         last_verdict: the latest verdict with its reasons and numbers.
         history: every step entered, with its outcome.
         approvals: approvals given for this revision.
@@ -150,6 +153,7 @@ class CanaryStatus(_Model):
     last_canary_requests: int | None = None
     evidence: dict[str, list[float]] = Field(default_factory=dict)
     step_evidence: dict[str, float] = Field(default_factory=dict)
+    window_carry: dict[str, float] = Field(default_factory=dict)
     last_verdict: VerdictRecord | None = None
     history: list[StepRecord] = Field(default_factory=list)
     approvals: list[ApprovalRecord] = Field(default_factory=list)

@@ -68,13 +68,14 @@ def check(checks: tuple[CheckResult, ...], name: str) -> CheckResult:
 # -- plan and α --------------------------------------------------------------------------------
 
 
-def test_alpha_is_split_evenly_over_the_planned_checks() -> None:
+def test_alpha_is_split_over_the_planned_checks_by_fixed_weights() -> None:
     plans = plan_checks(FULL, (10, 50, 100))
     assert [p.name for p in plans] == [
         "errors", "latency.p99", "latency.p50", "errors.limit", "latency.p99.max",
     ]  # fmt: skip
     assert sum(p.alpha for p in plans) == pytest.approx(FULL.alpha)
-    assert [p.threshold for p in plans] == pytest.approx([500.0] * 5)
+    # errors 0.4·α, latency comparisons 0.2·α each, limits 0.1·α each
+    assert [p.threshold for p in plans] == pytest.approx([250.0, 500.0, 500.0, 1000.0, 1000.0])
     only_full = plan_checks(FULL, (100,))
     assert [p.name for p in only_full] == ["errors.limit", "latency.p99.max"]
 
@@ -103,11 +104,11 @@ def test_ten_times_the_errors_rolls_back_with_numbers_and_interval_in_the_reason
     reason = verdict.reasons[0]
     assert reason.startswith("errors: canary 5.00% (30/600) vs stable 0.50% (27/5400), ratio 10.00")
     assert "(95% CS " in reason
-    assert reason.endswith("≥ 200")  # α = 0.01 split over two checks
+    assert reason.endswith("≥ 125")  # errors' share of α = 0.01 is 4/5 beside errors.limit
     errors = check(verdict.checks, ERRORS)
     assert errors.status is CheckStatus.BREACH
     assert errors.stats["cs_low"] < 10 < errors.stats["cs_high"]
-    assert errors.e_value >= errors.threshold == 200
+    assert errors.e_value >= errors.threshold == pytest.approx(125)
 
 
 def test_equal_error_rates_do_not_roll_back() -> None:
@@ -285,3 +286,40 @@ def test_formatting_helpers() -> None:
     assert fmt_duration(0) == "0s"
     assert fmt_e(152.4) == "152"
     assert fmt_e(3.2e9) == "3.20e+09"
+
+
+def test_a_restarted_window_carries_the_steps_earlier_evidence() -> None:
+    data = step(canary=(6000, 30), stable=(54000, 270))
+    fresh = check(evaluate(SETTINGS, data).checks, ERRORS)
+    carried = evaluate(
+        SETTINGS,
+        StepData(
+            steps=data.steps,
+            step_index=0,
+            elapsed_s=data.elapsed_s,
+            canary=data.canary,
+            stable=data.stable,
+            prior_log_e={},
+            window_carry_log_e={ERRORS: -3.0},
+        ),
+    )
+    errors = check(carried.checks, ERRORS)
+    assert errors.step_log_e == pytest.approx(fresh.step_log_e - 3.0)
+    assert carried.step_log_es()[ERRORS] == pytest.approx(fresh.step_log_e - 3.0)
+
+
+def test_carried_evidence_survives_a_window_where_the_check_cannot_run() -> None:
+    verdict = evaluate(
+        SETTINGS,
+        StepData(
+            steps=(10, 50, 100),
+            step_index=0,
+            elapsed_s=60,
+            canary=ArmCounts(),
+            stable=ArmCounts(100, 1),
+            prior_log_e={},
+            window_carry_log_e={ERRORS: -2.5},
+        ),
+    )
+    assert check(verdict.checks, ERRORS).status is CheckStatus.NOT_APPLICABLE
+    assert verdict.step_log_es()[ERRORS] == -2.5

@@ -390,8 +390,10 @@ def test_spec_section(spec: CanarySpec, spike: RunResult) -> None:
     assert values["minStepDuration"] == "2m"
     assert values["minRequests"] == "200"
     assert values["alpha"] == "0.01"
-    assert values["errorRate.relativeTolerance"].startswith("20%")
+    assert values["errorRate.relativeTolerance"].startswith("0%")
     assert values["errorRate.maxPct"] == "5%"
+    assert values["slo"] == "99.9% availability, burn limit 14.4×"
+    assert values["earlyPassRatio"] == "1.5"
 
 
 def test_latency_chart_has_four_series_styled_consistently(

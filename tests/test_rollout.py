@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -329,6 +330,27 @@ def test_a_counter_reset_restarts_the_window_instead_of_misjudging() -> None:
     assert d.status.phase is Phase.PROGRESSING
     assert "counters reset" in d.status.message
     assert d.status.step_started_at == at(d.t)
+
+
+def test_a_shared_incident_restarts_the_window_but_keeps_its_evidence() -> None:
+    spec = parse_spec({"analysis": {"errorRate": {"maxPct": 5}, "earlyPassRatio": None}})
+    d = Driver(spec)
+    d.command(PROMOTE)
+    d.run(180)
+    before = dict(d.status.step_evidence)
+    assert "errors" in before
+    d.canary_error = d.stable_error = 0.2  # both arms fail together
+    d.run(60)
+    assert d.status.phase is Phase.HOLDING
+    assert "shared incident" in d.status.message
+    assert d.status.step_started_at == at(d.t)  # the window restarted
+    # the comparison's evidence is carried; the shared limit's (the incident's) is not
+    assert d.status.window_carry["errors"] == pytest.approx(d.status.step_evidence["errors"])
+    assert "errors.limit" not in d.status.window_carry
+    d.canary_error = d.stable_error = 0.005
+    d.run(120)
+    assert d.status.phase is Phase.PROGRESSING
+    assert "errors" in d.status.window_carry
 
 
 def test_no_step_advances_without_data_from_that_step() -> None:

@@ -1,0 +1,620 @@
+"""Detection benchmark: canaryd against Flagger-, Kayenta-style rules and the oracle SPRT.
+
+Every method rolls the same canaries out on the same simulated traffic (run ``i`` of
+every method and scenario uses seed ``--seed + i``) with the same steps (10 → 50 →
+100 %), 1-minute evaluations and 10-minute steps; only the judging rule differs.  The
+baselines live in ``bench/baselines.py``; canaryd runs through the public
+``canaryd.simulate.simulate_once``, so it measures whatever engine is current.
+
+Reported per scenario and method: false-rollback rate (healthy canaries), detection rate
+(regressions), median and 90th-percentile requests (both arms, and canary only) and bad
+canary requests served before the rollback, median time to rollback, and for healthy
+canaries the median time to 100 % weight and to promotion.  A Markdown table
+(``detection.md``), a chart (``detection.png``) and the numbers (``summary.json``) go to
+``--out``; the tables are also printed.  Run from the repository root::
+
+    python bench/detection.py [--runs N] [--out DIR] [--jobs J] [--scenarios a,b] [--methods x,y]
+
+The result does not depend on ``--jobs``: work is split into (scenario, method, seed
+chunk) tasks and put back in seed order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import (
+    FlaggerJudge,
+    KayentaJudge,
+    OracleSprtJudge,
+    Outcome,
+    RunRecord,
+    run_rollout,
+)
+from scenarios import BY_KEY, SUITE, BenchScenario
+
+#: One method: run one rollout of a scenario with a seed.
+Runner = Callable[[BenchScenario, int], RunRecord]
+#: A task for a worker: (scenario key, method, first seed, number of runs).
+Task = tuple[str, str, int, int]
+#: Runs of one (scenario key, method), in seed order.
+Results = dict[tuple[str, str], list[RunRecord]]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+INF = math.inf
+
+
+_OUTCOMES: dict[str, Outcome] = {
+    "promoted": "promoted",
+    "rolled_back": "rolled_back",
+    "held": "held",
+    "waiting_approval": "waiting_approval",
+    "failed": "failed",
+}
+
+
+@functools.cache
+def _canaryd_spec(early_pass: bool) -> Any:
+    from canaryd.spec import parse_spec
+
+    return parse_spec({} if early_pass else {"analysis": {"earlyPassRatio": None}})
+
+
+def run_canaryd(bench: BenchScenario, seed: int, *, early_pass: bool = True) -> RunRecord:
+    """One canaryd rollout through ``canaryd.simulate.simulate_once``, as a record.
+
+    Requests are tallied from the evaluations' interval counts after t = 0 (a warm-up
+    before t = 0, if the driver has one, is not part of the rollout).
+    """
+    from canaryd.simulate import simulate_once
+
+    result = simulate_once(_canaryd_spec(early_pass), bench.scenario, seed)
+    samples = [sample for sample in result.samples if sample.t_s > 0]
+    reached = [step.started_s for step in result.steps if step.weight == 100]
+    return RunRecord(
+        seed=seed,
+        outcome=_OUTCOMES[result.outcome],
+        end_s=result.duration_s,
+        reached_100_s=reached[0] if reached else None,
+        requests=sum(s.stable.requests + s.canary.requests for s in samples),
+        canary_requests=sum(s.canary.requests for s in samples),
+        bad_canary_requests=sum(bench.bad_requests(s.canary) for s in samples),
+    )
+
+
+#: The methods, in the order tables list them.
+METHODS: dict[str, Runner] = {
+    "canaryd": functools.partial(run_canaryd, early_pass=True),
+    "canaryd-no-early-pass": functools.partial(run_canaryd, early_pass=False),
+    "oracle-sprt": lambda bench, seed: run_rollout(bench, OracleSprtJudge(bench), seed),
+    "kayenta": lambda bench, seed: run_rollout(bench, KayentaJudge(), seed),
+    "flagger-1": lambda bench, seed: run_rollout(bench, FlaggerJudge(1), seed),
+    "flagger-5": lambda bench, seed: run_rollout(bench, FlaggerJudge(5), seed),
+}
+
+METHOD_NOTES = {
+    "canaryd": "canaryd, default spec (early pass at ratio 1.5)",
+    "canaryd-no-early-pass": "canaryd, `earlyPassRatio: null` (fixed 10-minute steps)",
+    "oracle-sprt": "Wald's SPRT told the true rates (α 0.01, β 0.05): the lower bound",
+    "kayenta": "Kayenta-style Mann-Whitney U judge on error rate and p99, every interval",
+    "flagger-1": "Flagger-style: success ≥ 99% and p99 ≤ 500 ms per minute, threshold 1",
+    "flagger-5": "Flagger-style, threshold 5",
+}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_task(task: Task) -> tuple[Task, list[RunRecord], float]:
+    key, method, first_seed, count = task
+    started = time.process_time()
+    runner, bench = METHODS[method], BY_KEY[key]
+    records = [runner(bench, first_seed + i) for i in range(count)]
+    return task, records, time.process_time() - started
+
+
+def make_tasks(
+    keys: Sequence[str], methods: Sequence[str], runs: int, base_seed: int, chunk: int
+) -> list[Task]:
+    """(scenario, method, first seed, count) tasks covering seeds ``base_seed + 0..runs-1``."""
+    return [
+        (key, method, base_seed + start, min(chunk, runs - start))
+        for key in keys
+        for method in methods
+        for start in range(0, runs, chunk)
+    ]
+
+
+def run_benchmark(
+    keys: Sequence[str],
+    methods: Sequence[str],
+    runs: int,
+    *,
+    base_seed: int = 0,
+    jobs: int = 1,
+    chunk: int = 50,
+    progress: Callable[[str], None] | None = None,
+) -> Results:
+    """Run every method on every scenario ``runs`` times; records in seed order.
+
+    With ``jobs`` > 1 the tasks run in forked worker processes; the records are the same
+    whatever ``jobs`` and ``chunk`` are.
+    """
+    tasks = make_tasks(keys, methods, runs, base_seed, chunk)
+    if any(method.startswith("canaryd") for method in methods):
+        # Import canaryd once, before forking, rather than in every worker.
+        from canaryd import simulate  # noqa: F401
+
+        _canaryd_spec(True)
+        _canaryd_spec(False)
+    pending = {(key, method): 0 for key in keys for method in methods}
+    for key, method, _, _ in tasks:
+        pending[key, method] += 1
+    parts: dict[tuple[str, str], list[tuple[int, list[RunRecord]]]] = {k: [] for k in pending}
+    cpu = dict.fromkeys(pending, 0.0)
+    started = time.perf_counter()
+
+    def finished(outputs: Iterable[tuple[Task, list[RunRecord], float]]) -> None:
+        for (key, method, first_seed, _), records, seconds in outputs:
+            parts[key, method].append((first_seed, records))
+            cpu[key, method] += seconds
+            pending[key, method] -= 1
+            if pending[key, method] == 0 and progress is not None:
+                elapsed = time.perf_counter() - started
+                progress(
+                    f"[{elapsed:7.1f} s] {key} × {method}: {runs} runs, "
+                    f"{cpu[key, method]:.1f} s CPU"
+                )
+
+    if jobs <= 1:
+        finished(map(_run_task, tasks))
+    else:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(jobs) as pool:
+            finished(pool.imap_unordered(_run_task, tasks))
+    return {
+        combo: [record for _, records in sorted(chunks) for record in records]
+        for combo, chunks in parts.items()
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank ``q``-quantile (an observed value; ``inf`` entries allowed), NaN if empty."""
+    if not values:
+        return math.nan
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q, method="inverted_cdf"))
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One (scenario, method) cell of the benchmark.
+
+    Quantiles are over all runs: a run that was not rolled back counts as ``inf`` in
+    the rollback columns (its harm was never stopped), and one that was not promoted as
+    ``inf`` in the promotion columns.
+    """
+
+    scenario: str
+    method: str
+    healthy: bool
+    runs: int
+    rolled_back: int
+    promoted: int
+    other: int
+    marginal_runs: int
+    median_time_to_rollback_s: float
+    median_requests: float
+    p90_requests: float
+    median_canary_requests: float
+    p90_canary_requests: float
+    median_bad_canary_requests: float
+    p90_bad_canary_requests: float
+    median_time_to_100_s: float
+    median_time_to_promotion_s: float
+
+
+def summarize(bench: BenchScenario, method: str, records: Sequence[RunRecord]) -> Summary:
+    """The reported statistics of ``records`` (one method's runs on ``bench``)."""
+
+    def until_rollback(value: Callable[[RunRecord], float]) -> list[float]:
+        return [value(r) if r.outcome == "rolled_back" else INF for r in records]
+
+    rolled_back = sum(r.outcome == "rolled_back" for r in records)
+    promoted = sum(r.outcome == "promoted" for r in records)
+    requests = until_rollback(lambda r: r.requests)
+    canary = until_rollback(lambda r: r.canary_requests)
+    bad = until_rollback(lambda r: r.bad_canary_requests)
+    return Summary(
+        scenario=bench.key,
+        method=method,
+        healthy=bench.healthy,
+        runs=len(records),
+        rolled_back=rolled_back,
+        promoted=promoted,
+        other=len(records) - rolled_back - promoted,
+        marginal_runs=sum(r.marginal_steps > 0 for r in records),
+        median_time_to_rollback_s=quantile(until_rollback(lambda r: r.end_s), 0.5),
+        median_requests=quantile(requests, 0.5),
+        p90_requests=quantile(requests, 0.9),
+        median_canary_requests=quantile(canary, 0.5),
+        p90_canary_requests=quantile(canary, 0.9),
+        median_bad_canary_requests=quantile(bad, 0.5),
+        p90_bad_canary_requests=quantile(bad, 0.9),
+        median_time_to_100_s=quantile(
+            [INF if r.reached_100_s is None else r.reached_100_s for r in records], 0.5
+        ),
+        median_time_to_promotion_s=quantile(
+            [r.end_s if r.outcome == "promoted" else INF for r in records], 0.5
+        ),
+    )
+
+
+def summarize_all(results: Mapping[tuple[str, str], Sequence[RunRecord]]) -> list[Summary]:
+    """Summaries in suite order, then method order."""
+    order = {bench.key: i for i, bench in enumerate(SUITE)}
+    methods = {method: i for i, method in enumerate(METHODS)}
+    combos = sorted(results, key=lambda c: (order.get(c[0], len(order)), methods.get(c[1], 99)))
+    return [summarize(BY_KEY[key], method, results[key, method]) for key, method in combos]
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_count(value: float) -> str:
+    """``1234`` → ``1.2k``; ``inf`` → ``∞``; NaN → ``—``."""
+    if math.isnan(value):
+        return "—"
+    if math.isinf(value):
+        return "∞"
+    if value < 1000:
+        return f"{value:.0f}"
+    if value < 1_000_000:
+        return f"{value / 1000:.1f}k"
+    return f"{value / 1_000_000:.2f}M"
+
+
+def fmt_minutes(seconds: float) -> str:
+    """Seconds as minutes (``540`` → ``9 min``); ``inf`` → ``∞``; NaN → ``—``."""
+    if math.isnan(seconds):
+        return "—"
+    if math.isinf(seconds):
+        return "∞"
+    minutes = seconds / 60.0
+    return f"{minutes:.0f} min" if minutes == round(minutes) else f"{minutes:.1f} min"
+
+
+def fmt_share(count: int, runs: int) -> str:
+    """``12.3% (123/1000)``."""
+    return f"{100.0 * count / runs:.1f}% ({count}/{runs})" if runs else "—"
+
+
+def _pair(median: float, p90: float, fmt: Callable[[float], str]) -> str:
+    return f"{fmt(median)} / {fmt(p90)}"
+
+
+def _title(key: str) -> str:
+    bench = BY_KEY.get(key)
+    return bench.title if bench is not None else key
+
+
+def _marginal(summary: Summary) -> str:
+    return fmt_share(summary.marginal_runs, summary.runs) if summary.method == "kayenta" else "—"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def healthy_table(summaries: Sequence[Summary]) -> list[str]:
+    """Markdown lines: healthy canaries (rollback is a false rollback)."""
+    header = (
+        "scenario",
+        "method",
+        "false rollbacks",
+        "promoted",
+        "held / other",
+        "time to 100% (median)",
+        "time to promotion (median)",
+        "marginal (Kayenta)",
+    )
+    rows = (
+        (
+            _title(s.scenario),
+            s.method,
+            fmt_share(s.rolled_back, s.runs),
+            fmt_share(s.promoted, s.runs),
+            fmt_share(s.other, s.runs),
+            fmt_minutes(s.median_time_to_100_s),
+            fmt_minutes(s.median_time_to_promotion_s),
+            _marginal(s),
+        )
+        for s in summaries
+        if s.healthy
+    )
+    return _table(header, rows)
+
+
+def regression_table(summaries: Sequence[Summary]) -> list[str]:
+    """Markdown lines: regressed canaries (rollback is a detection)."""
+    header = (
+        "scenario",
+        "method",
+        "detected",
+        "time to rollback (median)",
+        "requests before rollback (median / p90)",
+        "canary requests (median / p90)",
+        "bad canary requests (median / p90)",
+        "marginal (Kayenta)",
+    )
+    rows = (
+        (
+            _title(s.scenario),
+            s.method,
+            fmt_share(s.rolled_back, s.runs),
+            fmt_minutes(s.median_time_to_rollback_s),
+            _pair(s.median_requests, s.p90_requests, fmt_count),
+            _pair(s.median_canary_requests, s.p90_canary_requests, fmt_count),
+            _pair(s.median_bad_canary_requests, s.p90_bad_canary_requests, fmt_count),
+            _marginal(s),
+        )
+        for s in summaries
+        if not s.healthy
+    )
+    return _table(header, rows)
+
+
+def target_lines(summaries: Sequence[Summary]) -> list[str]:
+    """The issue's targets, where the needed cells were run."""
+    cells = {(s.scenario, s.method): s for s in summaries}
+    lines = []
+    early = cells.get(("healthy-1000rps", "canaryd"))
+    fixed = cells.get(("healthy-1000rps", "canaryd-no-early-pass"))
+    if early and fixed:
+        a, b = early.median_time_to_100_s, fixed.median_time_to_100_s
+        if math.isfinite(a) and math.isfinite(b) and b > 0:
+            gain = 100.0 * (1.0 - a / b)
+            verdict = "met" if gain >= 40.0 else "NOT met"
+            lines.append(
+                f"- Healthy at 1,000 rps, median time to 100%: canaryd {fmt_minutes(a)} vs "
+                f"{fmt_minutes(b)} without early pass: {gain:.0f}% sooner "
+                f"(target ≥ 40%: {verdict})."
+            )
+        else:
+            lines.append(
+                f"- Healthy at 1,000 rps, median time to 100%: canaryd {fmt_minutes(a)} vs "
+                f"{fmt_minutes(b)} without early pass (target ≥ 40% sooner: NOT met)."
+            )
+    caught = cells.get(("errors-x2-1000rps", "canaryd"))
+    if caught:
+        rate = caught.rolled_back / caught.runs if caught.runs else 0.0
+        verdict = "met" if rate >= 0.99 else "NOT met"
+        lines.append(
+            f"- Errors ×2 at 1,000 rps caught by canaryd in "
+            f"{fmt_share(caught.rolled_back, caught.runs)} of runs (target ≥ 99%: {verdict})."
+        )
+    return lines
+
+
+def markdown_report(
+    summaries: Sequence[Summary], *, runs: int, base_seed: int, wall_s: float | None = None
+) -> str:
+    """The whole Markdown report: notes, both tables and the targets."""
+    timing = f", {wall_s:.0f} s wall time" if wall_s is not None else ""
+    methods = list(dict.fromkeys(s.method for s in summaries))
+    lines = [
+        "# Detection benchmark",
+        "",
+        f"{runs} runs per scenario and method, seeds {base_seed}..{base_seed + runs - 1} "
+        f"(the same seeds, so the same simulated traffic, for every method){timing}.",
+        "Every method uses steps 10 → 50 → 100%, 1-minute intervals and 10-minute steps.",
+        "",
+        *(f"- `{m}`: {METHOD_NOTES.get(m, m)}" for m in methods),
+        "",
+        "Requests count both arms from t = 0 until the rollback decision; bad canary "
+        "requests are canary errors, plus in latency scenarios canary requests slower than "
+        "the bucket edge at or above the stable's true p99 (p50 for the p50 scenario). "
+        "Medians and p90s are nearest-rank over all runs: a run never rolled back counts as "
+        "∞ in the rollback columns, a run never promoted as ∞ in the promotion columns.",
+        "",
+        "## Healthy canaries",
+        "",
+        *healthy_table(summaries),
+        "",
+        "## Regressions",
+        "",
+        *regression_table(summaries),
+    ]
+    targets = target_lines(summaries)
+    if targets:
+        lines += ["", "## Targets", "", *targets]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_chart(summaries: Sequence[Summary], path: Path) -> None:
+    """Grouped bars: false rollbacks, detection, median bad canary requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(s.method for s in summaries))
+    cells = {(s.scenario, s.method): s for s in summaries}
+    healthy = list(dict.fromkeys(s.scenario for s in summaries if s.healthy))
+    regressed = list(dict.fromkeys(s.scenario for s in summaries if not s.healthy))
+    panels: list[tuple[str, list[str], Callable[[Summary], float], bool]] = [
+        (
+            "False rollbacks, healthy canaries (%)",
+            healthy,
+            lambda s: 100 * s.rolled_back / s.runs,
+            False,
+        ),
+        (
+            "Detection, regressed canaries (%)",
+            regressed,
+            lambda s: 100 * s.rolled_back / s.runs,
+            False,
+        ),
+        (
+            "Bad canary requests before rollback (median; ∞ = not rolled back in most runs)",
+            regressed,
+            lambda s: s.median_bad_canary_requests,
+            True,
+        ),
+    ]
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 4.5 * len(panels)), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, (title, keys, value, log) in zip(axes[:, 0], panels, strict=True):
+        for m, method in enumerate(methods):
+            xs, ys, infinite = [], [], []
+            for k, key in enumerate(keys):
+                cell = cells.get((key, method))
+                if cell is None:
+                    continue
+                x = k + (m - (len(methods) - 1) / 2) * width
+                y = value(cell)
+                if math.isinf(y):
+                    infinite.append(x)
+                elif not math.isnan(y):
+                    xs.append(x)
+                    ys.append(max(y, 0.5) if log else y)
+            color = f"C{m % 10}"
+            ax.bar(xs, ys, width, label=method, color=color)
+            for x in infinite:
+                ax.annotate(
+                    "∞",
+                    (x, 0.99),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="top",
+                    color=color,
+                    fontsize=13,
+                    fontweight="bold",
+                )
+        ax.set_title(title)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([_title(key) for key in keys], rotation=20, ha="right")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncols=min(len(methods), 6), fontsize=10)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.35 / (4.5 * len(panels))))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: infinite values as the string ``"inf"``, NaN as ``null``."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[name] = None if math.isnan(value) else "inf"
+        else:
+            out[name] = value
+    return out
+
+
+def _names(text: str | None, known: Sequence[str], what: str) -> list[str]:
+    if text is None:
+        return list(known)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="canaryd detection benchmark against Flagger/Kayenta-style baselines"
+    )
+    parser.add_argument("--runs", type=int, default=1000, help="runs per scenario and method")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (fork)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="base seed: run i uses seed + i")
+    parser.add_argument("--chunk", type=int, default=50, help="runs per worker task")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(BY_KEY)}")
+    parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        keys = _names(args.scenarios, list(BY_KEY), "scenario")
+        methods = _names(args.methods, list(METHODS), "method")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.runs < 1 or args.jobs < 1 or args.chunk < 1:
+        parser.error("--runs, --jobs and --chunk must be at least 1")
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    progress(
+        f"detection benchmark: {len(keys)} scenarios × {len(methods)} methods × {args.runs} "
+        f"runs, {args.jobs} jobs"
+    )
+    started = time.perf_counter()
+    results = run_benchmark(
+        keys,
+        methods,
+        args.runs,
+        base_seed=args.seed,
+        jobs=args.jobs,
+        chunk=args.chunk,
+        progress=progress,
+    )
+    wall_s = time.perf_counter() - started
+    summaries = summarize_all(results)
+    report = markdown_report(summaries, runs=args.runs, base_seed=args.seed, wall_s=wall_s)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detection.md").write_text(report, encoding="utf-8")
+    (out / "summary.json").write_text(
+        json.dumps([_jsonable(asdict(s)) for s in summaries], indent=1) + "\n",
+        encoding="utf-8",
+    )
+    write_chart(summaries, out / "detection.png")
+    print(report)
+    progress(f"done in {wall_s:.1f} s; wrote {out / 'detection.md'}, {out / 'detection.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
