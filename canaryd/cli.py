@@ -433,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     crd.set_defaults(handler=cmd_crd)
+
+    from canaryd import cluster_cli  # noqa: PLC0415 - the kubernetes client loads only here
+
+    cluster_cli.add_parsers(sub, fmt)
     return parser
 
 
@@ -448,6 +452,13 @@ def main(
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
+        if hasattr(args, "cluster_handler"):
+            from canaryd.cluster_cli import ClusterError, handle  # noqa: PLC0415
+
+            try:
+                return handle(args, out)
+            except ClusterError as exc:
+                raise CliError(str(exc)) from None
         code: int = args.handler(args, out, err)
     except CliError as exc:
         err.write(f"canaryd: error: {exc}\n")

@@ -28,11 +28,15 @@ class CanaryRef:
         return f"{self.namespace}/{self.name}"
 
 
+class MetricsError(Exception):
+    """Metrics could not be had (source down, slow, empty, NaN): the core holds."""
+
+
 class MetricsSource(Protocol):
     """Cumulative request, error and latency counters of both arms (Prometheus, simulator).
 
-    Raises ``MetricsError`` (defined by each implementation's module) when the data
-    cannot be had; the core turns that into a *hold*, never a rollback or a pass.
+    Raises :class:`MetricsError` when the data cannot be had; the core turns that into
+    a *hold*, never a rollback or a pass.
     """
 
     async def observe(self, ref: CanaryRef, spec: CanarySpec) -> Observation: ...
@@ -41,6 +45,10 @@ class MetricsSource(Protocol):
 class TrafficRouter(Protocol):
     """Sets the canary's share of traffic (Istio VirtualService, HTTPRoute, simulator mesh)."""
 
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        """Raise an error naming what is missing before any traffic moves."""
+        ...
+
     async def set_weights(self, ref: CanaryRef, spec: CanarySpec, canary_pct: int) -> None: ...
 
     async def get_canary_weight(self, ref: CanaryRef, spec: CanarySpec) -> int: ...
@@ -48,6 +56,10 @@ class TrafficRouter(Protocol):
 
 class Workloads(Protocol):
     """Stable and canary workloads (Kubernetes Deployments, simulator)."""
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        """Raise an error naming a missing workload."""
+        ...
 
     async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None: ...
 

@@ -114,6 +114,16 @@ class ApprovalRecord(_Model):
     at: datetime
 
 
+class Condition(_Model):
+    """A Kubernetes-style condition (``Ready``: can canaryd act on this Canary?)."""
+
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+    last_transition_time: datetime | None = None
+
+
 class CanaryStatus(_Model):
     """``status`` of a ``Canary``.
 
@@ -139,6 +149,8 @@ class CanaryStatus(_Model):
         acknowledged: ids of the commands already handled (newest last).
         message: one line saying what is happening and why.
         observed_generation: ``metadata.generation`` the status was computed from.
+        conditions: ``Ready`` says whether canaryd can act (spec valid, VirtualService,
+            routes, subsets and Deployments present), with the reason if not.
     """
 
     phase: Phase = Phase.IDLE
@@ -160,11 +172,25 @@ class CanaryStatus(_Model):
     acknowledged: list[str] = Field(default_factory=list)
     message: str = ""
     observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
 
     @property
     def stable_weight(self) -> int:
         """Stable traffic, percent: always ``100 - canary_weight``."""
         return 100 - self.canary_weight
+
+    def with_condition(
+        self, type_: str, ok: bool, reason: str, message: str, now: datetime
+    ) -> CanaryStatus:
+        """This status with condition ``type_`` set (transition time kept if unchanged)."""
+        value = "True" if ok else "False"
+        old = next((c for c in self.conditions if c.type == type_), None)
+        since = old.last_transition_time if old is not None and old.status == value else now
+        new = Condition(
+            type=type_, status=value, reason=reason, message=message, last_transition_time=since
+        )
+        rest = [c for c in self.conditions if c.type != type_]
+        return self.model_copy(update={"conditions": [*rest, new]})
 
     def to_json(self) -> dict[str, Any]:
         """The status as Kubernetes stores it (camelCase, ISO timestamps)."""

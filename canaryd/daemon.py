@@ -1,0 +1,419 @@
+"""``canaryd run``: the daemon that drives every Canary (design §2–4, §7).
+
+Named tasks, supervised in one task group:
+
+* ``leader`` — holds or waits for the Lease (when leader election is on); only the
+  leader reconciles;
+* ``discover`` — lists Canaries every ``resync_s`` and keeps one worker per Canary;
+* ``watch`` — streams Canary changes and wakes the affected worker at once (a command
+  written by ``canaryd promote`` is acted on within a second, not an interval);
+* ``canary:<namespace>/<name>`` — reconciles its Canary on its spec's interval.
+
+One reconcile: read the Canary → observe metrics (and the stable's rollout while
+promoting) → the pure state machine → **write the status first** (with the
+resourceVersion read; on 409 read again and start over) → carry out the actions →
+converge the VirtualService to ``status.canaryWeight``.  Status before actions, and
+convergence on every round, make a crash at any point safe: a restarted daemon
+continues from the status without moving weights backwards or repeating a step.
+
+SIGTERM sets the stop event: workers finish the reconcile in progress, the Lease is
+released, and :meth:`Daemon.run` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from kubernetes import watch
+
+from canaryd.istio import RoutingError
+from canaryd.kube import (
+    PLURAL,
+    VERSION,
+    CanaryObject,
+    ConflictError,
+    Kube,
+    KubeError,
+    NotFoundError,
+)
+from canaryd.leader import LeaderElector, LeaseSettings
+from canaryd.ports import CanaryRef, MetricsError, MetricsSource, TrafficRouter, Workloads
+from canaryd.rollout import Notify, Observed, PromoteStable, ScaleCanary, SetWeights, reconcile
+from canaryd.spec import API_GROUP, CanarySpec
+from canaryd.status import CanaryStatus, Phase
+from canaryd.workloads import WorkloadError
+
+log = structlog.get_logger("canaryd.daemon")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """How the daemon runs.
+
+    Attributes:
+        namespaces: namespaces to watch; empty for all.
+        lease: leader election; None to act without it (a single replica).
+        resync_s: how often to list Canaries and look at idle or finished ones, seconds.
+        watch_timeout_s: each watch request ends after this and is renewed, seconds.
+        conflict_attempts: fresh reads after 409 conflicts before giving up a round.
+        metrics_timeout_s: deadline for the metrics source, seconds.
+        drain_s: on stop, how long workers may finish their reconcile, seconds.
+    """
+
+    namespaces: tuple[str, ...] = ()
+    lease: LeaseSettings | None = None
+    resync_s: float = 30.0
+    watch_timeout_s: float = 60.0
+    conflict_attempts: int = 6
+    metrics_timeout_s: float = 10.0
+    drain_s: float = 10.0
+
+
+@dataclass(slots=True)
+class _Worker:
+    task: asyncio.Task[None]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Daemon:
+    """Drives Canaries with the pure state machine; every effect goes through a port."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        metrics: MetricsSource,
+        router: TrafficRouter,
+        workloads: Workloads,
+        settings: DaemonSettings | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.kube = kube
+        self.metrics = metrics
+        self.router = router
+        self.workloads = workloads
+        self.settings = settings or DaemonSettings()
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.elector = LeaderElector(kube, self.settings.lease) if self.settings.lease else None
+        self.workers: dict[CanaryRef, _Worker] = {}
+        #: counts of reconciles, status writes, conflicts and failures (for tests, metrics)
+        self.stats: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+
+    @property
+    def acting(self) -> bool:
+        """True when this replica may write (it leads, or runs without election)."""
+        return self.elector is None or self.elector.is_leader
+
+    # -- the task tree ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain and return."""
+        self._stop = stop
+        async with asyncio.TaskGroup() as group:
+            background = []
+            if self.elector is not None:
+                background.append(group.create_task(self.elector.run(), name="leader"))
+            background.append(group.create_task(self._discover(), name="discover"))
+            background.append(group.create_task(self._watch(), name="watch"))
+            await stop.wait()
+            log.info("stopping", workers=len(self.workers))
+            for task in background:
+                task.cancel()
+            for worker in self.workers.values():
+                worker.wake.set()
+            pending = [w.task for w in self.workers.values() if not w.task.done()]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self.settings.drain_s)
+                for task in late:
+                    task.cancel()
+        if self.elector is not None:
+            await self.elector.release()
+        log.info("stopped")
+
+    def _ensure_worker(self, ref: CanaryRef) -> _Worker:
+        worker = self.workers.get(ref)
+        if worker is None or worker.task.done():
+            wake = asyncio.Event()
+            task = asyncio.create_task(self._work(ref, wake), name=f"canary:{ref}")
+            worker = self.workers[ref] = _Worker(task, wake)
+        return worker
+
+    async def _discover(self) -> None:
+        while True:
+            try:
+                found = await self._list()
+                for ref in found:
+                    self._ensure_worker(ref)
+            except KubeError as exc:
+                log.warning("listing canaries failed", error=str(exc))
+            await asyncio.sleep(self.settings.resync_s)
+
+    async def _list(self) -> list[CanaryRef]:
+        if not self.settings.namespaces:
+            return [c.ref for c in await self.kube.list_canaries()]
+        refs: list[CanaryRef] = []
+        for namespace in self.settings.namespaces:
+            refs += [c.ref for c in await self.kube.list_canaries(namespace)]
+        return refs
+
+    async def _watch(self) -> None:
+        """Stream Canary changes (in a thread: the client blocks) and wake workers."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        halt = threading.Event()
+        scopes: list[str | None] = list(self.settings.namespaces) or [None]
+        threads = [
+            threading.Thread(
+                target=self._pump, args=(scope, loop, queue, halt), name="watch", daemon=True
+            )
+            for scope in scopes
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                kind, obj = await queue.get()
+                meta = obj.get("metadata") or {}
+                ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
+                if kind in ("ADDED", "MODIFIED") and ref.name:
+                    self._ensure_worker(ref).wake.set()
+                elif kind == "DELETED" and ref in self.workers:
+                    self.workers[ref].wake.set()
+        finally:
+            halt.set()
+
+    def _pump(
+        self,
+        namespace: str | None,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]],
+        halt: threading.Event,
+    ) -> None:
+        custom = self.kube.custom
+        resource_version: str | None = None
+        while not halt.is_set():
+            stream = watch.Watch()
+            kwargs: dict[str, Any] = {
+                "timeout_seconds": max(1, int(self.settings.watch_timeout_s)),
+                "_request_timeout": self.settings.watch_timeout_s + 5,
+            }
+            if resource_version:
+                kwargs["resource_version"] = resource_version
+            try:
+                if namespace:
+                    events = stream.stream(
+                        custom.list_namespaced_custom_object,
+                        API_GROUP, VERSION, namespace, PLURAL, **kwargs,
+                    )  # fmt: skip
+                else:
+                    events = stream.stream(
+                        custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL, **kwargs
+                    )
+                for event in events:
+                    if halt.is_set():
+                        stream.stop()
+                        break
+                    obj = event.get("object")
+                    if event.get("type") == "ERROR" or not isinstance(obj, dict):
+                        resource_version = None  # too old: start again from a fresh list
+                        break
+                    resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+                    loop.call_soon_threadsafe(queue.put_nowait, (str(event["type"]), obj))
+            except Exception as exc:  # the API is down or the loop is closing: back off
+                resource_version = None
+                if not halt.is_set():
+                    log.warning("watch failed; retrying", error=str(exc)[:300])
+                halt.wait(1.0)
+
+    async def _work(self, ref: CanaryRef, wake: asyncio.Event) -> None:
+        """One Canary's loop: reconcile, then wait for its interval or a wake-up."""
+        failures = 0
+        while not self._stop.is_set():
+            delay = self.settings.resync_s
+            if self.acting:
+                try:
+                    canary = await self.reconcile(ref)
+                except (KubeError, MetricsError, RoutingError, WorkloadError) as exc:
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2**failures)
+                    self.stats["failures"] += 1
+                    log.warning(
+                        "reconcile failed", namespace=ref.namespace, name=ref.name, error=str(exc)
+                    )
+                else:
+                    failures = 0
+                    if canary is None:
+                        self.workers.pop(ref, None)
+                        return
+                    delay = self._next_delay(canary)
+            elif self.settings.lease is not None:
+                delay = self.settings.lease.retry_s
+            await self._sleep(wake, delay)
+
+    def _next_delay(self, canary: CanaryObject) -> float:
+        status, spec = canary.status, canary.spec
+        pending = any(c.id not in status.acknowledged for c in canary.commands)
+        if spec is not None and (status.phase.active or pending):
+            return spec.analysis.interval
+        return self.settings.resync_s
+
+    async def _sleep(self, wake: asyncio.Event, delay: float) -> None:
+        waiters = [
+            asyncio.create_task(wake.wait(), name="wake"),
+            asyncio.create_task(self._stop.wait(), name="stop"),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            wake.clear()
+
+    # -- one reconcile -----------------------------------------------------------------------
+
+    async def reconcile(self, ref: CanaryRef) -> CanaryObject | None:
+        """One round for one Canary; returns it as written (None once it is deleted)."""
+        for _ in range(self.settings.conflict_attempts):
+            try:
+                canary = await self.kube.get_canary(ref)
+            except NotFoundError:
+                return None
+            self.stats["reconciles"] += 1
+            with structlog.contextvars.bound_contextvars(
+                namespace=ref.namespace, name=ref.name, step=canary.status.step_index
+            ):
+                try:
+                    return await self._reconcile(canary)
+                except ConflictError:
+                    self.stats["conflicts"] += 1
+                    continue
+        raise ConflictError(f"{ref}: gave up after {self.settings.conflict_attempts} conflicts")
+
+    async def _reconcile(self, canary: CanaryObject) -> CanaryObject:
+        now = self.clock()
+        status = canary.status
+        if canary.spec is None:
+            why = canary.spec_error or "invalid spec"
+            return await self._not_ready(canary, "InvalidSpec", why, now)
+        spec = canary.spec
+        pending = [c for c in canary.commands if c.id not in status.acknowledged]
+        if not status.phase.active and not pending:
+            await self._converge(canary.ref, spec, status)
+            return canary
+        observed = await self._observe(canary.ref, spec, status)
+        result = reconcile(spec, status, observed, canary.commands, now)
+        moves_traffic = any(
+            (isinstance(a, SetWeights) and a.canary_pct > 0) or isinstance(a, PromoteStable)
+            for a in result.actions
+        )
+        if moves_traffic:
+            problem = await self._preflight(canary.ref, spec)
+            if problem is not None:
+                return await self._not_ready(canary, problem[0], problem[1], now)
+        new_status = result.status.model_copy(update={"observed_generation": canary.generation})
+        new_status = new_status.with_condition("Ready", True, "Ready", "", now)
+        if new_status == status and not result.actions:
+            await self._converge(canary.ref, spec, status)
+            return canary
+        written = await self.kube.write_status(canary, new_status)
+        self.stats["writes"] += 1
+        await self._apply(written, spec, result.actions)
+        await self._converge(canary.ref, spec, new_status)
+        return written
+
+    async def _observe(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> Observed:
+        metrics, error = None, None
+        try:
+            metrics = await asyncio.wait_for(
+                self.metrics.observe(ref, spec), self.settings.metrics_timeout_s
+            )
+        except MetricsError as exc:
+            error = str(exc) or type(exc).__name__
+        except TimeoutError:
+            error = f"the metrics source did not answer within {self.settings.metrics_timeout_s:g}s"
+        stable_revision = None
+        if status.phase is Phase.PROMOTING:
+            try:
+                stable_revision = await self.workloads.stable_revision(ref, spec)
+            except (WorkloadError, KubeError) as exc:
+                log.warning("cannot read the stable workload", error=str(exc))
+        return Observed(metrics=metrics, metrics_error=error, stable_revision=stable_revision)
+
+    async def _preflight(self, ref: CanaryRef, spec: CanarySpec) -> tuple[str, str] | None:
+        """(reason, message) when the routes or workloads this Canary names are missing."""
+        try:
+            await self.router.check(ref, spec)
+        except RoutingError as exc:
+            return "RoutingNotReady", str(exc)
+        try:
+            await self.workloads.check(ref, spec)
+        except WorkloadError as exc:
+            return "WorkloadNotReady", str(exc)
+        return None
+
+    async def _not_ready(
+        self, canary: CanaryObject, reason: str, message: str, now: datetime
+    ) -> CanaryObject:
+        """Say why in status (condition Ready=False, message, an Event); move nothing."""
+        status = canary.status.with_condition("Ready", False, reason, message, now)
+        status = status.model_copy(update={"message": f"cannot act: {message}"})
+        if status == canary.status:
+            return canary
+        log.warning("canary not ready", reason=reason, error=message)
+        written = await self.kube.write_status(canary, status)
+        self.stats["writes"] += 1
+        with contextlib.suppress(KubeError):
+            await self.kube.emit_event(written, reason, message, warning=True)
+        return written
+
+    async def _apply(
+        self, canary: CanaryObject, spec: CanarySpec, actions: tuple[Any, ...]
+    ) -> None:
+        ref = canary.ref
+        for action in actions:
+            try:
+                if isinstance(action, SetWeights):
+                    await self.router.set_weights(ref, spec, action.canary_pct)
+                    log.info(
+                        "weights set", canary_pct=action.canary_pct, stable_pct=action.stable_pct
+                    )
+                elif isinstance(action, PromoteStable):
+                    await self.workloads.promote_stable(ref, spec, action.revision)
+                elif isinstance(action, ScaleCanary):
+                    await self.workloads.scale_canary(ref, spec, action.replicas)
+                elif isinstance(action, Notify):
+                    verdict = canary.status.last_verdict
+                    log.info(
+                        action.reason,
+                        message=action.message,
+                        phase=str(canary.status.phase),
+                        weight=canary.status.canary_weight,
+                        reasons=verdict.reasons if verdict else [],
+                    )
+                    await self.kube.emit_event(
+                        canary, action.reason, action.message, warning=action.warning
+                    )
+            except (RoutingError, WorkloadError, KubeError) as exc:
+                # the status is written: the next round converges what did not happen now
+                self.stats["failures"] += 1
+                log.error("action failed", action=repr(action), error=str(exc))
+
+    async def _converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> None:
+        """Level-triggered: make the VirtualService route what the status says."""
+        if status.phase is Phase.IDLE or spec.traffic_routing is None:
+            return
+        try:
+            current = await self.router.get_canary_weight(ref, spec)
+            if current != status.canary_weight:
+                log.info("converging weights", found=current, want=status.canary_weight)
+                await self.router.set_weights(ref, spec, status.canary_weight)
+        except (RoutingError, KubeError) as exc:
+            log.warning("cannot converge weights", error=str(exc))

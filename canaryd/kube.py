@@ -1,0 +1,343 @@
+"""Kubernetes access for Canary resources, their commands, Events and Leases.
+
+What it hides: the blocking ``kubernetes`` client.  Every call runs in a worker thread
+with a deadline (never on the event loop), and every ``ApiException`` or connection
+error is mapped in one place (:func:`map_errors`) onto :class:`KubeError`:
+
+    KubeError
+    ├── NotFoundError        404
+    ├── ConflictError        409: a stale resourceVersion, or AlreadyExists
+    ├── InvalidError         400 / 422: the request itself is wrong, retrying won't help
+    ├── ForbiddenError       401 / 403
+    └── UnavailableError     5xx, 429, timeouts, refused connections: retry later
+
+Commands (promote, abort, approve, skip) live in the ``canaryd.io/commands``
+annotation as a JSON list; the daemon acknowledges them by id in ``status``.  They
+survive restarts and are auditable with ``kubectl get canary -o yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from canaryd.ports import CanaryRef
+from canaryd.rollout import Command, CommandKind
+from canaryd.spec import API_GROUP, CanarySpec, SpecError, parse_spec
+from canaryd.status import CanaryStatus
+
+VERSION = "v1alpha1"
+PLURAL = "canaries"
+COMMANDS_ANNOTATION = f"{API_GROUP}/commands"
+#: Handled commands are pruned from the annotation when a new one is added.
+MAX_PENDING_COMMANDS = 20
+
+T = TypeVar("T")
+
+
+class KubeError(Exception):
+    """A Kubernetes API call failed; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class NotFoundError(KubeError):
+    pass
+
+
+class ConflictError(KubeError):
+    pass
+
+
+class InvalidError(KubeError):
+    pass
+
+
+class ForbiddenError(KubeError):
+    pass
+
+
+class UnavailableError(KubeError):
+    """Worth retrying: the API server is unreachable, overloaded or slow."""
+
+
+def _message(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    text = str(message or exc.reason or "no message")
+    return text if len(text) <= 500 else text[:500] + "…"
+
+
+def map_error(exc: BaseException) -> KubeError:
+    """The one place where client errors become :class:`KubeError` (original chained)."""
+    if isinstance(exc, KubeError):
+        return exc
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        message = _message(exc)
+        kind: type[KubeError] = {
+            404: NotFoundError,
+            409: ConflictError,
+            400: InvalidError,
+            422: InvalidError,
+            401: ForbiddenError,
+            403: ForbiddenError,
+        }.get(status, UnavailableError if status in (0, 429) or status >= 500 else KubeError)
+        return kind(message, status, str(exc.reason or ""))
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return UnavailableError("the Kubernetes API did not answer in time")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return UnavailableError(f"cannot reach the Kubernetes API: {exc}")
+    return KubeError(f"unexpected error talking to the Kubernetes API: {exc!r}")
+
+
+@contextlib.contextmanager
+def map_errors() -> Iterator[None]:
+    try:
+        yield
+    except (ApiException, urllib3.exceptions.HTTPError, OSError, TimeoutError) as exc:
+        raise map_error(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryObject:
+    """A Canary as read from the API.
+
+    Attributes:
+        ref: namespace and name.
+        spec: the parsed spec, or None when it does not validate (see ``spec_error``).
+        spec_error: why the spec is unusable, for a status condition.
+        status: the status (the rollout's only state).
+        commands: commands from the annotation, oldest first.
+        resource_version: for optimistic concurrency on the next write.
+        generation: ``metadata.generation`` (spec changes).
+        uid: for Events' involvedObject.
+        raw: the object as returned, for writes that must send it back whole.
+    """
+
+    ref: CanaryRef
+    spec: CanarySpec | None
+    spec_error: str | None
+    status: CanaryStatus
+    commands: tuple[Command, ...]
+    resource_version: str
+    generation: int
+    uid: str
+    raw: dict[str, Any]
+
+
+def parse_commands(annotation: str | None) -> tuple[Command, ...]:
+    """Commands from the annotation; malformed entries are skipped, not fatal."""
+    if not annotation:
+        return ()
+    try:
+        items = json.loads(annotation)
+    except ValueError:
+        return ()
+    out = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            out.append(
+                Command(
+                    id=str(item["id"]),
+                    kind=CommandKind(item["kind"]),
+                    revision=item.get("revision"),
+                    weight=item.get("weight"),
+                    by=str(item.get("by", "")),
+                    reason=str(item.get("reason", "")),
+                )
+            )
+        except (KeyError, ValueError, TypeError):
+            continue
+    return tuple(out)
+
+
+def command_json(command: Command, at: datetime) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": command.id, "kind": str(command.kind), "at": at.isoformat()}
+    for key in ("revision", "weight", "by", "reason"):
+        value = getattr(command, key)
+        if value not in (None, ""):
+            data[key] = value
+    return data
+
+
+def new_command_id(kind: CommandKind, now: datetime) -> str:
+    return f"{kind}-{now.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _as_dict(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise KubeError(f"the Kubernetes API answered with {type(value).__name__}, not an object")
+    return value
+
+
+def to_canary(raw: dict[str, Any]) -> CanaryObject:
+    meta = raw.get("metadata") or {}
+    ref = CanaryRef(meta.get("namespace", ""), meta.get("name", ""))
+    spec: CanarySpec | None = None
+    error: str | None = None
+    try:
+        spec = parse_spec(raw.get("spec") or {})
+    except SpecError as exc:
+        error = "; ".join(exc.problems)
+    try:
+        status = CanaryStatus.model_validate(raw.get("status") or {})
+    except ValidationError:
+        status = CanaryStatus()  # unreadable status: start afresh rather than crash
+    annotations = meta.get("annotations") or {}
+    return CanaryObject(
+        ref=ref,
+        spec=spec,
+        spec_error=error,
+        status=status,
+        commands=parse_commands(annotations.get(COMMANDS_ANNOTATION)),
+        resource_version=str(meta.get("resourceVersion", "")),
+        generation=int(meta.get("generation") or 0),
+        uid=str(meta.get("uid", "")),
+        raw=raw,
+    )
+
+
+class Kube:
+    """Async access to the Kubernetes API for canaryd (blocking calls in threads).
+
+    Args:
+        api_client: a configured ``kubernetes.client.ApiClient``.
+        timeout_s: deadline of each call, seconds.
+    """
+
+    def __init__(self, api_client: k8s.ApiClient, timeout_s: float = 10.0) -> None:
+        self.api_client = api_client
+        self.timeout_s = timeout_s
+        self.custom = k8s.CustomObjectsApi(api_client)
+        self.apps = k8s.AppsV1Api(api_client)
+        self.core = k8s.CoreV1Api(api_client)
+        self.coordination = k8s.CoordinationV1Api(api_client)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking client call in a thread, with the deadline and error mapping."""
+
+        def run() -> T:
+            with map_errors():
+                return fn(*args, _request_timeout=self.timeout_s, **kwargs)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(run), self.timeout_s + 1.0)
+        except TimeoutError as exc:
+            raise map_error(exc) from exc
+
+    # -- canaries --------------------------------------------------------------------------
+
+    async def get_canary(self, ref: CanaryRef) -> CanaryObject:
+        raw = await self.call(
+            self.custom.get_namespaced_custom_object,
+            API_GROUP, VERSION, ref.namespace, PLURAL, ref.name,
+        )  # fmt: skip
+        return to_canary(_as_dict(raw))
+
+    async def list_canaries(self, namespace: str | None = None) -> list[CanaryObject]:
+        if namespace:
+            raw = await self.call(
+                self.custom.list_namespaced_custom_object, API_GROUP, VERSION, namespace, PLURAL
+            )
+        else:
+            raw = await self.call(
+                self.custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL
+            )
+        return [to_canary(_as_dict(item)) for item in _as_dict(raw).get("items", [])]
+
+    async def write_status(self, canary: CanaryObject, status: CanaryStatus) -> CanaryObject:
+        """Replace the status, if nobody changed the Canary since it was read.
+
+        Raises:
+            ConflictError: the resourceVersion is stale; read again and reconcile again.
+        """
+        body = {
+            "apiVersion": f"{API_GROUP}/{VERSION}",
+            "kind": "Canary",
+            "metadata": {
+                "name": canary.ref.name,
+                "namespace": canary.ref.namespace,
+                "resourceVersion": canary.resource_version,
+            },
+            "status": status.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+        raw = await self.call(
+            self.custom.replace_namespaced_custom_object_status,
+            API_GROUP, VERSION, canary.ref.namespace, PLURAL, canary.ref.name, body,
+        )  # fmt: skip
+        return to_canary(_as_dict(raw))
+
+    async def add_command(self, ref: CanaryRef, command: Command, attempts: int = 8) -> None:
+        """Append a command to the annotation (read, modify, write with resourceVersion).
+
+        Retries on conflict with a fresh read; commands already acknowledged in status
+        are pruned so the annotation stays small.
+        """
+        for attempt in range(attempts):
+            canary = await self.get_canary(ref)
+            done = set(canary.status.acknowledged)
+            pending = [c for c in canary.commands if c.id not in done][-MAX_PENDING_COMMANDS:]
+            now = datetime.now(UTC)
+            items = [command_json(c, now) for c in pending] + [command_json(command, now)]
+            body = {
+                "metadata": {
+                    "resourceVersion": canary.resource_version,
+                    "annotations": {COMMANDS_ANNOTATION: json.dumps(items)},
+                }
+            }
+            try:
+                await self.call(
+                    self.custom.patch_namespaced_custom_object,
+                    API_GROUP, VERSION, ref.namespace, PLURAL, ref.name, body,
+                    _content_type="application/merge-patch+json",
+                )  # fmt: skip
+                return
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def emit_event(
+        self, canary: CanaryObject, reason: str, message: str, *, warning: bool = False
+    ) -> None:
+        now = datetime.now(UTC)
+        body = k8s.CoreV1Event(
+            metadata=k8s.V1ObjectMeta(
+                name=f"{canary.ref.name}.{secrets.token_hex(8)}", namespace=canary.ref.namespace
+            ),
+            involved_object=k8s.V1ObjectReference(
+                api_version=f"{API_GROUP}/{VERSION}",
+                kind="Canary",
+                name=canary.ref.name,
+                namespace=canary.ref.namespace,
+                uid=canary.uid,
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Warning" if warning else "Normal",
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=k8s.V1EventSource(component="canaryd"),
+        )
+        await self.call(self.core.create_namespaced_event, canary.ref.namespace, body)

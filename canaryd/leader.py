@@ -1,0 +1,156 @@
+"""Leader election with a ``coordination.k8s.io/v1`` Lease: one replica acts at a time.
+
+The leader renews the Lease every ``renew_s``; a standby retries every ``retry_s`` and
+takes the Lease over once its ``renewTime`` is older than ``lease_duration_s``.  Every
+write carries the Lease's resourceVersion, so of two replicas racing for an expired
+Lease exactly one wins (the other gets 409 and stays standby).  A leader that cannot
+renew for ``lease_duration_s`` stops acting *before* a standby may take over: it
+counts from its last successful renewal, the standby from the renewTime it reads,
+which is no later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from kubernetes import client as k8s
+
+from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
+
+log = structlog.get_logger("canaryd.leader")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """Lease timing, seconds (defaults as client-go's leader election uses).
+
+    Attributes:
+        namespace: namespace of the Lease.
+        name: name of the Lease.
+        identity: this replica's identity (pod name).
+        lease_duration_s: how long a Lease is valid after its last renewal.
+        renew_s: how often the leader renews.
+        retry_s: how often a standby tries to acquire.
+    """
+
+    namespace: str
+    name: str
+    identity: str
+    lease_duration_s: float = 15.0
+    renew_s: float = 10.0
+    retry_s: float = 2.0
+
+
+class LeaderElector:
+    """Holds or waits for the Lease; ``is_leader`` says whether to act now."""
+
+    def __init__(self, kube: Kube, settings: LeaseSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._leader_since_renewal: datetime | None = None
+        self.changed = asyncio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        """True while our last successful renewal is younger than the lease duration."""
+        last = self._leader_since_renewal
+        if last is None:
+            return False
+        age_s = (datetime.now(UTC) - last).total_seconds()
+        return age_s < self.settings.lease_duration_s
+
+    def _set(self, renewed_at: datetime | None) -> None:
+        was = self.is_leader
+        self._leader_since_renewal = renewed_at
+        if was != self.is_leader:
+            self.changed.set()
+            log.info(
+                "leadership changed",
+                leader=self.is_leader,
+                identity=self.settings.identity,
+                lease=f"{self.settings.namespace}/{self.settings.name}",
+            )
+
+    def _spec(self, now: datetime, transitions: int, acquired: datetime) -> k8s.V1LeaseSpec:
+        return k8s.V1LeaseSpec(
+            holder_identity=self.settings.identity,
+            lease_duration_seconds=round(self.settings.lease_duration_s),
+            acquire_time=acquired,
+            renew_time=now,
+            lease_transitions=transitions,
+        )
+
+    async def try_acquire_or_renew(self) -> bool:
+        """One attempt; returns whether we hold the Lease afterwards."""
+        s = self.settings
+        now = datetime.now(UTC)
+        try:
+            lease = await self.kube.call(
+                self.kube.coordination.read_namespaced_lease, s.name, s.namespace
+            )
+        except NotFoundError:
+            body = k8s.V1Lease(
+                metadata=k8s.V1ObjectMeta(name=s.name, namespace=s.namespace),
+                spec=self._spec(now, 0, now),
+            )
+            try:
+                await self.kube.call(
+                    self.kube.coordination.create_namespaced_lease, s.namespace, body
+                )
+            except ConflictError:
+                return False  # another replica created it first
+            self._set(now)
+            return True
+        spec = lease.spec or k8s.V1LeaseSpec()
+        holder = spec.holder_identity
+        renewed = spec.renew_time or spec.acquire_time
+        duration = timedelta(seconds=spec.lease_duration_seconds or s.lease_duration_s)
+        ours = holder == s.identity
+        expired = renewed is None or renewed + duration <= now
+        if not ours and not expired:
+            self._set(None)
+            return False
+        transitions = (spec.lease_transitions or 0) + (0 if ours else 1)
+        acquired = spec.acquire_time if ours and spec.acquire_time else now
+        lease.spec = self._spec(now, transitions, acquired)
+        try:
+            await self.kube.call(
+                self.kube.coordination.replace_namespaced_lease, s.name, s.namespace, lease
+            )
+        except ConflictError:
+            self._set(None)
+            return False  # someone else renewed or took it in between
+        self._set(now)
+        return True
+
+    async def run(self) -> None:
+        """Acquire, then keep renewing; never returns (cancel it to stop)."""
+        while True:
+            try:
+                held = await self.try_acquire_or_renew()
+            except KubeError as exc:
+                held = self.is_leader  # keep acting until the lease would have expired
+                log.warning("lease attempt failed", error=str(exc), leader=held)
+            await asyncio.sleep(self.settings.renew_s if held else self.settings.retry_s)
+
+    async def release(self) -> None:
+        """Give the Lease up on a clean shutdown, so a standby takes over at once."""
+        if not self.is_leader:
+            return
+        s = self.settings
+        with contextlib.suppress(KubeError):
+            lease = await self.kube.call(
+                self.kube.coordination.read_namespaced_lease, s.name, s.namespace
+            )
+            if lease.spec and lease.spec.holder_identity == s.identity:
+                lease.spec.renew_time = datetime.now(UTC) - timedelta(
+                    seconds=s.lease_duration_s + 1
+                )
+                await self.kube.call(
+                    self.kube.coordination.replace_namespaced_lease, s.name, s.namespace, lease
+                )
+        self._set(None)

@@ -1,0 +1,115 @@
+"""Stable and canary workloads as Kubernetes Deployments (the ``Workloads`` port).
+
+Promotion (``promotion.mode: copy-to-stable``) copies the canary Deployment's pod
+template into the stable Deployment, marked with the revision in the annotation
+``canaryd.io/revision``; :meth:`Deployments.stable_revision` reports that revision only
+once the stable Deployment has rolled it out (observedGeneration caught up, every
+replica updated and available).  Rollback and the end of a promotion scale the canary
+Deployment to 0.  Every write is a read-modify-write with the resourceVersion read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
+from canaryd.ports import CanaryRef
+from canaryd.spec import API_GROUP, CanarySpec
+
+REVISION_ANNOTATION = f"{API_GROUP}/revision"
+
+
+class WorkloadError(Exception):
+    """A Deployment the Canary names is missing or unusable; says which."""
+
+
+def _names(spec: CanarySpec) -> tuple[str, str]:
+    if spec.stable is None or spec.canary is None:
+        raise WorkloadError("spec.stable.deployment and spec.canary.deployment must be set")
+    return spec.stable.deployment, spec.canary.deployment
+
+
+def rolled_out(deployment: Any) -> bool:
+    """True when a Deployment's current spec is fully rolled out and available."""
+    meta, spec, status = deployment.metadata, deployment.spec, deployment.status
+    if status is None or meta is None or spec is None:
+        return False
+    want = spec.replicas if spec.replicas is not None else 1
+    return bool(
+        (status.observed_generation or 0) >= (meta.generation or 0)
+        and (status.updated_replicas or 0) >= want
+        and (status.available_replicas or 0) >= want
+        and (status.replicas or 0) <= want
+    )
+
+
+def _same_containers(a: Any, b: Any) -> bool:
+    """True when two pod templates run the same containers (images and commands)."""
+    a_spec, b_spec = getattr(a, "spec", None), getattr(b, "spec", None)
+    return bool(a_spec and b_spec and a_spec.containers == b_spec.containers)
+
+
+class Deployments:
+    """The ``Workloads`` port on two Deployments in the Canary's namespace."""
+
+    def __init__(self, kube: Kube, attempts: int = 5) -> None:
+        self.kube = kube
+        self.attempts = attempts
+
+    async def _read(self, namespace: str, name: str) -> Any:
+        try:
+            return await self.kube.call(self.kube.apps.read_namespaced_deployment, name, namespace)
+        except NotFoundError as exc:
+            raise WorkloadError(f"Deployment {namespace}/{name} not found") from exc
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        """Raise WorkloadError naming a missing Deployment."""
+        for name in _names(spec):
+            await self._read(ref.namespace, name)
+
+    async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None:
+        """Copy the canary's pod template into stable (idempotent)."""
+        stable_name, canary_name = _names(spec)
+        for attempt in range(self.attempts):
+            canary = await self._read(ref.namespace, canary_name)
+            stable = await self._read(ref.namespace, stable_name)
+            annotations = dict(stable.metadata.annotations or {})
+            template = copy.deepcopy(canary.spec.template)
+            done = annotations.get(REVISION_ANNOTATION) == revision
+            if done and _same_containers(stable.spec.template, template):
+                return
+            # the stable keeps its own pod labels, so its selector still matches
+            if stable.spec.template.metadata is not None and template.metadata is not None:
+                template.metadata.labels = stable.spec.template.metadata.labels
+            stable.spec.template = template
+            annotations[REVISION_ANNOTATION] = revision
+            stable.metadata.annotations = annotations
+            try:
+                await self.kube.call(
+                    self.kube.apps.replace_namespaced_deployment, stable_name, ref.namespace, stable
+                )
+                return
+            except ConflictError:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise KubeError(f"Deployment {ref.namespace}/{stable_name}: too many conflicting writers")
+
+    async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        """The revision stable has fully rolled out, or None while it is rolling."""
+        stable_name, _ = _names(spec)
+        stable = await self._read(ref.namespace, stable_name)
+        if not rolled_out(stable):
+            return None
+        revision = (stable.metadata.annotations or {}).get(REVISION_ANNOTATION)
+        return str(revision) if revision is not None else None
+
+    async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
+        _, canary_name = _names(spec)
+        try:
+            await self.kube.call(
+                self.kube.apps.patch_namespaced_deployment_scale,
+                canary_name, ref.namespace, {"spec": {"replicas": replicas}},
+            )  # fmt: skip
+        except NotFoundError as exc:
+            raise WorkloadError(f"Deployment {ref.namespace}/{canary_name} not found") from exc

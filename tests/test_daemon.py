@@ -1,0 +1,405 @@
+"""The daemon end to end: the Kubernetes API double over real HTTP, simulated traffic.
+
+Real time, compressed: evaluations every second, 6-second steps, simulated traffic at
+60× (each second of the test is a minute of traffic at 100 requests/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from canaryd.daemon import Daemon, DaemonSettings
+from canaryd.istio import IstioRouter
+from canaryd.kube import Kube
+from canaryd.leader import LeaseSettings
+from canaryd.ports import CanaryRef
+from canaryd.rollout import Command, CommandKind
+from canaryd.simsource import SimulatedMetrics
+from canaryd.workloads import Deployments
+from simulator import Scenario, get_scenario
+from simulator.kubeapi import KubeApiServer
+from tests.conftest import NS
+
+REF = CanaryRef(NS, "checkout")
+Obj = dict[str, Any]
+
+
+def canary_obj(server: KubeApiServer) -> Obj:
+    obj = server.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+    assert obj is not None
+    return obj
+
+
+def vs(server: KubeApiServer) -> Obj:
+    obj = server.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+    assert obj is not None
+    return obj
+
+
+def canary_weight(server: KubeApiServer) -> int:
+    route = vs(server)["spec"]["http"][0]["route"]
+    weights = {d["destination"]["subset"]: d["weight"] for d in route}
+    assert weights["stable"] + weights["canary"] == 100
+    return int(weights["canary"])
+
+
+def phase(obj: Obj) -> str:
+    return str((obj.get("status") or {}).get("phase", ""))
+
+
+class Harness:
+    """A daemon in this event loop, with the double, simulated traffic and helpers."""
+
+    def __init__(
+        self,
+        server: KubeApiServer,
+        scenario: Scenario,
+        *,
+        lease: LeaseSettings | None = None,
+        speed: float = 60.0,
+    ) -> None:
+        self.server = server
+        self.api = server.api_client()
+        self.kube = Kube(self.api, timeout_s=5.0)
+        self.router = IstioRouter(self.kube)
+        self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
+        settings = DaemonSettings(resync_s=1.0, watch_timeout_s=1.0, lease=lease, drain_s=5.0)
+        self.daemon = Daemon(self.kube, self.metrics, self.router, Deployments(self.kube), settings)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Harness:
+        self.task = asyncio.create_task(self.daemon.run(self.stop), name="daemon")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        if not self.task.done():
+            await asyncio.wait_for(self.task, 20)
+        elif not self.task.cancelled() and self.task.exception() is not None:
+            raise self.task.exception()  # type: ignore[misc]
+        self.api.close()
+
+    async def command(self, kind: CommandKind, **fields: Any) -> Command:
+        command = Command(id=f"{kind}-{len(self.server.requests)}", kind=kind, by="test", **fields)
+        await self.kube.add_command(REF, command)
+        return command
+
+    async def until(self, predicate: Callable[[Obj], bool], timeout_s: float = 45.0) -> Obj:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            obj = canary_obj(self.server)
+            if predicate(obj):
+                return obj
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out; status: {obj.get('status')}")
+            await asyncio.sleep(0.1)
+
+
+def test_healthy_canary_goes_10_50_100_and_is_promoted(cluster: KubeApiServer) -> None:
+    weights_seen: list[int] = []
+
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+
+            def done(obj: Obj) -> bool:
+                weight = canary_weight(cluster)
+                if not weights_seen or weights_seen[-1] != weight:
+                    weights_seen.append(weight)
+                return phase(obj) == "Succeeded"
+
+            return await h.until(done)
+
+    obj = asyncio.run(scenario())
+    status = obj["status"]
+    assert [s["weight"] for s in status["history"]] == [10, 50, 100]
+    assert all(s["verdict"] == "pass" for s in status["history"])
+    assert weights_seen[0] in (0, 10) and 50 in weights_seen and 100 in weights_seen
+    assert weights_seen == [*sorted(weights_seen[:-1]), weights_seen[-1]]  # never backwards
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert stable is not None and canary is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "shop/checkout:2"
+    assert stable["spec"]["template"]["metadata"]["labels"]["track"] == "stable"
+    assert stable["metadata"]["annotations"]["canaryd.io/revision"] == "v2"
+    assert canary["spec"]["replicas"] == 0
+    assert canary_weight(cluster) == 0  # all traffic on stable, which runs v2
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    events = cluster.list_objects("", "v1", "events", NS)
+    reasons = [e["reason"] for e in events]
+    assert {"RolloutStarted", "StepStarted", "StepPassed", "Promoting", "Promoted"} <= set(reasons)
+
+
+def test_bad_canary_is_rolled_back_within_its_first_step(cluster: KubeApiServer) -> None:
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("error-spike")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            return await h.until(lambda o: phase(o) == "RolledBack")
+
+    status = asyncio.run(scenario())["status"]
+    assert len(status["history"]) == 1
+    assert status["history"][0]["weight"] == 10
+    assert status["history"][0]["verdict"] == "rollback"
+    assert status["lastVerdict"]["reasons"][0].startswith("errors: canary")
+    assert canary_weight(cluster) == 0
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 0
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    assert stable is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "shop/checkout:1"
+
+
+def _without_weights(obj: Obj) -> Obj:
+    spec: Obj = copy.deepcopy(obj["spec"])
+    for route in spec["http"]:
+        for dest in route["route"]:
+            dest.pop("weight", None)
+    return spec
+
+
+def test_every_other_field_of_the_virtual_service_is_untouched(cluster: KubeApiServer) -> None:
+    before = vs(cluster)
+
+    async def scenario() -> None:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: phase(o) == "Succeeded")
+
+    asyncio.run(scenario())
+    after = vs(cluster)
+    assert _without_weights(after) == _without_weights(before)
+    assert after["spec"]["http"][0]["retries"] == before["spec"]["http"][0]["retries"]
+    assert after["spec"]["http"][0]["fault"] == before["spec"]["http"][0]["fault"]
+    assert after["spec"]["http"][1] == before["spec"]["http"][1]  # the unrelated route
+    assert after["metadata"].get("ownerReferences") is None  # canaryd never owns it
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (
+            lambda s: s.delete_raw("networking.istio.io", "v1", "virtualservices", NS, "checkout"),
+            "VirtualService shop/checkout not found",
+        ),
+        (
+            lambda s: s.put_raw(
+                "networking.istio.io",
+                "v1",
+                "virtualservices",
+                {**vs(s), "spec": {**vs(s)["spec"], "http": vs(s)["spec"]["http"][1:]}},
+            ),
+            "has no HTTP route named http-primary (routes: admin)",
+        ),
+        (
+            lambda s: s.put_raw(
+                "networking.istio.io",
+                "v1",
+                "destinationrules",
+                {
+                    **(
+                        s.get("networking.istio.io", "v1", "destinationrules", NS, "checkout") or {}
+                    ),
+                    "spec": {"host": "checkout", "subsets": [{"name": "stable"}]},
+                },
+            ),
+            "DestinationRule checkout has no subset 'canary' (subsets: stable)",
+        ),
+        (
+            lambda s: s.delete_raw("apps", "v1", "deployments", NS, "checkout-canary"),
+            "Deployment shop/checkout-canary not found",
+        ),
+    ],
+    ids=["virtual-service", "route", "subset", "deployment"],
+)
+def test_missing_objects_are_reported_and_no_traffic_moves(
+    cluster: KubeApiServer, break_it: Callable[[KubeApiServer], object], expected: str
+) -> None:
+    break_it(cluster)
+    before = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            obj = await h.until(
+                lambda o: any(
+                    c.get("status") == "False"
+                    for c in (o.get("status") or {}).get("conditions", [])
+                )
+            )
+            await asyncio.sleep(1.5)  # a few more rounds: still nothing may move
+            assert h.daemon.stats["failures"] == 0
+            return obj
+
+    obj = asyncio.run(scenario())
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert expected in ready["message"]
+    assert obj["status"].get("phase", "Idle") == "Idle"
+    assert obj["status"]["message"].startswith("cannot act: ")
+    after = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+    assert after == before  # not one weight changed
+
+
+def test_promote_wait_exits_0_when_promoted_and_1_when_rolled_back(
+    cluster: KubeApiServer, kubeconfig: Any
+) -> None:
+    import io
+
+    from canaryd.cli import main
+
+    def promote(revision: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["promote", "checkout", "--kubeconfig", str(kubeconfig), "--revision", revision,
+                "--wait", "--timeout", "60s", "--poll", "0.2s"]  # fmt: skip
+        return main(argv, out, err), out.getvalue() + err.getvalue()
+
+    async def scenario(name: str, revision: str) -> tuple[int, str]:
+        async with Harness(cluster, get_scenario(name)):
+            return await asyncio.to_thread(promote, revision)
+
+    code, text = asyncio.run(scenario("healthy", "v2"))
+    assert code == 0, text
+    assert "promoted: revision v2" in text
+    assert "Progressing" in text  # progress was streamed
+    code, text = asyncio.run(scenario("error-spike", "v3"))
+    assert code == 1, text
+    assert "rolled back: rolled back: errors: canary" in text
+
+
+def test_a_409_storm_does_not_lose_a_command(cluster: KubeApiServer) -> None:
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            cluster.inject(path_contains="/canaries/checkout/status", status=409, times=12)
+            cluster.inject(verb="patch", path_contains="/canaries/checkout", status=409, times=3)
+            command = await h.command(CommandKind.PROMOTE, revision="v2")
+            obj = await h.until(
+                lambda o: command.id in (o.get("status") or {}).get("acknowledged", [])
+            )
+            assert h.daemon.stats["conflicts"] >= 1
+            return obj
+
+    obj = asyncio.run(scenario())
+    assert obj["status"]["revision"] == "v2"
+    assert obj["status"]["phase"] in ("Progressing", "Holding", "Promoting", "Succeeded")
+
+
+def test_two_daemons_never_both_write_and_the_standby_takes_over(cluster: KubeApiServer) -> None:
+    def lease(identity: str) -> LeaseSettings:
+        return LeaseSettings(
+            namespace=NS, name="canaryd-leader", identity=identity,
+            lease_duration_s=3.0, renew_s=1.0, retry_s=0.3,
+        )  # fmt: skip
+
+    async def scenario() -> tuple[int, int, int]:
+        first = Harness(cluster, get_scenario("healthy"), lease=lease("a"))
+        second = Harness(cluster, get_scenario("healthy"), lease=lease("b"))
+        await second.__aenter__()
+        try:
+            await first.__aenter__()
+            await first.command(CommandKind.PROMOTE, revision="v2")
+            await first.until(lambda o: phase(o) == "Progressing")
+            await asyncio.sleep(3)
+            writers = [h for h in (first, second) if h.daemon.stats["writes"]]
+            assert len(writers) == 1, [h.daemon.stats for h in (first, second)]
+            leader = writers[0]
+            standby = second if leader is first else first
+            # the leader dies without releasing the Lease (no clean shutdown)
+            assert leader.task is not None
+            leader.task.cancel()
+            await asyncio.gather(leader.task, return_exceptions=True)
+            loop = asyncio.get_running_loop()
+            died = loop.time()
+            before = standby.daemon.stats["writes"]
+            while standby.daemon.stats["writes"] == before:
+                assert loop.time() - died < 6.0, "the standby did not take over"
+                await asyncio.sleep(0.1)
+            took_over_ms = int(1000 * (loop.time() - died))
+            return leader.daemon.stats["writes"], before, took_over_ms
+        finally:
+            await first.__aexit__()
+            await second.__aexit__()
+
+    leader_writes, standby_writes_before, took_over_ms = asyncio.run(scenario())
+    assert leader_writes > 0
+    assert standby_writes_before == 0
+    assert took_over_ms <= 3000 + 1000  # within one lease duration (+ one retry and a round)
+    lease_obj = cluster.get("coordination.k8s.io", "v1", "leases", NS, "canaryd-leader")
+    assert lease_obj is not None and lease_obj["spec"]["leaseTransitions"] >= 1
+
+
+def test_a_killed_daemon_resumes_the_same_step_at_the_same_weight(
+    cluster: KubeApiServer, kubeconfig: Any
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kubernetes import client as k8s
+
+    api = cluster.api_client()
+    k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+        "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+        {"spec": {"analysis": {"earlyPassRatio": None, "stepDuration": "4s"}}},
+    )  # fmt: skip
+    api.close()
+    argv = [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(kubeconfig),
+            "--simulate", "healthy", "--simulate-speed", "60", "--no-leader-elect",
+            "--resync", "1s", "--watch-timeout", "1s"]  # fmt: skip
+
+    def wait(predicate: Callable[[Obj], bool], timeout_s: float = 30.0) -> Obj:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            obj = canary_obj(cluster)
+            if predicate(obj):
+                return obj
+            time.sleep(0.05)
+        raise AssertionError(f"timed out: {canary_obj(cluster).get('status')}")
+
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        api = cluster.api_client()
+        asyncio.run(
+            Kube(api).add_command(REF, Command(id="p1", kind=CommandKind.PROMOTE, revision="v2"))
+        )
+        api.close()
+        mid = wait(lambda o: (o.get("status") or {}).get("stepIndex") == 1)
+        time.sleep(1.2)  # mid-step: some evaluations of the 50% step are done
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        assert first.stderr is not None
+        first.stderr.close()
+    killed = canary_obj(cluster)["status"]
+    assert killed["stepIndex"] == 1 and killed["canaryWeight"] == 50
+    assert canary_weight(cluster) == 50
+    second = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        resumed = wait(lambda o: o["status"]["lastVerdict"]["at"] != killed["lastVerdict"]["at"])
+        assert resumed["status"]["stepIndex"] == 1
+        assert resumed["status"]["canaryWeight"] == 50
+        # The simulated metrics live in the daemon process, so the restarted one sees
+        # fresh (lower) counters: a counter reset, which restarts the step's window
+        # (carrying its evidence) rather than misjudging.  Same step, same weight.
+        if resumed["status"]["stepStartedAt"] != killed["stepStartedAt"]:
+            assert resumed["status"]["stepStartedAt"] > killed["stepStartedAt"]
+            assert "errors" in resumed["status"].get("windowCarry", {})
+        assert len(resumed["status"]["history"]) == len(killed["history"])  # no repeated step
+        assert resumed["status"]["history"][-1]["startedAt"] == killed["history"][-1]["startedAt"]
+        assert canary_weight(cluster) == 50  # never moved backwards
+        done = wait(lambda o: o["status"]["phase"] == "Succeeded", timeout_s=40)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0  # SIGTERM drains cleanly
+    assert [s["weight"] for s in done["status"]["history"]] == [10, 50, 100]
+    assert mid["status"]["stepIndex"] == 1
