@@ -46,7 +46,16 @@ from canaryd.kube import (
 )
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.ports import CanaryRef, MetricsError, MetricsSource, TrafficRouter, Workloads
-from canaryd.rollout import Notify, Observed, PromoteStable, ScaleCanary, SetWeights, reconcile
+from canaryd.rollout import (
+    Command,
+    CommandKind,
+    Notify,
+    Observed,
+    PromoteStable,
+    ScaleCanary,
+    SetWeights,
+    reconcile,
+)
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase
 from canaryd.workloads import WorkloadError
@@ -304,12 +313,16 @@ class Daemon:
             why = canary.spec_error or "invalid spec"
             return await self._not_ready(canary, "InvalidSpec", why, now)
         spec = canary.spec
-        pending = [c for c in canary.commands if c.id not in status.acknowledged]
+        commands = list(canary.commands)
+        auto = await self._auto_trigger(canary, spec)
+        if auto is not None:
+            commands.append(auto)
+        pending = [c for c in commands if c.id not in status.acknowledged]
         if not status.phase.active and not pending:
             await self._converge(canary.ref, spec, status)
             return canary
         observed = await self._observe(canary.ref, spec, status)
-        result = reconcile(spec, status, observed, canary.commands, now)
+        result = reconcile(spec, status, observed, commands, now)
         moves_traffic = any(
             (isinstance(a, SetWeights) and a.canary_pct > 0) or isinstance(a, PromoteStable)
             for a in result.actions
@@ -328,6 +341,24 @@ class Daemon:
         await self._apply(written, spec, result.actions)
         await self._converge(canary.ref, spec, new_status)
         return written
+
+    async def _auto_trigger(self, canary: CanaryObject, spec: CanarySpec) -> Command | None:
+        """``trigger: auto``: a promote for a canary pod template not yet rolled out.
+
+        Its id comes from the template, so the state machine acts on it once (it is
+        acknowledged in status like any command); a template that matches stable's, or
+        the revision already rolled out, starts nothing.
+        """
+        if spec.trigger != "auto":
+            return None
+        try:
+            revision = await self.workloads.canary_revision(canary.ref, spec)
+        except (WorkloadError, KubeError) as exc:
+            log.warning("cannot read the canary workload", error=str(exc))
+            return None
+        if revision is None or revision == canary.status.revision:
+            return None
+        return Command(id=revision, kind=CommandKind.PROMOTE, revision=revision, by="trigger: auto")
 
     async def _observe(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> Observed:
         metrics, error = None, None

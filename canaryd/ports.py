@@ -67,6 +67,10 @@ class Workloads(Protocol):
 
     async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None: ...
 
+    async def canary_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        """The canary's revision when it differs from stable's (``trigger: auto``)."""
+        ...
+
 
 class StatusStore(Protocol):
     """Where status lives (the Canary's status subresource; memory in simulation)."""

@@ -316,6 +316,13 @@ class CanarySpec(_Model):
     analysis: Analysis = Field(default_factory=Analysis)
     approvals: Approvals = Field(default_factory=Approvals)
     promotion: Promotion = Field(default_factory=Promotion)
+    trigger: Literal["manual", "auto"] = Field(
+        default="manual",
+        description=(
+            "manual: rollouts start on `canaryd promote`; auto: also when the canary "
+            "Deployment's pod template changes"
+        ),
+    )
 
     @field_validator("steps")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 from typing import Any
 
 from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
@@ -103,6 +105,18 @@ class Deployments:
             return None
         revision = (stable.metadata.annotations or {}).get(REVISION_ANNOTATION)
         return str(revision) if revision is not None else None
+
+    async def canary_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        """A revision id for the canary's pod template, or None when it runs what stable
+        runs (nothing new to roll out).  For ``trigger: auto``."""
+        stable_name, canary_name = _names(spec)
+        canary = await self._read(ref.namespace, canary_name)
+        stable = await self._read(ref.namespace, stable_name)
+        if _same_containers(canary.spec.template, stable.spec.template):
+            return None
+        serialised = self.kube.api_client.sanitize_for_serialization(canary.spec.template.spec)
+        digest = hashlib.sha256(json.dumps(serialised, sort_keys=True).encode()).hexdigest()
+        return f"auto-{digest[:12]}"
 
     async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
         _, canary_name = _names(spec)

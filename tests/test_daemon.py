@@ -403,3 +403,74 @@ def test_a_killed_daemon_resumes_the_same_step_at_the_same_weight(
         assert second.wait(20) == 0  # SIGTERM drains cleanly
     assert [s["weight"] for s in done["status"]["history"]] == [10, 50, 100]
     assert mid["status"]["stepIndex"] == 1
+
+
+def _patch_canary_spec(server: KubeApiServer, patch: Obj) -> None:
+    from kubernetes import client as k8s
+
+    api = server.api_client()
+    try:
+        k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+            "canaryd.io", "v1alpha1", NS, "canaries", "checkout", {"spec": patch}
+        )
+    finally:
+        api.close()
+
+
+def test_trigger_auto_starts_a_rollout_when_the_canary_template_changes(
+    cluster: KubeApiServer,
+) -> None:
+    from kubernetes import client as k8s
+
+    _patch_canary_spec(cluster, {"trigger": "auto"})
+    # the canary runs what stable runs: nothing to roll out
+    api = cluster.api_client()
+    apps = k8s.AppsV1Api(api)
+    image = {
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "app", "image": "shop/checkout:1"}]}}
+        }
+    }
+    apps.patch_namespaced_deployment("checkout-canary", NS, image)
+
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await asyncio.sleep(2.5)
+            assert phase(canary_obj(cluster)) in ("", "Idle")
+            image["spec"]["template"]["spec"]["containers"][0]["image"] = "shop/checkout:3"
+            await asyncio.to_thread(apps.patch_namespaced_deployment, "checkout-canary", NS, image)
+            done = await h.until(lambda o: phase(o) == "Succeeded")
+            await asyncio.sleep(2.5)  # the promoted template must not start another rollout
+            return done
+
+    try:
+        done = asyncio.run(scenario())
+    finally:
+        api.close()
+    after = canary_obj(cluster)["status"]
+    assert done["status"]["revision"].startswith("auto-")
+    assert after["revision"] == done["status"]["revision"]
+    assert after["phase"] == "Succeeded"
+    assert len(after["history"]) == 3
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    assert stable is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "shop/checkout:3"
+
+
+def test_weights_only_promotion_moves_traffic_and_leaves_workloads_alone(
+    cluster: KubeApiServer,
+) -> None:
+    _patch_canary_spec(cluster, {"promotion": {"mode": "weights-only"}})
+
+    async def scenario() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            return await h.until(lambda o: phase(o) == "Succeeded")
+
+    asyncio.run(scenario())
+    assert canary_weight(cluster) == 100
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert stable is not None and canary is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "shop/checkout:1"
+    assert canary["spec"]["replicas"] == 1
