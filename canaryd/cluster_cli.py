@@ -339,39 +339,20 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     )
     promote.set_defaults(cluster_handler="promote")
 
-    abort = sub.add_parser(
-        "abort",
-        help="roll a Canary back now",
-        formatter_class=fmt,
-        description="Roll the Canary NAME back to stable now (canary weight 0 first).",
-    )
-    abort.add_argument("name", metavar="NAME")
-    add_kube_flags(abort)
+    abort = _command_parser(
+        sub, fmt, "abort", "roll a Canary back now",
+        "Roll the Canary NAME back to stable now (canary weight 0 first).",
+    )  # fmt: skip
     abort.add_argument("--reason", default="", help="recorded with the command")
-    abort.set_defaults(cluster_handler="command")
-
-    approve = sub.add_parser(
-        "approve",
-        help="approve the step a Canary waits for",
-        formatter_class=fmt,
-        description=(
-            "Approve the next step of the Canary NAME (or, with --step, a step ahead of time)."
-        ),
-    )
-    approve.add_argument("name", metavar="NAME")
-    add_kube_flags(approve)
+    approve = _command_parser(
+        sub, fmt, "approve", "approve the step a Canary waits for",
+        "Approve the next step of the Canary NAME (or, with --step, a step ahead of time).",
+    )  # fmt: skip
     approve.add_argument("--step", type=int, metavar="WEIGHT", help="the step's weight, e.g. 50")
-    approve.set_defaults(cluster_handler="command")
-
-    skip = sub.add_parser(
-        "skip",
-        help="treat a Canary's current step as passed",
-        formatter_class=fmt,
-        description="Skip the current step of the Canary NAME.",
-    )
-    skip.add_argument("name", metavar="NAME")
-    add_kube_flags(skip)
-    skip.set_defaults(cluster_handler="command")
+    _command_parser(
+        sub, fmt, "skip", "treat a Canary's current step as passed",
+        "Skip the current step of the Canary NAME.",
+    )  # fmt: skip
 
     status = sub.add_parser(
         "status",
@@ -385,6 +366,23 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     status.add_argument("--watch", action="store_true", help="refresh every 2 seconds")
     status.add_argument("--json", action="store_true")
     status.set_defaults(cluster_handler="status")
+
+
+def _command_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    fmt: type[argparse.HelpFormatter],
+    name: str,
+    help_text: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A command that writes one command onto the Canary NAME."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description, formatter_class=fmt
+    )
+    parser.add_argument("name", metavar="NAME")
+    add_kube_flags(parser)
+    parser.set_defaults(cluster_handler="command")
+    return parser
 
 
 def handle(args: argparse.Namespace, out: TextIO) -> int:
