@@ -15,9 +15,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
 	$(PIP) install -c $(LOCK) -e .
 	touch $@
 
-# Plus the test and lint tools, also pinned.
+# Plus the test and lint tools, and the benchmarks' plotting (bench/ is type-checked too).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -c $(LOCK) -e '.[dev]'
+	$(PIP) install -c $(LOCK) -e '.[dev,bench]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -41,12 +41,8 @@ unit: $(VENV)/.installed-dev
 
 test: lint typecheck unit
 
-$(VENV)/.installed-bench: $(VENV)/.installed
-	$(PIP) install -c $(LOCK) -e '.[bench]'
-	touch $@
-
 # Benchmarks: numbers for bench/README.md; never part of `make test`.
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/simulator_speed.py
 	$(BIN)/python bench/engine_speed.py
 	$(BIN)/python bench/detection.py --out bench/out
