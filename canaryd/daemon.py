@@ -129,7 +129,7 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             background = []
             if self.elector is not None:
-                background.append(group.create_task(self.elector.run(), name="leader"))
+                background.append(group.create_task(self.elector.run(stop), name="leader"))
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
             await stop.wait()
@@ -156,7 +156,7 @@ class Daemon:
         return worker
 
     async def _discover(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 found = await self._list()
                 for ref in found:
@@ -188,7 +188,7 @@ class Daemon:
         for thread in threads:
             thread.start()
         try:
-            while True:
+            while not self._stop.is_set():
                 kind, obj = await queue.get()
                 meta = obj.get("metadata") or {}
                 ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
@@ -363,9 +363,8 @@ class Daemon:
     async def _observe(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> Observed:
         metrics, error = None, None
         try:
-            metrics = await asyncio.wait_for(
-                self.metrics.observe(ref, spec), self.settings.metrics_timeout_s
-            )
+            async with asyncio.timeout(self.settings.metrics_timeout_s):  # not wait_for: see kube
+                metrics = await self.metrics.observe(ref, spec)
         except MetricsError as exc:
             error = str(exc) or type(exc).__name__
         except TimeoutError:

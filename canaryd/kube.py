@@ -238,8 +238,12 @@ class Kube:
             with map_errors():
                 return fn(*args, _request_timeout=self.timeout_s, **kwargs)
 
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as the call completes, and a daemon task that
+        # survives its cancel never lets the daemon stop.
         try:
-            return await asyncio.wait_for(asyncio.to_thread(run), self.timeout_s + 1.0)
+            async with asyncio.timeout(self.timeout_s + 1.0):
+                return await asyncio.to_thread(run)
         except TimeoutError as exc:
             raise map_error(exc) from exc
 

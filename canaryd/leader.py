@@ -127,9 +127,9 @@ class LeaderElector:
         self._set(now)
         return True
 
-    async def run(self) -> None:
-        """Acquire, then keep renewing; never returns (cancel it to stop)."""
-        while True:
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Acquire, then keep renewing until ``stop`` is set (or the task is cancelled)."""
+        while stop is None or not stop.is_set():
             try:
                 held = await self.try_acquire_or_renew()
             except KubeError as exc:
