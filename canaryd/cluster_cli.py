@@ -24,7 +24,14 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
-from canaryd.kube import CanaryObject, Kube, KubeError, NotFoundError, new_command_id
+from canaryd.kube import (
+    CanaryObject,
+    Kube,
+    KubeError,
+    NotFoundError,
+    UnavailableError,
+    new_command_id,
+)
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
 from canaryd.spec import format_duration, parse_duration
@@ -119,7 +126,12 @@ async def _promote(args: argparse.Namespace, kube: Kube, ref: CanaryRef, out: Te
     deadline = time.monotonic() + args.timeout
     last = ""
     while time.monotonic() < deadline:
-        canary = await kube.get_canary(ref)
+        try:
+            canary = await kube.get_canary(ref)
+        except UnavailableError as exc:  # a blip of the API server: keep waiting
+            out.write(f"(Kubernetes API unavailable: {exc}; still waiting)\n")
+            await asyncio.sleep(args.poll)
+            continue
         st = canary.status
         mine = command.id in st.acknowledged and st.revision == revision
         line = _line(canary)

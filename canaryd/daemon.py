@@ -36,6 +36,7 @@ from kubernetes import watch
 
 from canaryd.istio import RoutingError
 from canaryd.kube import (
+    COMMANDS_ANNOTATION,
     PLURAL,
     VERSION,
     CanaryObject,
@@ -90,6 +91,9 @@ class DaemonSettings:
 class _Worker:
     task: asyncio.Task[None]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: (generation, commands annotation) last seen: only a change of these wakes the
+    #: worker early; its own status writes must not (they would loop it)
+    seen: tuple[object, object] | None = None
 
 
 class Daemon:
@@ -193,7 +197,14 @@ class Daemon:
                 meta = obj.get("metadata") or {}
                 ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
                 if kind in ("ADDED", "MODIFIED") and ref.name:
-                    self._ensure_worker(ref).wake.set()
+                    worker = self._ensure_worker(ref)
+                    key = (
+                        meta.get("generation"),
+                        (meta.get("annotations") or {}).get(COMMANDS_ANNOTATION),
+                    )
+                    if key != worker.seen:
+                        worker.seen = key
+                        worker.wake.set()
                 elif kind == "DELETED" and ref in self.workers:
                     self.workers[ref].wake.set()
         finally:
@@ -257,6 +268,11 @@ class Daemon:
                     log.warning(
                         "reconcile failed", namespace=ref.namespace, name=ref.name, error=str(exc)
                     )
+                except Exception:  # a bug must not silently kill this Canary's worker
+                    failures += 1
+                    delay = min(60.0, 0.5 * 2**failures)
+                    self.stats["failures"] += 1
+                    log.exception("reconcile crashed", namespace=ref.namespace, name=ref.name)
                 else:
                     failures = 0
                     if canary is None:
@@ -336,6 +352,8 @@ class Daemon:
         if new_status == status and not result.actions:
             await self._converge(canary.ref, spec, status)
             return canary
+        if not self.acting:
+            return canary  # leadership lapsed during this round: the new leader decides
         written = await self.kube.write_status(canary, new_status)
         self.stats["writes"] += 1
         await self._apply(written, spec, result.actions)
@@ -409,6 +427,9 @@ class Daemon:
     ) -> None:
         ref = canary.ref
         for action in actions:
+            if not self.acting:
+                log.warning("lost leadership: leaving the remaining actions to the new leader")
+                return
             try:
                 if isinstance(action, SetWeights):
                     await self.router.set_weights(ref, spec, action.canary_pct)
@@ -438,7 +459,7 @@ class Daemon:
 
     async def _converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> None:
         """Level-triggered: make the VirtualService route what the status says."""
-        if status.phase is Phase.IDLE or spec.traffic_routing is None:
+        if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
             return
         try:
             current = await self.router.get_canary_weight(ref, spec)

@@ -133,8 +133,9 @@ class LeaderElector:
             try:
                 held = await self.try_acquire_or_renew()
             except KubeError as exc:
-                held = self.is_leader  # keep acting until the lease would have expired
-                log.warning("lease attempt failed", error=str(exc), leader=held)
+                # keep acting until the lease would have expired, retrying soon
+                log.warning("lease attempt failed", error=str(exc), leader=self.is_leader)
+                held = False
             await asyncio.sleep(self.settings.renew_s if held else self.settings.retry_s)
 
     async def release(self) -> None:

@@ -295,8 +295,9 @@ class _Run:
         phase = self.status.phase
         if cmd.kind is CommandKind.PROMOTE:
             revision = cmd.revision or self.status.revision or "unversioned"
-            if phase.active and revision == self.status.revision:
-                return
+            same = revision == self.status.revision
+            if same and (phase.active or phase is Phase.SUCCEEDED):
+                return  # already rolling out, or already promoted: a re-run pipeline
             if phase.active:
                 self.emit(
                     "Superseded",
@@ -545,6 +546,16 @@ def reconcile(
         now: the time of this reconcile (wall clock in the daemon, virtual in simulation).
     """
     run = _Run(spec, status, observed, now)
+    if status.phase.active and (
+        status.step_index >= len(spec.steps) or (status.pending_step_index or 0) >= len(spec.steps)
+    ):
+        # spec.steps changed under a running rollout: its place no longer exists
+        run.rollback(
+            [f"spec.steps changed to {spec.steps} during the rollout (was at step "
+             f"{status.step_index + 1}); rolled back to be safe"],
+            verdict="spec-changed",
+        )  # fmt: skip
+        return Result(run.status, tuple(run.actions))
     for cmd in commands:
         if cmd.id in run.status.acknowledged:
             continue

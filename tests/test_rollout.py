@@ -460,3 +460,29 @@ def test_steps_only_advance_on_a_verdict_or_command(
                 "pass", "skipped", "rollback", "aborted", "no-data", "approval-timeout"
             }  # fmt: skip
             assert record.reasons
+
+
+def test_promoting_the_revision_that_already_succeeded_is_a_no_op() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(1800 + 60)
+    assert d.status.phase is Phase.SUCCEEDED
+    again = d.command(Command(id="c2", kind=CommandKind.PROMOTE, revision="v2"))
+    assert again.actions == ()
+    assert d.status.phase is Phase.SUCCEEDED
+    assert "c2" in d.status.acknowledged
+    fresh = d.command(Command(id="c3", kind=CommandKind.PROMOTE, revision="v3"))
+    assert d.status.phase is Phase.PROGRESSING
+    assert fresh.actions[1] == SetWeights(10)
+
+
+def test_steps_shrinking_under_a_running_rollout_roll_back_instead_of_crashing() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(1200)
+    assert d.status.step_index == 2
+    d.spec = parse_spec({"steps": [25, 100], "analysis": {"earlyPassRatio": None}})
+    d.run(60)
+    assert d.status.phase is Phase.ROLLED_BACK
+    assert "spec.steps changed to [25, 100]" in d.status.message
+    assert d.results[-1].actions[0] == SetWeights(0)
