@@ -403,8 +403,11 @@ class Daemon:
             return "RoutingNotReady", str(exc)
         try:
             await self.workloads.check(ref, spec)
+            waiting = await self.workloads.ensure_canary_ready(ref, spec)
         except WorkloadError as exc:
             return "WorkloadNotReady", str(exc)
+        if waiting is not None:
+            return "CanaryNotReady", waiting
         return None
 
     async def _not_ready(
@@ -458,9 +461,19 @@ class Daemon:
                 log.error("action failed", action=repr(action), error=str(exc))
 
     async def _converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> None:
-        """Level-triggered: make the VirtualService route what the status says."""
+        """Level-triggered: make the VirtualService route what the status says, and keep
+        a rolled-back (or promoted) canary scaled down."""
         if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
             return
+        scaled_down = status.phase is Phase.ROLLED_BACK or (
+            status.phase is Phase.SUCCEEDED and spec.promotion.mode == "copy-to-stable"
+        )
+        if scaled_down:
+            try:
+                if await self.workloads.canary_replicas(ref, spec) != 0:
+                    await self.workloads.scale_canary(ref, spec, 0)
+            except (WorkloadError, KubeError) as exc:
+                log.warning("cannot scale the canary down", error=str(exc))
         try:
             current = await self.router.get_canary_weight(ref, spec)
             if current != status.canary_weight:

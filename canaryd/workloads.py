@@ -21,6 +21,8 @@ from canaryd.ports import CanaryRef
 from canaryd.spec import API_GROUP, CanarySpec
 
 REVISION_ANNOTATION = f"{API_GROUP}/revision"
+#: Replicas the canary had when canaryd scaled it to 0; restored before the next rollout.
+REPLICAS_ANNOTATION = f"{API_GROUP}/replicas-before-scale-down"
 
 
 class WorkloadError(Exception):
@@ -119,11 +121,45 @@ class Deployments:
         return f"auto-{digest[:12]}"
 
     async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
+        """Scale the canary Deployment (idempotent); scaling to 0 remembers the count."""
         _, canary_name = _names(spec)
-        try:
-            await self.kube.call(
-                self.kube.apps.patch_namespaced_deployment_scale,
-                canary_name, ref.namespace, {"spec": {"replicas": replicas}},
-            )  # fmt: skip
-        except NotFoundError as exc:
-            raise WorkloadError(f"Deployment {ref.namespace}/{canary_name} not found") from exc
+        for attempt in range(self.attempts):
+            canary = await self._read(ref.namespace, canary_name)
+            current = canary.spec.replicas if canary.spec.replicas is not None else 1
+            if current == replicas:
+                return
+            annotations = dict(canary.metadata.annotations or {})
+            if replicas == 0 and current > 0:
+                annotations[REPLICAS_ANNOTATION] = str(current)
+            canary.metadata.annotations = annotations
+            canary.spec.replicas = replicas
+            try:
+                await self.kube.call(
+                    self.kube.apps.replace_namespaced_deployment, canary_name, ref.namespace, canary
+                )
+                return
+            except ConflictError:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise KubeError(f"Deployment {ref.namespace}/{canary_name}: too many conflicting writers")
+
+    async def canary_replicas(self, ref: CanaryRef, spec: CanarySpec) -> int:
+        """The canary Deployment's desired replicas (0 once canaryd scaled it down)."""
+        _, canary_name = _names(spec)
+        canary = await self._read(ref.namespace, canary_name)
+        return int(canary.spec.replicas if canary.spec.replicas is not None else 1)
+
+    async def ensure_canary_ready(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        """Before traffic moves to the canary: scale it back up if canaryd scaled it to 0
+        after an earlier rollout, and say why not yet while it has no available pods."""
+        _, canary_name = _names(spec)
+        canary = await self._read(ref.namespace, canary_name)
+        want = canary.spec.replicas if canary.spec.replicas is not None else 1
+        if want == 0:
+            before = (canary.metadata.annotations or {}).get(REPLICAS_ANNOTATION, "1")
+            restore = max(1, int(before)) if before.isdigit() else 1
+            await self.scale_canary(ref, spec, restore)
+            return f"scaling Deployment {canary_name} back up to {restore} before routing to it"
+        available = (canary.status.available_replicas or 0) if canary.status else 0
+        if available < 1:
+            return f"waiting for pods of Deployment {canary_name} (0/{want} available)"
+        return None

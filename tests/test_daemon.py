@@ -490,3 +490,33 @@ def test_its_own_status_writes_do_not_make_a_worker_spin(cluster: KubeApiServer)
 
     rounds = asyncio.run(scenario())
     assert rounds <= 5, rounds  # ~3 at one every 2 s; a self-waking worker does hundreds
+
+
+def test_the_next_rollout_scales_a_scaled_down_canary_back_up_before_routing_to_it(
+    cluster: KubeApiServer,
+) -> None:
+    async def rollback() -> None:
+        async with Harness(cluster, get_scenario("error-spike")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: phase(o) == "RolledBack")
+
+    asyncio.run(rollback())
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 0
+    assert canary["metadata"]["annotations"]["canaryd.io/replicas-before-scale-down"] == "1"
+
+    async def next_rollout() -> Obj:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v3")
+            return await h.until(
+                lambda o: phase(o) == "Progressing" and o["status"]["revision"] == "v3"
+            )
+
+    obj = asyncio.run(next_rollout())
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 1
+    assert obj["status"]["canaryWeight"] == 10
+    assert canary_weight(cluster) == 10
+    events = cluster.list_objects("", "v1", "events", NS)
+    waited = [e["message"] for e in events if e["reason"] == "CanaryNotReady"]
+    assert waited == ["scaling Deployment checkout-canary back up to 1 before routing to it"]

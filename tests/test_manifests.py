@@ -405,7 +405,6 @@ def test_the_rbac_covers_every_call_the_daemon_makes(
         ("networking.istio.io", "destinationrules", "get"),
         ("apps", "deployments", "get"),
         ("apps", "deployments", "update"),
-        ("apps", "deployments/scale", "patch"),
         ("", "events", "create"),
         ("coordination.k8s.io", "leases", "create"),
         ("coordination.k8s.io", "leases", "get"),
