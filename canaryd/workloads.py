@@ -14,6 +14,7 @@ import asyncio
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
@@ -73,31 +74,42 @@ class Deployments:
         for name in _names(spec):
             await self._read(ref.namespace, name)
 
+    async def _update(self, namespace: str, name: str, change: Callable[[Any], bool]) -> None:
+        """Read, ``change`` (False: nothing to do), replace with the resourceVersion read;
+        on a conflict read again and retry."""
+        for attempt in range(self.attempts):
+            deployment = await self._read(namespace, name)
+            if not change(deployment):
+                return
+            try:
+                await self.kube.call(
+                    self.kube.apps.replace_namespaced_deployment, name, namespace, deployment
+                )
+                return
+            except ConflictError:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise KubeError(f"Deployment {namespace}/{name}: too many conflicting writers")
+
     async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None:
         """Copy the canary's pod template into stable (idempotent)."""
         stable_name, canary_name = _names(spec)
-        for attempt in range(self.attempts):
-            canary = await self._read(ref.namespace, canary_name)
-            stable = await self._read(ref.namespace, stable_name)
+        canary = await self._read(ref.namespace, canary_name)
+
+        def copy_template(stable: Any) -> bool:
             annotations = dict(stable.metadata.annotations or {})
             template = copy.deepcopy(canary.spec.template)
             done = annotations.get(REVISION_ANNOTATION) == revision
             if done and _same_containers(stable.spec.template, template):
-                return
+                return False
             # the stable keeps its own pod labels, so its selector still matches
             if stable.spec.template.metadata is not None and template.metadata is not None:
                 template.metadata.labels = stable.spec.template.metadata.labels
             stable.spec.template = template
             annotations[REVISION_ANNOTATION] = revision
             stable.metadata.annotations = annotations
-            try:
-                await self.kube.call(
-                    self.kube.apps.replace_namespaced_deployment, stable_name, ref.namespace, stable
-                )
-                return
-            except ConflictError:
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise KubeError(f"Deployment {ref.namespace}/{stable_name}: too many conflicting writers")
+            return True
+
+        await self._update(ref.namespace, stable_name, copy_template)
 
     async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
         """The revision stable has fully rolled out, or None while it is rolling."""
@@ -123,24 +135,19 @@ class Deployments:
     async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
         """Scale the canary Deployment (idempotent); scaling to 0 remembers the count."""
         _, canary_name = _names(spec)
-        for attempt in range(self.attempts):
-            canary = await self._read(ref.namespace, canary_name)
+
+        def scale(canary: Any) -> bool:
             current = canary.spec.replicas if canary.spec.replicas is not None else 1
             if current == replicas:
-                return
+                return False
             annotations = dict(canary.metadata.annotations or {})
             if replicas == 0 and current > 0:
                 annotations[REPLICAS_ANNOTATION] = str(current)
             canary.metadata.annotations = annotations
             canary.spec.replicas = replicas
-            try:
-                await self.kube.call(
-                    self.kube.apps.replace_namespaced_deployment, canary_name, ref.namespace, canary
-                )
-                return
-            except ConflictError:
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise KubeError(f"Deployment {ref.namespace}/{canary_name}: too many conflicting writers")
+            return True
+
+        await self._update(ref.namespace, canary_name, scale)
 
     async def canary_replicas(self, ref: CanaryRef, spec: CanarySpec) -> int:
         """The canary Deployment's desired replicas (0 once canaryd scaled it down)."""
