@@ -41,8 +41,6 @@ STEPS: tuple[int, ...] = (10, 50, 100)
 INTERVAL_S = 60.0
 #: Seconds each step lasts when nothing rolls it back (canaryd's default ``stepDuration``).
 STEP_S = 600.0
-#: Seconds of stable-only traffic before the rollout starts at t = 0, as canaryd's driver.
-WARMUP_S = 600.0
 
 #: What a judge says about one interval.  ``marginal`` only matters at a step's end: the
 #: step advances but the pass is counted as marginal (Kayenta's 75-95 score band).
@@ -120,13 +118,13 @@ def run_rollout(
 ) -> RunRecord:
     """Roll a canary out under ``judge`` on ``bench``'s simulated traffic with ``seed``.
 
-    The stable serves alone for ``WARMUP_S`` before t = 0 (as canaryd's driver does);
+    The stable serves alone for ``WARMUP_S`` before t = 0 (``Simulation.warmed_up``, as
+    canaryd's driver does);
     then each step lasts ``step_s`` unless the judge rolls back, and the last step's end
     promotes.  Requests are tallied from t = 0 until the decision.
     """
     scenario = bench.scenario
-    sim = Simulation(scenario, seed, start_s=-WARMUP_S)
-    sim.advance(WARMUP_S)
+    sim = Simulation.warmed_up(scenario, seed)
     previous = sim.observe()
     step_index, step_started_s, intervals_in_step = 0, 0.0, 0
     sim.set_canary_weight(steps[0])

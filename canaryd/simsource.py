@@ -19,9 +19,6 @@ from canaryd.ports import CanaryRef, MetricsError, TrafficRouter
 from canaryd.spec import CanarySpec
 from simulator import Scenario, Simulation
 
-#: Stable-only traffic before the first observation, so latency checks have history.
-WARMUP_S = 600.0
-
 
 class SimulatedMetrics:
     """The ``MetricsSource`` port on simulated traffic.
@@ -70,8 +67,7 @@ class SimulatedMetrics:
             raise MetricsError("simulated outage: the metrics source is down")
         entry = self._sims.get(ref)
         if entry is None:
-            sim = Simulation(self._scenario(ref), self.seed + len(self._sims), start_s=-WARMUP_S)
-            sim.advance(WARMUP_S)
+            sim = Simulation.warmed_up(self._scenario(ref), self.seed + len(self._sims))
             entry = self._sims[ref] = (sim, self.clock())
         sim, started = entry
         target_s = (self.clock() - started) * self.speed

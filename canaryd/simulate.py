@@ -35,9 +35,6 @@ from simulator import Scenario, Simulation
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 #: Outcome names of the JSON contract, and the exit codes of ``canaryd simulate``.
 EXIT_CODES = {"promoted": 0, "rolled_back": 1, "held": 4, "waiting_approval": 4, "failed": 2}
-#: Stable-only traffic before the rollout starts at t=0, as a real stable has served
-#: before: it gives the latency checks the history their thresholds are fixed from.
-WARMUP_S = 600.0
 #: Reconciles at one instant before the driver gives up (actions must settle).
 _MAX_SETTLE = 10
 
@@ -158,13 +155,13 @@ def simulate_once(
 ) -> RunResult:
     """Run one rollout of ``spec`` against ``scenario`` with ``seed``, in virtual time.
 
-    The stable serves alone for ``WARMUP_S`` first; the rollout starts at t=0 with a
+    The stable serves alone for ``simulator.WARMUP_S`` first (``Simulation.warmed_up``);
+    the rollout starts at t=0 with a
     ``promote`` command and is evaluated every
     ``spec.analysis.interval`` until it ends or the scenario's duration is over.
     Promotion to stable completes at once (the simulated stable rolls out instantly).
     """
-    sim = Simulation(scenario, seed, start_s=-WARMUP_S)
-    sim.advance(WARMUP_S)
+    sim = Simulation.warmed_up(scenario, seed)
     status = CanaryStatus()
     commands = [
         Command(id="simulate-promote", kind=CommandKind.PROMOTE, revision="canary", by="simulate")

@@ -12,7 +12,7 @@ A driver loops: ``obs = sim.observe()``; decide; ``sim.set_canary_weight(pct)``;
 """
 
 from simulator.clock import VirtualClock
-from simulator.engine import Simulation
+from simulator.engine import WARMUP_S, Simulation
 from simulator.mesh import Mesh
 from simulator.scenario import (
     BUILTIN_SCENARIOS,
@@ -31,6 +31,7 @@ from simulator.traffic import Z99, Behaviour, daily_factor, daily_factor_mean
 
 __all__ = [
     "BUILTIN_SCENARIOS",
+    "WARMUP_S",
     "Z99",
     "Behaviour",
     "Event",

@@ -36,6 +36,10 @@ _STABLE = 0
 _CANARY = 1
 
 
+#: Seconds of stable-only traffic before a rollout starts at t=0 (see ``warmed_up``).
+WARMUP_S: float = 600.0
+
+
 class Simulation:
     """A scenario played in virtual time: the fake of Prometheus and of the mesh.
 
@@ -67,6 +71,18 @@ class Simulation:
         self._requests: IntArray = np.zeros(2, dtype=np.int64)
         self._errors: IntArray = np.zeros(2, dtype=np.int64)
         self._buckets: IntArray = np.zeros((2, N_BUCKETS), dtype=np.int64)
+
+    @classmethod
+    def warmed_up(
+        cls, scenario: Scenario, seed: int | np.random.Generator = 0, warmup_s: float = WARMUP_S
+    ) -> Simulation:
+        """A simulation at t=0 whose stable has already served ``warmup_s`` seconds alone,
+        as a real stable has before a rollout: the latency checks fix their thresholds
+        from that history.  Every driver (simulate, the daemon's simulated source, the
+        benchmark's baselines) starts this way, so they see the same traffic."""
+        sim = cls(scenario, seed, start_s=-warmup_s)
+        sim.advance(warmup_s)
+        return sim
 
     @property
     def now_s(self) -> float:

@@ -718,3 +718,14 @@ def test_scenario_models_are_frozen_and_strict() -> None:
     assert hash(scenario) == hash(load_scenario_text(scenario.to_yaml()))
     with pytest.raises(ScenarioError, match="start_hour"):
         load_scenario_text("name: x\ntraffic: {rps: 1, start_hour: 24}\nstable: {}\ncanary: {}\n")
+
+
+def test_warmed_up_starts_at_zero_with_stable_history_only() -> None:
+    from simulator import WARMUP_S, Simulation, get_scenario
+
+    sim = Simulation.warmed_up(get_scenario("healthy"), seed=4)
+    obs = sim.observe()
+    assert sim.now_s == 0.0
+    assert obs.canary is not None and obs.canary.requests == 0
+    assert obs.stable is not None
+    assert abs(obs.stable.requests - 100 * WARMUP_S) < 4 * (100 * WARMUP_S) ** 0.5
