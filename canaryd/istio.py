@@ -165,15 +165,18 @@ class IstioRouter:
         return weights_of(await self._get(ref.namespace, name), spec)
 
     async def set_weights(self, ref: CanaryRef, spec: CanarySpec, canary_pct: int) -> None:
-        """Route ``canary_pct`` % to the canary; read back; retry on conflicts."""
+        """Route ``canary_pct`` % to the canary on every named route; read back; retry
+        on conflicts.  The same check skips a write already done and confirms one made."""
         name, _ = _names(spec)
-        for attempt in range(self.attempts):
+        for attempt in range(self.attempts + 1):
             vs = await self._get(ref.namespace, name)
-            if weights_of(vs, spec) == canary_pct and all(
+            if all(
                 int(_destinations(r, spec)[1].get("weight") or 0) == canary_pct
                 for r in _routes(vs, spec)
             ):
                 return
+            if attempt == self.attempts:
+                break
             try:
                 await self.kube.call(
                     self.kube.custom.replace_namespaced_custom_object,
@@ -182,10 +185,6 @@ class IstioRouter:
                 )  # fmt: skip
             except ConflictError:
                 await asyncio.sleep(0.05 * (attempt + 1))
-                continue
-            now = await self.get_canary_weight(ref, spec)
-            if now == canary_pct:
-                return
         raise KubeError(
             f"VirtualService {ref.namespace}/{name}: could not set canary weight to "
             f"{canary_pct}% after {self.attempts} attempts (conflicting writers?)"

@@ -9,7 +9,8 @@ import pytest
 
 from canaryd.istio import RoutingError, weights_of, with_weights
 from canaryd.spec import parse_spec
-from tests.conftest import VIRTUAL_SERVICE
+from simulator.kubeapi import KubeApiServer
+from tests.conftest import NS, VIRTUAL_SERVICE
 
 SUBSETS = parse_spec(
     {
@@ -79,3 +80,28 @@ def test_missing_route_and_destination_are_named() -> None:
 def test_weights_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match=r"0\.\.100"):
         with_weights(VIRTUAL_SERVICE, SUBSETS, 101)
+
+
+def test_set_weights_retries_conflicts_and_reads_every_route_back(cluster: KubeApiServer) -> None:
+    import asyncio
+
+    from canaryd.istio import IstioRouter
+    from canaryd.kube import Kube, KubeError
+    from canaryd.ports import CanaryRef
+
+    ref = CanaryRef(NS, "checkout")
+
+    async def run(times: int, pct: int) -> None:
+        api = cluster.api_client()
+        try:
+            cluster.inject(verb="PUT", path_contains="/virtualservices/", status=409, times=times)
+            await IstioRouter(Kube(api), attempts=3).set_weights(ref, SUBSETS, pct)
+        finally:
+            cluster.clear_faults()
+            api.close()
+
+    asyncio.run(run(2, 40))
+    vs = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+    assert vs is not None and weights_of(vs, SUBSETS) == 40
+    with pytest.raises(KubeError, match="could not set canary weight to 60% after 3 attempts"):
+        asyncio.run(run(10, 60))
