@@ -193,11 +193,12 @@ class CheckPlan:
         return math.log(w0), (math.log1p(-w0) if w0 < 1.0 else -math.inf)
 
 
-def plan_checks(settings: Settings, steps: Sequence[int]) -> tuple[CheckPlan, ...]:
+@functools.lru_cache(maxsize=1024)
+def plan_checks(settings: Settings, steps: tuple[int, ...]) -> tuple[CheckPlan, ...]:
     """The checks of a rollout with these steps, each with its share of ``alpha``.
 
     Fixed by the settings and steps alone (never by data), as the validity of the
-    α split requires.
+    α split requires; so it is computed once per (settings, steps), not per evaluation.
     """
     compare_steps = sum(1 for w in steps if w < 100)
     all_steps = len(steps)
@@ -638,13 +639,7 @@ def evaluate_many(
             floats (fast for one canary).
     """
     upper, lower = (_array_upper, _array_lower) if vectorised else (_scalar_upper, _scalar_lower)
-    plans: dict[tuple[int, ...], tuple[CheckPlan, ...]] = {}
-    per_canary_plans = []
-    for data in batch:
-        key = tuple(data.steps)
-        if key not in plans:
-            plans[key] = plan_checks(settings, key)
-        per_canary_plans.append(plans[key])
+    per_canary_plans = [plan_checks(settings, tuple(data.steps)) for data in batch]
     columns: dict[str, _Column] = {}
     slots: list[list[tuple[str, int]]] = []
     for data, canary_plans in zip(batch, per_canary_plans, strict=True):
