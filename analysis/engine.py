@@ -47,7 +47,6 @@ from analysis.evalue import (
     log_evalue_upper,
     mixture_log_evalue,
     ratio_for_theta,
-    restart_weights,
     theta0_for_ratio,
     theta_bounds,
     theta_bounds_scalar,
@@ -185,12 +184,6 @@ class CheckPlan:
     @functools.cached_property
     def log_threshold(self) -> float:
         return -math.log(self.alpha)
-
-    @functools.cached_property
-    def first_weight(self) -> tuple[float, float]:
-        """log π0 and log(1 − π0) of the restart mixture, for the first step."""
-        w0 = restart_weights(self.n_steps)[0]
-        return math.log(w0), (math.log1p(-w0) if w0 < 1.0 else -math.inf)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -449,16 +442,6 @@ def _fill(column: _Column, settings: Settings, upper: EvalFn, lower: EvalFn) -> 
             column.log_pass[i] = v
 
 
-def _first(plan: CheckPlan, step_log_e: float) -> float:
-    """:func:`combine_steps` for the first step, from the plan's cached weights."""
-    head, rest = plan.first_weight
-    head += step_log_e
-    if rest == -math.inf:
-        return step_log_e
-    top = max(head, rest)
-    return top + math.log(math.exp(head - top) + math.exp(rest - top))
-
-
 def _fmt_ratio(value: float) -> str:
     if math.isnan(value):
         return "n/a"
@@ -488,7 +471,7 @@ def _result(
             pass_ok=True,
         )
     step_log_e += carry
-    log_e = combine_steps((*prior, step_log_e), plan.n_steps) if prior else _first(plan, step_log_e)
+    log_e = combine_steps((*prior, step_log_e), plan.n_steps)
     e_value = math.exp(min(log_e, 709.0))
     breach = log_e >= plan.log_threshold
     pass_ok = settings.early_pass_ratio is not None and log_pass >= -math.log(settings.cs_level)
