@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 LOCK   := requirements.lock
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: demo test lint typecheck unit bench lock clean
+.PHONY: demo test lint typecheck unit services bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,28 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict canaryd analysis simulator tests bench
 
-unit: $(VENV)/.installed-dev
+unit: $(VENV)/.installed-dev services
 	$(BIN)/pytest -n 2
+
+# Servers the tests run themselves (tests/services.py), installed if missing: Prometheus,
+# from Debian's package.  Its system service is not started (policy-rc.d says no, unless a
+# policy is already in place) and not needed: each test starts its own on a free port.
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
+services:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "make: the tests need Prometheus: as root, run: apt-get install -y prometheus" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { \
+	    echo "make: the tests need Prometheus (>= 2.42) on PATH; no apt-get here to install it" >&2; exit 1; }; \
+	  echo "== installing Prometheus for the tests (apt-get install prometheus)"; \
+	  policy=; if [ ! -e $(POLICY_RC_D) ]; then policy=$(POLICY_RC_D); \
+	    printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy; fi; \
+	  $$sudo apt-get update -qq \
+	    && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  status=$$?; [ -z "$$policy" ] || $$sudo rm -f $$policy; \
+	  [ $$status -eq 0 ] || exit $$status; \
+	  command -v prometheus >/dev/null 2>&1 || { echo "make: prometheus is installed but not on PATH" >&2; exit 1; }; }
 
 test: lint typecheck unit
 

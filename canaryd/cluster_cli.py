@@ -32,7 +32,7 @@ from canaryd.kube import (
     UnavailableError,
     new_command_id,
 )
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
 from canaryd.rollout import Command, CommandKind
 from canaryd.spec import format_duration, parse_duration
 from canaryd.status import Phase
@@ -215,22 +215,12 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
     from canaryd.daemon import Daemon, DaemonSettings  # noqa: PLC0415
     from canaryd.istio import IstioRouter  # noqa: PLC0415
     from canaryd.leader import LeaseSettings  # noqa: PLC0415
-    from canaryd.simsource import SimulatedMetrics  # noqa: PLC0415
     from canaryd.workloads import Deployments  # noqa: PLC0415
-    from simulator import ScenarioError, get_scenario, load_scenario_file  # noqa: PLC0415
 
     logs.configure(args.log_level, json_output=args.log_format == "json")
     kube = Kube(client, timeout_s=args.request_timeout)
     router = IstioRouter(kube)
-    try:
-        scenario = (
-            load_scenario_file(args.simulate_file)
-            if args.simulate_file
-            else get_scenario(args.simulate)
-        )
-    except ScenarioError as exc:
-        raise ClusterError(str(exc)) from None
-    metrics = SimulatedMetrics(scenario, router, speed=args.simulate_speed)
+    metrics, metrics_timeout_s = _metrics_source(args, router)
     lease = None
     if args.leader_elect:
         lease = LeaseSettings(
@@ -246,6 +236,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         lease=lease,
         resync_s=args.resync,
         watch_timeout_s=args.watch_timeout,
+        metrics_timeout_s=metrics_timeout_s,
     )
     daemon = Daemon(kube, metrics, router, Deployments(kube), settings)
     stop = asyncio.Event()
@@ -256,6 +247,67 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
     return EXIT_OK
 
 
+def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[MetricsSource, float]:
+    """The metrics source the flags ask for, and the daemon's deadline for it (s)."""
+    simulated = args.simulate or args.simulate_file
+    if args.prometheus_url and simulated:
+        raise ClusterError("give either --prometheus-url or --simulate/--simulate-file, not both")
+    if simulated:
+        from canaryd.simsource import SimulatedMetrics  # noqa: PLC0415
+        from simulator import ScenarioError, get_scenario, load_scenario_file  # noqa: PLC0415
+
+        try:
+            scenario = (
+                load_scenario_file(args.simulate_file)
+                if args.simulate_file
+                else get_scenario(args.simulate)
+            )
+        except ScenarioError as exc:
+            raise ClusterError(str(exc)) from None
+        return SimulatedMetrics(scenario, router, speed=args.simulate_speed), 10.0
+    if not args.prometheus_url:
+        raise ClusterError(
+            "no metrics source: give --prometheus-url URL (or set CANARYD_PROMETHEUS_URL), "
+            "or --simulate SCENARIO for a dry run on simulated traffic"
+        )
+    from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
+
+    headers: dict[str, str] = {}
+    for header in args.prometheus_header or ():
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise ClusterError(f"--prometheus-header {header!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    basic_auth = None
+    if args.prometheus_basic_auth_file:
+        try:
+            text = Path(args.prometheus_basic_auth_file).read_text().strip()
+        except OSError as exc:
+            raise ClusterError(f"--prometheus-basic-auth-file: {exc}") from None
+        user, sep, password = text.partition(":")
+        if not sep:
+            raise ClusterError("--prometheus-basic-auth-file must hold user:password")
+        basic_auth = (user, password)
+    for flag in ("prometheus_bearer_token_file", "prometheus_ca_file"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise ClusterError(f"--{flag.replace('_', '-')}: no such file: {path}")
+    cert = args.prometheus_client_cert
+    if bool(cert) != bool(args.prometheus_client_key):
+        raise ClusterError("--prometheus-client-cert and --prometheus-client-key go together")
+    settings = PrometheusSettings(
+        url=args.prometheus_url,
+        headers=headers,
+        bearer_token_file=args.prometheus_bearer_token_file,
+        basic_auth=basic_auth,
+        ca_file=args.prometheus_ca_file,
+        insecure_skip_verify=args.prometheus_insecure_skip_verify,
+        client_cert=(cert, args.prometheus_client_key) if cert else None,
+        timeout_s=args.prometheus_timeout,
+    )
+    return PrometheusMetrics(settings), settings.timeout_s + 2.0
+
+
 def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:  # type: ignore[type-arg]
     run = sub.add_parser(
         "run",
@@ -264,8 +316,16 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
             "Run the canaryd controller: watch Canaries, move VirtualService traffic step by\n"
             "step, judge every step, roll back on evidence of harm, promote when done.\n"
             "Only the leader (a coordination.k8s.io Lease) acts when replicas run together.\n\n"
-            "Metrics: until the Prometheus source lands, the daemon reads simulated traffic\n"
-            "(--simulate SCENARIO): a dry run against a real cluster, or the test setup.\n\n"
+            "Metrics come from Prometheus (Istio's standard metrics by default; see\n"
+            "spec.metrics for other labels or PromQL), or from simulated traffic for a dry\n"
+            "run (--simulate SCENARIO).  Prometheus unreachable, slow or empty: canaries\n"
+            "hold (never pass or roll back on missing data); analysis.noData decides what\n"
+            "happens if it lasts.\n\n"
+            "Examples:\n"
+            "  canaryd run --prometheus-url http://prometheus.istio-system:9090\n"
+            "  canaryd run --prometheus-url https://prom.example.com \\\n"
+            "      --prometheus-bearer-token-file /var/run/secrets/prom/token\n"
+            "  canaryd run --kubeconfig ~/.kube/config --simulate error-spike --no-leader-elect\n\n"
             "Stops cleanly on SIGTERM: the reconcile in progress finishes, the Lease is released."
         ),
         formatter_class=fmt,
@@ -277,16 +337,54 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         metavar="NS",
         help="namespace to watch (repeatable; default: all)",
     )
-    run.add_argument(
-        "--simulate",
-        default="healthy",
-        metavar="SCENARIO",
-        help="simulated traffic scenario (default: healthy)",
+    prom = run.add_argument_group("metrics: Prometheus")
+    prom.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("CANARYD_PROMETHEUS_URL"),
+        metavar="URL",
+        help="Prometheus base URL (default: $CANARYD_PROMETHEUS_URL)",
     )
-    run.add_argument(
+    prom.add_argument(
+        "--prometheus-bearer-token-file",
+        metavar="FILE",
+        help="send this file's token as 'Authorization: Bearer' (re-read on every query)",
+    )
+    prom.add_argument(
+        "--prometheus-basic-auth-file",
+        metavar="FILE",
+        help="basic auth: a file holding user:password",
+    )
+    prom.add_argument(
+        "--prometheus-header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="extra header on every query, e.g. 'X-Scope-OrgID: team-a' (repeatable)",
+    )
+    prom.add_argument("--prometheus-ca-file", metavar="FILE", help="CA bundle for https")
+    prom.add_argument(
+        "--prometheus-insecure-skip-verify",
+        action="store_true",
+        help="do not verify Prometheus's TLS certificate (testing only)",
+    )
+    prom.add_argument("--prometheus-client-cert", metavar="FILE", help="mutual TLS certificate")
+    prom.add_argument("--prometheus-client-key", metavar="FILE", help="mutual TLS key")
+    prom.add_argument(
+        "--prometheus-timeout",
+        type=parse_duration,
+        default=5.0,
+        metavar="D",
+        help="deadline for one round's queries, retries included (default 5s)",
+    )
+    sim = run.add_argument_group("metrics: simulated (dry run)")
+    sim.add_argument(
+        "--simulate",
+        metavar="SCENARIO",
+        help="read simulated traffic of this scenario instead of Prometheus",
+    )
+    sim.add_argument(
         "--simulate-file", metavar="FILE", help="simulated traffic from a scenario file"
     )
-    run.add_argument(
+    sim.add_argument(
         "--simulate-speed",
         type=float,
         default=1.0,

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +46,7 @@ from canaryd.kube import (
     Kube,
     KubeError,
     NotFoundError,
+    to_canary,
 )
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.ports import CanaryRef, MetricsError, MetricsSource, TrafficRouter, Workloads
@@ -88,6 +91,30 @@ class DaemonSettings:
 
 
 @dataclass(slots=True)
+class RoundStats:
+    """One evaluation round: every reconcile that ran for the same aligned tick.
+
+    Attributes:
+        tick_s: the tick (Unix time, a multiple of the interval) the round belongs to.
+        reconciles: reconciles that ran in it.
+        started_s: when the first began (monotonic seconds).
+        finished_s: when the last ended, its writes done (monotonic seconds).
+        writes: status writes made in it.
+    """
+
+    tick_s: float
+    reconciles: int = 0
+    started_s: float = math.inf
+    finished_s: float = 0.0
+    writes: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        """Wall time from the first reconcile's start to the last one's end."""
+        return max(0.0, self.finished_s - self.started_s)
+
+
+@dataclass(slots=True)
 class _Worker:
     task: asyncio.Task[None]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -118,6 +145,14 @@ class Daemon:
         self.workers: dict[CanaryRef, _Worker] = {}
         #: counts of reconciles, status writes, conflicts and failures (for tests, metrics)
         self.stats: Counter[str] = Counter()
+        #: the last evaluation rounds, oldest first (for benchmarks and metrics)
+        self.rounds: OrderedDict[float, RoundStats] = OrderedDict()
+        self._intervals: dict[CanaryRef, float | None] = {}
+        #: the latest object of each Canary seen by the watch or a write (an informer
+        #: cache): a round reads it instead of the API; a 409 on write reads afresh
+        self._cache: dict[CanaryRef, dict[str, Any]] = {}
+        #: (phase, weight) last converged per Canary and when (monotonic s)
+        self._converged: dict[CanaryRef, tuple[tuple[object, int], float]] = {}
         self._stop = asyncio.Event()
 
     @property
@@ -197,6 +232,7 @@ class Daemon:
                 meta = obj.get("metadata") or {}
                 ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
                 if kind in ("ADDED", "MODIFIED") and ref.name:
+                    self._cache[ref] = obj
                     worker = self._ensure_worker(ref)
                     key = (
                         meta.get("generation"),
@@ -205,8 +241,10 @@ class Daemon:
                     if key != worker.seen:
                         worker.seen = key
                         worker.wake.set()
-                elif kind == "DELETED" and ref in self.workers:
-                    self.workers[ref].wake.set()
+                elif kind == "DELETED":
+                    self._cache.pop(ref, None)
+                    if ref in self.workers:
+                        self.workers[ref].wake.set()
         finally:
             halt.set()
 
@@ -259,6 +297,8 @@ class Daemon:
         while not self._stop.is_set():
             delay = self.settings.resync_s
             if self.acting:
+                round_ = self._round(ref)
+                started_s, writes = time.monotonic(), self.stats["writes"]
                 try:
                     canary = await self.reconcile(ref)
                 except (KubeError, MetricsError, RoutingError, WorkloadError) as exc:
@@ -275,8 +315,14 @@ class Daemon:
                     log.exception("reconcile crashed", namespace=ref.namespace, name=ref.name)
                 else:
                     failures = 0
+                    if round_ is not None:
+                        round_.reconciles += 1
+                        round_.started_s = min(round_.started_s, started_s)
+                        round_.finished_s = max(round_.finished_s, time.monotonic())
+                        round_.writes += self.stats["writes"] - writes
                     if canary is None:
                         self.workers.pop(ref, None)
+                        self._intervals.pop(ref, None)
                         return
                     delay = self._next_delay(canary)
             elif self.settings.lease is not None:
@@ -284,11 +330,32 @@ class Daemon:
             await self._sleep(wake, delay)
 
     def _next_delay(self, canary: CanaryObject) -> float:
+        """Until the next tick: a multiple of the interval on the wall clock.
+
+        Every Canary with the same interval is evaluated at the same ticks, so that one
+        metrics snapshot (one query per metric) serves them all (design §7).
+        """
         status, spec = canary.status, canary.spec
+        self._intervals[canary.ref] = None
         pending = any(c.id not in status.acknowledged for c in canary.commands)
         if spec is not None and (status.phase.active or pending):
-            return spec.analysis.interval
+            interval = spec.analysis.interval
+            self._intervals[canary.ref] = interval
+            return interval - self.clock().timestamp() % interval
         return self.settings.resync_s
+
+    def _round(self, ref: CanaryRef) -> RoundStats | None:
+        """The evaluation round a reconcile of ``ref`` now belongs to (None when idle)."""
+        interval = self._intervals.get(ref)
+        if interval is None:
+            return None
+        tick = round(self.clock().timestamp() / interval) * interval
+        stats = self.rounds.get(tick)
+        if stats is None:
+            stats = self.rounds[tick] = RoundStats(tick)
+            while len(self.rounds) > 200:
+                self.rounds.popitem(last=False)
+        return stats
 
     async def _sleep(self, wake: asyncio.Event, delay: float) -> None:
         waiters = [
@@ -307,8 +374,9 @@ class Daemon:
     async def reconcile(self, ref: CanaryRef) -> CanaryObject | None:
         """One round for one Canary; returns it as written (None once it is deleted)."""
         for _ in range(self.settings.conflict_attempts):
+            cached = self._cache.pop(ref, None)
             try:
-                canary = await self.kube.get_canary(ref)
+                canary = to_canary(cached) if cached else await self.kube.get_canary(ref)
             except NotFoundError:
                 return None
             self.stats["reconciles"] += 1
@@ -316,7 +384,9 @@ class Daemon:
                 namespace=ref.namespace, name=ref.name, step=canary.status.step_index
             ):
                 try:
-                    return await self._reconcile(canary)
+                    done = await self._reconcile(canary)
+                    self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
+                    return done
                 except ConflictError:
                     self.stats["conflicts"] += 1
                     continue
@@ -462,9 +532,21 @@ class Daemon:
 
     async def _converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> None:
         """Level-triggered: make the VirtualService route what the status says, and keep
-        a rolled-back (or promoted) canary scaled down."""
+        a rolled-back (or promoted) canary scaled down.
+
+        Checked when the phase or weight changes, and otherwise once per ``resync_s``
+        (someone edited the VirtualService by hand): not on every round, which would
+        cost a read per Canary per interval.
+        """
         if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
             return
+        key = (status.phase, status.canary_weight)
+        last = self._converged.get(ref)
+        recent = last is not None and time.monotonic() - last[1] < self.settings.resync_s
+        if last is not None and last[0] == key and recent:
+            return
+        self._converged.pop(ref, None)
+        converged = True
         scaled_down = status.phase is Phase.ROLLED_BACK or (
             status.phase is Phase.SUCCEEDED and spec.promotion.mode == "copy-to-stable"
         )
@@ -473,6 +555,7 @@ class Daemon:
                 if await self.workloads.canary_replicas(ref, spec) != 0:
                     await self.workloads.scale_canary(ref, spec, 0)
             except (WorkloadError, KubeError) as exc:
+                converged = False
                 log.warning("cannot scale the canary down", error=str(exc))
         try:
             current = await self.router.get_canary_weight(ref, spec)
@@ -480,4 +563,7 @@ class Daemon:
                 log.info("converging weights", found=current, want=status.canary_weight)
                 await self.router.set_weights(ref, spec, status.canary_weight)
         except (RoutingError, KubeError) as exc:
+            converged = False
             log.warning("cannot converge weights", error=str(exc))
+        if converged:
+            self._converged[ref] = (key, time.monotonic())

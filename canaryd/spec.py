@@ -272,6 +272,129 @@ class Analysis(_Model):
         return self
 
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+#: Istio's standard metrics, destination reporter (what the sidecar of the pod that
+#: served the request counts).  ``$selector`` becomes the label matchers of the
+#: Canaries judged in one round; ``$by`` the labels that tell them apart.
+ISTIO_REQUESTS = 'sum by ($by) (istio_requests_total{reporter="destination",$selector})'
+ISTIO_ERRORS = (
+    'sum by ($by) (istio_requests_total{reporter="destination",response_code=~"5..",$selector})'
+)
+ISTIO_LATENCY = (
+    "sum by ($by, le) "
+    '(istio_request_duration_milliseconds_bucket{reporter="destination",$selector})'
+)
+
+
+class MetricQueries(_Model):
+    """PromQL templates for meshes without Istio's metrics.
+
+    Each template is an instant query returning cumulative counters.  Write
+    ``$selector`` inside the metric's braces and ``$by`` in its ``sum by``: canaryd
+    fills in the label matchers and grouping labels of every Canary judged in the
+    round, so one query serves them all.  Example::
+
+        requests: sum by ($by) (http_requests_total{$selector})
+        errors: sum by ($by) (http_requests_total{code=~"5..",$selector})
+        latency: sum by ($by, le) (http_request_duration_seconds_bucket{$selector})
+        latencyUnit: s
+    """
+
+    requests: str = Field(min_length=1, description="PromQL: cumulative requests")
+    errors: str = Field(min_length=1, description="PromQL: cumulative 5xx responses")
+    latency: str | None = Field(
+        default=None,
+        description="PromQL: cumulative latency histogram buckets, grouped by le as well",
+    )
+    latency_unit: Literal["ms", "s"] = Field(
+        default="ms", description="unit of the histogram's le edges"
+    )
+
+    @field_validator("requests", "errors", "latency")
+    @classmethod
+    def _has_placeholders(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        missing = [p for p in ("$selector", "$by") if p not in v]
+        if missing:
+            raise ValueError(
+                f"the template must contain {' and '.join(missing)}: canaryd fills in the "
+                "label matchers ($selector, inside the braces) and grouping labels ($by, in "
+                "`sum by`) so that one query serves every Canary"
+            )
+        return v
+
+
+class Metrics(_Model):
+    """Where the Prometheus source finds this Canary's two arms.
+
+    Defaults fit Istio: series of ``istio_requests_total`` and
+    ``istio_request_duration_milliseconds_bucket`` whose ``destination_workload`` is
+    the stable or the canary Deployment, in the Canary's namespace.  Subsets are told
+    apart by a version label instead: ``armLabel: destination_version`` with
+    ``stableValue``/``canaryValue`` set to the subsets' ``version`` label values.
+    """
+
+    arm_label: str = Field(
+        default="destination_workload",
+        description="the label whose value tells stable from canary series",
+    )
+    stable_value: str | None = Field(
+        default=None, description="its value on stable's series (default: stable.deployment)"
+    )
+    canary_value: str | None = Field(
+        default=None, description="its value on canary's series (default: canary.deployment)"
+    )
+    namespace_label: str | None = Field(
+        default="destination_workload_namespace",
+        description="the label holding the Canary's namespace; null to not match on it",
+    )
+    pod_label: str | None = Field(
+        default="pod",
+        description=(
+            "the label naming the pod that reported a series: counter resets and pods "
+            "that come and go are handled per pod; null to handle them per arm"
+        ),
+    )
+    selector: str = Field(
+        default="",
+        description=(
+            'extra label matchers for every query, e.g. destination_service_name="checkout"'
+        ),
+    )
+    queries: MetricQueries | None = Field(
+        default=None, description="PromQL templates; default: Istio's standard metrics"
+    )
+
+    @field_validator("arm_label", "namespace_label", "pod_label")
+    @classmethod
+    def _label_name(cls, v: str | None) -> str | None:
+        if v is not None and not _LABEL_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+        return v
+
+    @field_validator("selector")
+    @classmethod
+    def _matchers_only(cls, v: str) -> str:
+        v = v.strip().strip(",")
+        if any(c in v for c in "{}"):
+            raise ValueError(
+                'write label matchers without braces, e.g. destination_service_name="checkout"'
+            )
+        return v
+
+    def templates(self) -> tuple[str, str, str | None]:
+        """(requests, errors, latency) PromQL templates."""
+        if self.queries is None:
+            return ISTIO_REQUESTS, ISTIO_ERRORS, ISTIO_LATENCY
+        return self.queries.requests, self.queries.errors, self.queries.latency
+
+    def latency_edge_ms(self) -> float:
+        """Milliseconds per unit of the histogram's ``le`` edges."""
+        return 1000.0 if self.queries is not None and self.queries.latency_unit == "s" else 1.0
+
+
 class SlackApproval(_Model):
     """Ask for approvals in a Slack channel."""
 
@@ -314,6 +437,9 @@ class CanarySpec(_Model):
         default_factory=lambda: [10, 50, 100], description="canary weights (%); ends at 100"
     )
     analysis: Analysis = Field(default_factory=Analysis)
+    metrics: Metrics = Field(
+        default_factory=Metrics, description="where the Prometheus source finds both arms"
+    )
     approvals: Approvals = Field(default_factory=Approvals)
     promotion: Promotion = Field(default_factory=Promotion)
     trigger: Literal["manual", "auto"] = Field(

@@ -398,7 +398,8 @@ def test_the_rbac_covers_every_call_the_daemon_makes(
     assert {
         ("canaryd.io", "canaries", "list"),
         ("canaryd.io", "canaries", "watch"),
-        ("canaryd.io", "canaries", "get"),
+        # no ("canaryd.io", "canaries", "get"): rounds read the watch's cache and get
+        # only after a conflict, which these rollouts may not meet (the RBAC grants it)
         ("canaryd.io", "canaries/status", "update"),
         ("networking.istio.io", "virtualservices", "get"),
         ("networking.istio.io", "virtualservices", "update"),

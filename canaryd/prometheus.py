@@ -1,0 +1,533 @@
+"""The ``MetricsSource`` port on Prometheus (design §2, §5, §7).
+
+What it hides: PromQL, the Prometheus HTTP API (through ``prometheus-api-client``, a
+blocking library, always called in worker threads), authentication and TLS, retries,
+and how cumulative counters are kept exact when pods restart or come and go.
+
+**Batching.**  Canaries whose ``spec.metrics`` has the same shape (templates, labels,
+extra matchers: every Canary on Istio's defaults) share one *snapshot*: one query per
+metric (requests, errors, latency buckets), grouped by namespace, arm label and pod,
+covering all of them, evaluated at one instant.  The daemon evaluates every Canary of
+an interval at the same aligned tick, so a round costs three queries whatever the
+number of Canaries; a snapshot younger than ``max_age_s`` (and at most half the
+Canary's interval) is reused, and concurrent callers wait for the one fetch in flight.
+:attr:`PrometheusMetrics.stats` counts ``queries`` and ``fetches``.
+
+**Counters.**  Each series (one pod's counter) is followed on its own, as Prometheus's
+own ``increase()`` does: a value below the previous one is a reset (the pod restarted)
+and counts from zero; a series that disappears (the pod is gone) keeps what it
+counted; a new pod's series counts from its first value.  An arm's total is the sum,
+so it never goes backwards and loses nothing when stable scales down.  The state
+machine takes differences of these totals since the step began.
+
+**Failure.**  Unreachable, slow (``timeout_s``), an HTTP error, an answer that is not
+Prometheus's, NaN, or no series for a Canary: :class:`MetricsError` with the reason,
+which the state machine turns into a *hold* (never a rollback or a pass on missing
+data); ``analysis.noData`` decides what happens if it lasts.  Failed queries are
+retried with backoff within the deadline; a failed fetch is remembered for the rest
+of its ``max_age_s`` so that a thousand Canaries do not each retry it.  A NaN or a
+missing series affects only the Canaries whose arms it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import requests
+import structlog
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS, ArmCounts, Observation
+from canaryd.ports import CanaryRef, MetricsError
+from canaryd.spec import CanarySpec, Metrics
+
+log = structlog.get_logger("canaryd.prometheus")
+
+#: a pruned member's series are forgotten after this long without an observe, seconds
+MEMBER_TTL_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusSettings:
+    """How to reach Prometheus.
+
+    Attributes:
+        url: base URL, e.g. ``http://prometheus.istio-system:9090`` (a path prefix such
+            as Thanos' or a hosted Prometheus's ``/api/prom`` is kept).
+        headers: extra HTTP headers on every request (e.g. ``X-Scope-OrgID``).
+        bearer_token: sent as ``Authorization: Bearer …``.
+        bearer_token_file: read before every fetch (rotated service-account tokens).
+        basic_auth: (user, password).
+        ca_file: CA bundle that signs the server's certificate.
+        insecure_skip_verify: do not verify the server's certificate (testing only).
+        client_cert: (certificate file, key file) for mutual TLS.
+        timeout_s: deadline for one fetch (all its queries and retries), seconds.
+        retries: further attempts of a failed query within the deadline.
+        backoff_s: wait before the first retry, doubled for each next one, seconds.
+        max_age_s: a snapshot this young is reused by later callers, seconds (never
+            more than half the Canary's interval).
+        max_selector_chars: list arm values in the query while the regex stays this
+            short; beyond it, match on namespaces only.
+    """
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    bearer_token: str | None = None
+    bearer_token_file: str | None = None
+    basic_auth: tuple[str, str] | None = None
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    client_cert: tuple[str, str] | None = None
+    timeout_s: float = 5.0
+    retries: int = 2
+    backoff_s: float = 0.25
+    max_age_s: float = 5.0
+    max_selector_chars: int = 4000
+
+
+# -- one query shape -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What Canaries must share to be served by the same queries."""
+
+    requests: str
+    errors: str
+    latency: str | None
+    edge_ms: float
+    namespace_label: str | None
+    arm_label: str
+    pod_label: str | None
+    selector: str
+
+    @classmethod
+    def of(cls, metrics: Metrics) -> _Shape:
+        requests_tpl, errors_tpl, latency_tpl = metrics.templates()
+        return cls(
+            requests_tpl,
+            errors_tpl,
+            latency_tpl,
+            metrics.latency_edge_ms(),
+            metrics.namespace_label,
+            metrics.arm_label,
+            metrics.pod_label,
+            metrics.selector,
+        )
+
+    @property
+    def by(self) -> str:
+        labels = [self.namespace_label, self.arm_label, self.pod_label]
+        return ", ".join(label for label in labels if label)
+
+
+#: (namespace, arm label value): one arm of one Canary
+ArmKey = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    namespace: str
+    stable: str
+    canary: str
+
+    @property
+    def keys(self) -> tuple[ArmKey, ArmKey]:
+        return (self.namespace, self.stable), (self.namespace, self.canary)
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """Every arm's totals at one instant, or why there are none."""
+
+    fetched_at: float
+    covers: frozenset[ArmKey] | None  # None: every arm of the namespaces queried
+    namespaces: frozenset[str]
+    requests: dict[ArmKey, int] = field(default_factory=dict)
+    errors: dict[ArmKey, int] = field(default_factory=dict)
+    buckets: dict[ArmKey, dict[float, int]] = field(default_factory=dict)
+    bad: dict[ArmKey, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def has(self, member: _Member) -> bool:
+        if self.error is not None:
+            return True  # a failure within max_age_s is everyone's: no retry per Canary
+        if member.namespace not in self.namespaces:
+            return False
+        return self.covers is None or all(k in self.covers for k in member.keys)
+
+
+@dataclass(slots=True)
+class _ShapeState:
+    members: dict[CanaryRef, tuple[_Member, float]] = field(default_factory=dict)
+    snapshot: _Snapshot | None = None
+    inflight: asyncio.Task[_Snapshot] | None = None
+    #: last raw value of each series: (metric, arm, pod, le) → value
+    last: dict[tuple[str, ArmKey, str, float], float] = field(default_factory=dict)
+    #: per-series-corrected totals: (metric, arm, le) → count
+    totals: dict[tuple[str, ArmKey, float], float] = field(default_factory=dict)
+
+
+# -- the source ------------------------------------------------------------------------------
+
+
+class PrometheusMetrics:
+    """The ``MetricsSource`` port on a Prometheus server (see the module docstring)."""
+
+    def __init__(
+        self, settings: PrometheusSettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._shapes: dict[_Shape, _ShapeState] = {}
+        #: ``queries`` sent (retries included), ``fetches`` (snapshots taken), ``failures``
+        self.stats: Counter[str] = Counter()
+        # one client per metric, so that the three queries of a fetch run in parallel
+        # threads without sharing a requests.Session
+        self._clients = {name: self._client() for name in ("requests", "errors", "latency")}
+
+    def _client(self) -> PrometheusConnect:
+        s = self.settings
+        session = requests.Session()
+        session.verify = s.ca_file or not s.insecure_skip_verify
+        if s.client_cert is not None:
+            session.cert = s.client_cert
+        return PrometheusConnect(
+            url=s.url.rstrip("/"),
+            headers=dict(s.headers),
+            disable_ssl=s.insecure_skip_verify,
+            # retries are ours, bounded by the fetch's deadline; urllib3 re-raises as is
+            retry=Retry(total=0, read=False, redirect=False, status=False),
+            auth=s.basic_auth,
+            session=session,
+        )
+
+    def close(self) -> None:
+        """Close the HTTP sessions."""
+        for client in self._clients.values():
+            client.close()
+
+    # -- the port ----------------------------------------------------------------------------
+
+    async def observe(self, ref: CanaryRef, spec: CanarySpec) -> Observation:
+        metrics = spec.metrics
+        stable = metrics.stable_value or (spec.stable.deployment if spec.stable else None)
+        canary = metrics.canary_value or (spec.canary.deployment if spec.canary else None)
+        if not stable or not canary:
+            raise MetricsError(
+                "cannot tell the arms apart: set spec.stable and spec.canary (or "
+                "spec.metrics.stableValue and canaryValue)"
+            )
+        shape = _Shape.of(metrics)
+        state = self._shapes.setdefault(shape, _ShapeState())
+        member = _Member(ref.namespace if shape.namespace_label else "", stable, canary)
+        now = self.clock()
+        state.members[ref] = (member, now)
+        max_age_s = min(self.settings.max_age_s, spec.analysis.interval / 2)
+        snapshot = await self._snapshot(shape, state, member, max_age_s)
+        return _observation(snapshot, member, shape, latency=bool(spec.analysis.latency))
+
+    async def _snapshot(
+        self, shape: _Shape, state: _ShapeState, member: _Member, max_age_s: float
+    ) -> _Snapshot:
+        for _ in range(3):
+            snap = state.snapshot
+            if (
+                snap is not None
+                and self.clock() - snap.fetched_at <= max_age_s
+                and snap.has(member)
+            ):
+                return snap
+            if state.inflight is None or state.inflight.done():
+                state.inflight = asyncio.create_task(
+                    self._fetch(shape, state), name="prometheus-fetch"
+                )
+            # shielded: one caller's deadline must not cancel everyone's fetch
+            snap = await asyncio.shield(state.inflight)
+            if snap.has(member):
+                return snap
+        raise MetricsError("the Prometheus snapshot never covered this Canary")  # pragma: no cover
+
+    # -- one fetch ---------------------------------------------------------------------------
+
+    def _selector(
+        self, shape: _Shape, state: _ShapeState
+    ) -> tuple[str, frozenset[ArmKey] | None, frozenset[str]]:
+        now = self.clock()
+        for ref, (_, seen) in list(state.members.items()):
+            if now - seen > MEMBER_TTL_S:
+                del state.members[ref]
+        members = [m for m, _ in state.members.values()]
+        namespaces = frozenset(m.namespace for m in members)
+        arms = frozenset(k for m in members for k in m.keys)
+        matchers = [shape.selector] if shape.selector else []
+        if shape.namespace_label:
+            matchers.append(f'{shape.namespace_label}=~"{_regex(namespaces)}"')
+        values = _regex({value for _, value in arms})
+        covers: frozenset[ArmKey] | None = None
+        if len(values) <= self.settings.max_selector_chars:
+            matchers.append(f'{shape.arm_label}=~"{values}"')
+            covers = arms
+        else:
+            matchers.append(f'{shape.arm_label}!=""')
+        if not shape.namespace_label:
+            covers = arms  # without a namespace label, arms are matched by value alone
+        return ",".join(matchers), covers, namespaces
+
+    async def _fetch(self, shape: _Shape, state: _ShapeState) -> _Snapshot:
+        started = self.clock()
+        selector, covers, namespaces = self._selector(shape, state)
+        snap = _Snapshot(started, covers, namespaces)
+        at = time.time()  # every query is evaluated at this one instant
+        substitute = {"selector": selector, "by": shape.by}
+        queries = {"requests": shape.requests, "errors": shape.errors}
+        if shape.latency is not None:
+            queries["latency"] = shape.latency
+        rendered = {k: Template(v).safe_substitute(substitute) for k, v in queries.items()}
+        deadline = started + self.settings.timeout_s
+        self.stats["fetches"] += 1
+        try:
+            results = await asyncio.gather(
+                *(self._query(name, q, at, deadline) for name, q in rendered.items())
+            )
+        except MetricsError as exc:
+            self.stats["failures"] += 1
+            snap.error = str(exc)
+            log.warning("prometheus fetch failed", error=snap.error)
+            snap.fetched_at = self.clock()
+            state.snapshot = snap
+            return snap
+        for name, result in zip(rendered, results, strict=True):
+            self._accumulate(shape, state, snap, name, result)
+        for metric, arm, le in list(state.totals):
+            value = round(state.totals[(metric, arm, le)])
+            if metric == "requests":
+                snap.requests[arm] = value
+            elif metric == "errors":
+                snap.errors[arm] = value
+            else:
+                snap.buckets.setdefault(arm, {})[le] = value
+        snap.fetched_at = self.clock()
+        state.snapshot = snap
+        log.debug(
+            "prometheus fetch",
+            queries=len(rendered),
+            canaries=len(state.members),
+            arms=len(snap.requests),
+            duration_ms=round((snap.fetched_at - started) * 1000, 1),
+        )
+        return snap
+
+    async def _query(self, name: str, query: str, at: float, deadline: float) -> list[Any]:
+        """One instant query, retried with backoff until ``deadline`` (monotonic)."""
+        attempt = 0
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise MetricsError(
+                    f"Prometheus at {self.settings.url} did not answer within "
+                    f"{self.settings.timeout_s:g}s"
+                )
+            self.stats["queries"] += 1
+            try:
+                return await asyncio.to_thread(self._blocking_query, name, query, at, remaining)
+            except _RetryableError as exc:
+                attempt += 1
+                wait_s = self.settings.backoff_s * 2 ** (attempt - 1)
+                if attempt > self.settings.retries or self.clock() + wait_s >= deadline:
+                    raise MetricsError(str(exc)) from exc
+                log.info(
+                    "prometheus query failed; will retry",
+                    attempt=f"{attempt}/{self.settings.retries}",
+                    error=str(exc),
+                )
+                await asyncio.sleep(wait_s)
+
+    def _blocking_query(self, name: str, query: str, at: float, timeout_s: float) -> list[Any]:
+        """The HTTP call (in a worker thread), its failures mapped to our errors."""
+        client = self._clients[name]
+        if self.settings.bearer_token_file or self.settings.bearer_token:
+            client.headers = {**dict(self.settings.headers), **self._auth_header()}
+        url = self.settings.url
+        try:
+            result = client.custom_query(query, params={"time": f"{at:.3f}"}, timeout=timeout_s)
+        except requests.exceptions.JSONDecodeError as exc:
+            raise _RetryableError(
+                f"Prometheus at {url} sent an answer that is not its API's (not JSON): "
+                f"is the URL right? ({exc})"
+            ) from exc
+        except requests.exceptions.Timeout as exc:
+            raise _RetryableError(f"Prometheus at {url} timed out after {timeout_s:.1f}s") from exc
+        except requests.exceptions.SSLError as exc:
+            raise MetricsError(f"TLS error talking to Prometheus at {url}: {exc}") from exc
+        except requests.exceptions.ConnectionError as exc:
+            if "timed out" in str(exc):
+                raise _RetryableError(
+                    f"Prometheus at {url} timed out after {timeout_s:.1f}s"
+                ) from exc
+            raise _RetryableError(f"Prometheus at {url} is unreachable: {_reason(exc)}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise _RetryableError(f"request to Prometheus at {url} failed: {exc}") from exc
+        except PrometheusApiClientException as exc:
+            text = str(exc)[:300]
+            status = re.search(r"HTTP Status Code (\d+)", text)
+            code = int(status.group(1)) if status else 0
+            message = f"Prometheus at {url} answered {text} to {name} query: {query[:200]}"
+            if code in (401, 403):
+                raise MetricsError(f"Prometheus at {url} refused our credentials ({text})") from exc
+            if 400 <= code < 500 and code not in (408, 429):
+                raise MetricsError(message) from exc  # a bad query does not heal by retrying
+            raise _RetryableError(message) from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _RetryableError(
+                f"Prometheus at {url} sent an answer that is not its API's: {exc}"
+            ) from exc
+        if not isinstance(result, list):
+            raise _RetryableError(
+                f"Prometheus at {url} sent a {type(result).__name__}, not a vector"
+            )
+        return result
+
+    def _auth_header(self) -> dict[str, str]:
+        token = self.settings.bearer_token
+        if self.settings.bearer_token_file:
+            try:
+                token = Path(self.settings.bearer_token_file).read_text().strip()
+            except OSError as exc:
+                raise MetricsError(f"cannot read the Prometheus bearer token file: {exc}") from exc
+        return {"Authorization": f"Bearer {token}"}
+
+    def _accumulate(
+        self,
+        shape: _Shape,
+        state: _ShapeState,
+        snap: _Snapshot,
+        metric: str,
+        result: Sequence[Any],
+    ) -> None:
+        """Fold one query's series into the per-series-corrected totals."""
+        for item in result:
+            try:
+                labels = item["metric"]
+                raw = float(item["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+            arm = (
+                str(labels.get(shape.namespace_label, "")) if shape.namespace_label else "",
+                str(labels.get(shape.arm_label, "")),
+            )
+            le = math.inf
+            if metric == "latency":
+                try:
+                    le = float(labels.get("le", "")) * shape.edge_ms
+                except ValueError:
+                    continue
+            if not math.isfinite(raw) or raw < 0:
+                shown = "NaN" if math.isnan(raw) else f"{raw:g}"
+                snap.bad[arm] = f"Prometheus returned {shown} for the {metric} of {arm[1]}"
+                continue
+            pod = str(labels.get(shape.pod_label, "")) if shape.pod_label else ""
+            key = (metric, arm, pod, le)
+            previous = state.last.get(key)
+            # a new series counts from its first value; a drop is a reset (from zero)
+            delta = raw if previous is None or raw < previous else raw - previous
+            state.last[key] = raw
+            total_key = (metric, arm, le)
+            state.totals[total_key] = state.totals.get(total_key, 0.0) + delta
+        self._forget(state)
+
+    def _forget(self, state: _ShapeState) -> None:
+        """Drop the series of arms no member has any more (bounded memory)."""
+        live = {k for m, _ in state.members.values() for k in m.keys}
+        if len(live) * 64 >= len(state.totals):
+            return
+        state.last = {k: v for k, v in state.last.items() if k[1] in live}
+        state.totals = {k: v for k, v in state.totals.items() if k[1] in live}
+
+
+class _RetryableError(MetricsError):
+    """A failure that may pass: connection refused, timeout, 5xx, garbled answer."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause, e.g. ``Connection refused``, without urllib3's wrapping."""
+    text = str(exc)
+    known = re.search(
+        r"Connection refused|Name or service not known|Temporary failure in name resolution|"
+        r"No route to host|Connection reset by peer|Network is unreachable",
+        text,
+    )
+    return known.group(0).lower() if known else text[:200]
+
+
+def _regex(values: frozenset[str] | set[str]) -> str:
+    """An RE2 alternation matching exactly these values, inside a PromQL string."""
+    escaped = (re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\\\1", v).replace('"', '\\"') for v in values)
+    return "|".join(sorted(escaped))
+
+
+def _observation(snap: _Snapshot, member: _Member, shape: _Shape, *, latency: bool) -> Observation:
+    """One Canary's two arms out of a snapshot, or MetricsError saying what is missing."""
+    if snap.error is not None:
+        raise MetricsError(snap.error)
+    stable_key, canary_key = member.keys
+    for key in (stable_key, canary_key):
+        if key in snap.bad:
+            raise MetricsError(snap.bad[key])
+    if stable_key not in snap.requests and canary_key not in snap.requests:
+        where = f" in namespace {member.namespace}" if shape.namespace_label else ""
+        raise MetricsError(
+            f"Prometheus has no request series for {shape.arm_label}={member.stable!r} or "
+            f"{member.canary!r}{where}: no traffic yet, or spec.metrics does not match "
+            "the labels"
+        )
+    return Observation(
+        stable=_arm(snap, stable_key, member, latency=latency and shape.latency is not None),
+        canary=_arm(snap, canary_key, member, latency=latency and shape.latency is not None),
+    )
+
+
+def _arm(snap: _Snapshot, key: ArmKey, member: _Member, *, latency: bool) -> ArmCounts:
+    """An arm's counters; an arm with no series yet has served nothing (Istio creates a
+    series with its first request)."""
+    requests_ = snap.requests.get(key, 0)
+    errors = min(snap.errors.get(key, 0), requests_)
+    if not latency:
+        return ArmCounts(requests_, errors)
+    edges = snap.buckets.get(key)
+    if edges is None:
+        if requests_ == 0:
+            return ArmCounts(0, 0, (0,) * N_BUCKETS)
+        raise MetricsError(
+            f"Prometheus has requests but no latency histogram for {key[1]} in {member.namespace}"
+        )
+    return ArmCounts(requests_, errors, _rebucket(edges))
+
+
+def _rebucket(edges: Mapping[float, int]) -> tuple[int, ...]:
+    """Cumulative counts on canaryd's edges from a histogram with any edges (in ms).
+
+    A bucket of ours counts the requests at or below the largest edge of theirs that is
+    not above ours: exact on Istio's edges, and otherwise the same event definition for
+    both arms, which is all a canary-vs-stable comparison needs.
+    """
+    theirs = sorted(edges.items())
+    out: list[int] = []
+    i, last = 0, 0
+    for edge in (*LATENCY_EDGES_MS, math.inf):
+        while i < len(theirs) and theirs[i][0] <= edge * (1 + 1e-9):
+            last = max(last, theirs[i][1])
+            i += 1
+        out.append(last)
+    return tuple(out)

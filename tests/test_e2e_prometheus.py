@@ -1,0 +1,256 @@
+"""End to end on real servers: a real Prometheus, the mesh emulator and ``canaryd run``.
+
+Every process is real and talks over HTTP on 127.0.0.1: the Kubernetes API double
+holds the Canary, Deployments and VirtualService; the mesh emulator
+(``python -m simulator serve``) generates traffic that follows the VirtualService's
+weights and exposes Istio's metrics; Prometheus (Debian's package) scrapes it every
+second; ``canaryd run`` reads Prometheus and patches the VirtualService; a pipeline
+runs ``canaryd promote --wait``.  Time is compressed: evaluations every 2 s, steps
+of at most 20 s, and the emulator plays 10 s of traffic (1,000 requests) per second.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from kubernetes import client as k8s
+
+from simulator.kubeapi import KubeApiServer
+from tests.conftest import NS
+from tests.services import PrometheusServer, require_prometheus
+
+Obj = dict[str, Any]
+INTERVAL_S = 2.0
+SPEED = 10.0
+
+#: a canary that fails half its requests once it takes traffic: the breach is in the
+#: first scrape that has canary traffic at all
+OUTAGE = """
+name: canary-outage
+description: the canary fails half its requests
+duration_s: 3600
+traffic: {rps: 100}
+stable: {error_rate: 0.005, latency_ms: {p50: 40, p99: 180}}
+canary: {error_rate: 0.5, latency_ms: {p50: 40, p99: 180}}
+"""
+
+
+def _analysis(**extra: Any) -> Obj:
+    return {
+        "interval": f"{INTERVAL_S:g}s",
+        "stepDuration": "20s",
+        "minStepDuration": "4s",
+        "minRequests": 100,
+        "noData": {"holdFor": "60s", "then": "rollback"},
+    } | extra
+
+
+@dataclass
+class Stack:
+    kube: KubeApiServer
+    kubeconfig: Path
+    prometheus: PrometheusServer
+    emulator: subprocess.Popen[str]
+    daemon: subprocess.Popen[str]
+    logs: Path
+
+    def canary(self) -> Obj:
+        obj = self.kube.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+        assert obj is not None
+        return obj
+
+    def status(self) -> Obj:
+        return dict(self.canary().get("status") or {})
+
+    def weight(self) -> int:
+        vs = self.kube.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+        assert vs is not None
+        route = vs["spec"]["http"][0]["route"]
+        return int(next(d["weight"] for d in route if d["destination"]["subset"] == "canary"))
+
+    def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float) -> float:
+        """Poll until ``predicate``; returns when it became true (monotonic s)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return time.monotonic()
+            if self.daemon.poll() is not None:
+                pytest.fail(f"canaryd run exited ({self.daemon.returncode}):\n{self.log_tail()}")
+            time.sleep(0.05)
+        pytest.fail(f"timed out waiting for {what}; status: {self.status()}\n{self.log_tail()}")
+
+    def promote(self, *flags: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "canaryd", "promote", "checkout",
+                "--kubeconfig", str(self.kubeconfig), *flags]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = (self.logs / "daemon.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _start_emulator(
+    kubeconfig: Path, scenario: list[str], log: IO[str]
+) -> tuple[subprocess.Popen[str], int]:
+    argv = [sys.executable, "-m", "simulator", "serve", "--kubeconfig", str(kubeconfig),
+            "--namespace", NS, "--port", "0", "--speed", f"{SPEED:g}", "--seed", "7",
+            *scenario]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        pytest.fail(f"the mesh emulator did not start (exit {proc.returncode})")
+    return proc, int(json.loads(line)["port"])
+
+
+@pytest.fixture
+def stack_factory(
+    cluster: KubeApiServer, kubeconfig: Path, tmp_path: Path
+) -> Iterator[Callable[..., Stack]]:
+    require_prometheus()
+    started: list[Any] = []
+
+    def make(scenario: list[str], **analysis: Any) -> Stack:
+        api = cluster.api_client()
+        try:
+            k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+                "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+                {"spec": {"analysis": _analysis(**analysis)}},
+            )  # fmt: skip
+        finally:
+            api.close()
+        emulator_log = (tmp_path / "emulator.log").open("w")
+        started.append(emulator_log)
+        emulator, port = _start_emulator(kubeconfig, scenario, emulator_log)
+        started.append(emulator)
+        prometheus = PrometheusServer([f"127.0.0.1:{port}"], scrape_interval_s=1.0)
+        prometheus.start()
+        started.append(prometheus)
+        daemon_log = (tmp_path / "daemon.log").open("w")
+        started.append(daemon_log)
+        argv = [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(kubeconfig),
+                "--prometheus-url", prometheus.url, "--prometheus-timeout", "1s",
+                "--no-leader-elect", "--resync", "1s", "--watch-timeout", "1s"]  # fmt: skip
+        daemon = subprocess.Popen(argv, stdout=daemon_log, stderr=subprocess.STDOUT, text=True)
+        started.append(daemon)
+        return Stack(cluster, kubeconfig, prometheus, emulator, daemon, tmp_path)
+
+    yield make
+    for thing in reversed(started):
+        if isinstance(thing, subprocess.Popen):
+            if thing.poll() is None:
+                thing.terminate()
+                try:
+                    thing.wait(10)
+                except subprocess.TimeoutExpired:
+                    thing.kill()
+                    thing.wait()
+            if thing.stdout is not None:
+                thing.stdout.close()
+        elif isinstance(thing, PrometheusServer):
+            thing.stop()
+        else:
+            thing.close()
+
+
+def test_a_healthy_canary_is_promoted(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory(["--scenario", "healthy"])
+    pipeline = stack.promote("--revision", "v2", "--wait", "--timeout", "150s", "--poll", "0.5s")
+    out, _ = pipeline.communicate(timeout=170)
+    status = stack.status()
+    assert pipeline.returncode == 0, f"{out}\n{status}\n{stack.log_tail()}"
+    assert status["phase"] == "Succeeded"
+    assert stack.weight() == 0  # stable runs the new version and takes all traffic
+    verdict = status["lastVerdict"]
+    assert verdict["decision"] == "pass"
+    # judged on Prometheus data: real request counts of both arms at the last step
+    errors = next(c for c in verdict["checks"] if c["name"] == "errors")
+    assert errors["stats"]["canary_requests"] > 100  # counted from Prometheus's series
+    daemon_lines = [
+        json.loads(line) for line in stack.log_tail(10_000).splitlines() if line.startswith("{")
+    ]
+    assert not [e for e in daemon_lines if e.get("level") == "error"], "errors in the daemon log"
+
+
+def test_a_canary_with_ten_times_the_errors_is_rolled_back_in_its_first_step(
+    stack_factory: Callable[..., Stack],
+) -> None:
+    stack = stack_factory(["--scenario", "error-spike"])
+    pipeline = stack.promote("--revision", "v2", "--wait", "--timeout", "60s", "--poll", "0.5s")
+    out, _ = pipeline.communicate(timeout=80)
+    status = stack.status()
+    assert pipeline.returncode == 1, f"{out}\n{status}\n{stack.log_tail()}"
+    assert status["phase"] == "RolledBack"
+    assert status["stepIndex"] == 0, "rolled back after leaving the 10% step"
+    assert stack.weight() == 0
+    assert any("errors" in r for r in status["lastVerdict"]["reasons"]), status["lastVerdict"]
+
+
+def test_a_breach_visible_in_prometheus_sets_weight_zero_within_an_interval_plus_2s(
+    stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    scenario = tmp_path / "outage.yaml"
+    scenario.write_text(OUTAGE)
+    stack = stack_factory(["--scenario-file", str(scenario)])
+    stack.promote("--revision", "v2").communicate(timeout=30)
+    query = ('sum(istio_requests_total{destination_workload="checkout-canary",'
+             'response_code=~"5.."})')  # fmt: skip
+    visible = stack.wait(
+        "canary errors in Prometheus",
+        lambda: bool(stack.prometheus.query(query)),
+        timeout_s=30,
+    )
+    zero = stack.wait(
+        "canary weight 0",
+        lambda: stack.status().get("phase") == "RolledBack" and stack.weight() == 0,
+        timeout_s=30,
+    )
+    latency_s = zero - visible
+    print(f"breach visible in Prometheus -> weight 0: {latency_s:.2f}s (interval {INTERVAL_S:g}s)")
+    assert latency_s <= INTERVAL_S + 2.0
+
+
+def test_prometheus_down_mid_step_holds_and_its_return_resumes(
+    stack_factory: Callable[..., Stack],
+) -> None:
+    # steps long enough that the canary is still at 10% when Prometheus goes away
+    stack = stack_factory(["--scenario", "healthy"], stepDuration="60s", earlyPassRatio=None)
+    stack.promote("--revision", "v2").communicate(timeout=30)
+    stack.wait(
+        "a verdict on Prometheus data",
+        lambda: (stack.status().get("lastVerdict") or {}).get("decision") == "continue",
+        timeout_s=30,
+    )
+    stack.prometheus.stop()
+    stack.wait(
+        "hold while Prometheus is down",
+        lambda: stack.status().get("phase") == "Holding",
+        timeout_s=15,
+    )
+    status = stack.status()
+    assert "unreachable" in status.get("message", ""), status
+    assert stack.weight() == 10 and status["stepIndex"] == 0  # neither rolled back nor passed
+    stack.prometheus.restart()
+    stack.wait(
+        "analysis resumed",
+        lambda: (
+            stack.status().get("phase") == "Progressing"
+            and (stack.status().get("lastVerdict") or {}).get("decision") == "continue"
+        ),
+        timeout_s=20,
+    )
+    assert stack.weight() == 10
+    events = [
+        e.get("event")
+        for e in (json.loads(x) for x in stack.log_tail(10_000).splitlines() if x.startswith("{"))
+    ]
+    assert "Resumed" in events or any("Resumed" in str(e) for e in events), events[-20:]
