@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import threading
 import time
@@ -66,6 +67,18 @@ from canaryd.workloads import WorkloadError
 
 log = structlog.get_logger("canaryd.daemon")
 
+#: status fields that only refresh the numbers of a round (see ``_progress_only``)
+_PROGRESS_FIELDS = (
+    "last_verdict",
+    "step_evidence",
+    "last_data_at",
+    "last_canary_requests",
+    "message",
+)
+
+#: status writes of the reconcile running in this task (for :class:`RoundStats`)
+_WRITES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("writes", default=None)
+
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
@@ -79,6 +92,9 @@ class DaemonSettings:
         conflict_attempts: fresh reads after 409 conflicts before giving up a round.
         metrics_timeout_s: deadline for the metrics source, seconds.
         drain_s: on stop, how long workers may finish their reconcile, seconds.
+        status_refresh_s: a round whose verdict is an unchanged "continue" writes its
+            numbers to status at most this often, seconds (every decision is written
+            at once); with the default 1-minute interval, every round is written.
     """
 
     namespaces: tuple[str, ...] = ()
@@ -88,6 +104,7 @@ class DaemonSettings:
     conflict_attempts: int = 6
     metrics_timeout_s: float = 10.0
     drain_s: float = 10.0
+    status_refresh_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -151,6 +168,10 @@ class Daemon:
         #: the latest object of each Canary seen by the watch or a write (an informer
         #: cache): a round reads it instead of the API; a 409 on write reads afresh
         self._cache: dict[CanaryRef, dict[str, Any]] = {}
+        #: the parsed form of a cached object, while it is the one cached
+        self._parsed: dict[CanaryRef, CanaryObject] = {}
+        #: when each Canary's status was last written (monotonic s)
+        self._written_at: dict[CanaryRef, float] = {}
         #: (phase, weight) last converged per Canary and when (monotonic s)
         self._converged: dict[CanaryRef, tuple[tuple[object, int], float]] = {}
         self._stop = asyncio.Event()
@@ -205,11 +226,15 @@ class Daemon:
             await asyncio.sleep(self.settings.resync_s)
 
     async def _list(self) -> list[CanaryRef]:
-        if not self.settings.namespaces:
-            return [c.ref for c in await self.kube.list_canaries()]
-        refs: list[CanaryRef] = []
-        for namespace in self.settings.namespaces:
-            refs += [c.ref for c in await self.kube.list_canaries(namespace)]
+        items: list[dict[str, Any]] = []
+        for namespace in self.settings.namespaces or (None,):
+            items += await self.kube.list_canaries_raw(namespace)
+        refs = []
+        for item in items:
+            meta = item.get("metadata") or {}
+            ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
+            self._cache.setdefault(ref, item)  # the watch's copy may be newer
+            refs.append(ref)
         return refs
 
     async def _watch(self) -> None:
@@ -298,7 +323,8 @@ class Daemon:
             delay = self.settings.resync_s
             if self.acting:
                 round_ = self._round(ref)
-                started_s, writes = time.monotonic(), self.stats["writes"]
+                started_s = time.monotonic()
+                _WRITES.set([0])  # this task's status writes, whatever runs beside it
                 try:
                     canary = await self.reconcile(ref)
                 except (KubeError, MetricsError, RoutingError, WorkloadError) as exc:
@@ -319,7 +345,7 @@ class Daemon:
                         round_.reconciles += 1
                         round_.started_s = min(round_.started_s, started_s)
                         round_.finished_s = max(round_.finished_s, time.monotonic())
-                        round_.writes += self.stats["writes"] - writes
+                        round_.writes += (_WRITES.get() or [0])[0]
                     if canary is None:
                         self.workers.pop(ref, None)
                         self._intervals.pop(ref, None)
@@ -343,6 +369,12 @@ class Daemon:
             self._intervals[canary.ref] = interval
             return interval - self.clock().timestamp() % interval
         return self.settings.resync_s
+
+    def _wrote(self) -> None:
+        self.stats["writes"] += 1
+        counter = _WRITES.get()
+        if counter is not None:
+            counter[0] += 1
 
     def _round(self, ref: CanaryRef) -> RoundStats | None:
         """The evaluation round a reconcile of ``ref`` now belongs to (None when idle)."""
@@ -375,8 +407,19 @@ class Daemon:
         """One round for one Canary; returns it as written (None once it is deleted)."""
         for _ in range(self.settings.conflict_attempts):
             cached = self._cache.pop(ref, None)
+            parsed = self._parsed.pop(ref, None)
             try:
-                canary = to_canary(cached) if cached else await self.kube.get_canary(ref)
+                if (
+                    cached is not None
+                    and parsed is not None
+                    and parsed.resource_version
+                    == str((cached.get("metadata") or {}).get("resourceVersion", ""))
+                ):
+                    canary = parsed  # unchanged since we last parsed it: no parsing again
+                elif cached is not None:
+                    canary = to_canary(cached)
+                else:
+                    canary = await self.kube.get_canary(ref)
             except NotFoundError:
                 return None
             self.stats["reconciles"] += 1
@@ -386,6 +429,7 @@ class Daemon:
                 try:
                     done = await self._reconcile(canary)
                     self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
+                    self._parsed[ref] = done  # used while the cache holds its version
                     return done
                 except ConflictError:
                     self.stats["conflicts"] += 1
@@ -422,13 +466,40 @@ class Daemon:
         if new_status == status and not result.actions:
             await self._converge(canary.ref, spec, status)
             return canary
+        if not result.actions and self._progress_only(canary.ref, status, new_status, now):
+            await self._converge(canary.ref, spec, status)
+            return canary  # numbers of an unchanged decision: written at the next refresh
         if not self.acting:
             return canary  # leadership lapsed during this round: the new leader decides
         written = await self.kube.write_status(canary, new_status)
-        self.stats["writes"] += 1
+        self._wrote()
+        self._written_at[canary.ref] = time.monotonic()
         await self._apply(written, spec, result.actions)
         await self._converge(canary.ref, spec, new_status)
         return written
+
+    def _progress_only(
+        self, ref: CanaryRef, old: CanaryStatus, new: CanaryStatus, now: datetime
+    ) -> bool:
+        """True when ``new`` only refreshes the numbers of an unchanged "continue" verdict
+        while data flows, and the status was written less than ``status_refresh_s`` ago.
+
+        Such a status need not be written every round: every decision, phase, step,
+        weight, acknowledgement and window change is written before it acts, and the
+        numbers skipped are recomputed from the persisted step baseline by the next
+        round (or by a restarted daemon).  ``lastDataAt`` is written as soon as data
+        stops, so ``noData.holdFor`` never counts from a stale time.
+        """
+        written = self._written_at.get(ref)
+        if written is None or time.monotonic() - written >= self.settings.status_refresh_s:
+            return False
+        verdict, before = new.last_verdict, old.last_verdict
+        if new.last_data_at != now or verdict is None or verdict.decision != "continue":
+            return False
+        if before is None or before.decision != "continue":
+            return False
+        blank = dict.fromkeys(_PROGRESS_FIELDS)
+        return old.model_copy(update=blank) == new.model_copy(update=blank)
 
     async def _auto_trigger(self, canary: CanaryObject, spec: CanarySpec) -> Command | None:
         """``trigger: auto``: a promote for a canary pod template not yet rolled out.
@@ -490,7 +561,7 @@ class Daemon:
             return canary
         log.warning("canary not ready", reason=reason, error=message)
         written = await self.kube.write_status(canary, status)
-        self.stats["writes"] += 1
+        self._wrote()
         with contextlib.suppress(KubeError):
             await self.kube.emit_event(written, reason, message, warning=True)
         return written

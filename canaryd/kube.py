@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -188,15 +189,21 @@ def _as_dict(value: object) -> dict[str, Any]:
     return value
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_spec_json(text: str) -> tuple[CanarySpec | None, str | None]:
+    """A spec parsed once per distinct content (specs are frozen models)."""
+    try:
+        return parse_spec(json.loads(text)), None
+    except SpecError as exc:
+        return None, "; ".join(exc.problems)
+
+
 def to_canary(raw: dict[str, Any]) -> CanaryObject:
     meta = raw.get("metadata") or {}
     ref = CanaryRef(meta.get("namespace", ""), meta.get("name", ""))
-    spec: CanarySpec | None = None
-    error: str | None = None
-    try:
-        spec = parse_spec(raw.get("spec") or {})
-    except SpecError as exc:
-        error = "; ".join(exc.problems)
+    # a round reads every Canary: validating each unchanged spec again costs more than
+    # judging it, so parse by content (its canonical JSON) through a cache
+    spec, error = _parse_spec_json(json.dumps(raw.get("spec") or {}, sort_keys=True))
     try:
         status = CanaryStatus.model_validate(raw.get("status") or {})
     except ValidationError:
@@ -257,6 +264,10 @@ class Kube:
         return to_canary(_as_dict(raw))
 
     async def list_canaries(self, namespace: str | None = None) -> list[CanaryObject]:
+        return [to_canary(item) for item in await self.list_canaries_raw(namespace)]
+
+    async def list_canaries_raw(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The Canaries as the API returns them, unparsed (cheap for thousands)."""
         if namespace:
             raw = await self.call(
                 self.custom.list_namespaced_custom_object, API_GROUP, VERSION, namespace, PLURAL
@@ -265,7 +276,7 @@ class Kube:
             raw = await self.call(
                 self.custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL
             )
-        return [to_canary(_as_dict(item)) for item in _as_dict(raw).get("items", [])]
+        return [_as_dict(item) for item in _as_dict(raw).get("items", [])]
 
     async def write_status(self, canary: CanaryObject, status: CanaryStatus) -> CanaryObject:
         """Replace the status, if nobody changed the Canary since it was read.

@@ -416,35 +416,35 @@ class PrometheusMetrics:
         metric: str,
         result: Sequence[Any],
     ) -> None:
-        """Fold one query's series into the per-series-corrected totals."""
+        """Fold one query's series into the per-series-corrected totals.
+
+        The hot loop of a round (one pass per series: tens of thousands at a thousand
+        Canaries), so it works on plain dicts and tuples.
+        """
+        ns_label, arm_label, pod_label = shape.namespace_label, shape.arm_label, shape.pod_label
+        latency, edge_ms = metric == "latency", shape.edge_ms
+        last, totals = state.last, state.totals
+        le = math.inf
         for item in result:
             try:
                 labels = item["metric"]
                 raw = float(item["value"][1])
+                if latency:
+                    le = float(labels["le"]) * edge_ms
             except (KeyError, IndexError, TypeError, ValueError):
                 continue
-            arm = (
-                str(labels.get(shape.namespace_label, "")) if shape.namespace_label else "",
-                str(labels.get(shape.arm_label, "")),
-            )
-            le = math.inf
-            if metric == "latency":
-                try:
-                    le = float(labels.get("le", "")) * shape.edge_ms
-                except ValueError:
-                    continue
-            if not math.isfinite(raw) or raw < 0:
+            arm = (labels.get(ns_label, "") if ns_label else "", labels.get(arm_label, ""))
+            if not 0 <= raw < math.inf:  # NaN, ±Inf, negative
                 shown = "NaN" if math.isnan(raw) else f"{raw:g}"
                 snap.bad[arm] = f"Prometheus returned {shown} for the {metric} of {arm[1]}"
                 continue
-            pod = str(labels.get(shape.pod_label, "")) if shape.pod_label else ""
-            key = (metric, arm, pod, le)
-            previous = state.last.get(key)
+            key = (metric, arm, labels.get(pod_label, "") if pod_label else "", le)
+            previous = last.get(key)
+            last[key] = raw
             # a new series counts from its first value; a drop is a reset (from zero)
             delta = raw if previous is None or raw < previous else raw - previous
-            state.last[key] = raw
             total_key = (metric, arm, le)
-            state.totals[total_key] = state.totals.get(total_key, 0.0) + delta
+            totals[total_key] = totals.get(total_key, 0.0) + delta
         self._forget(state)
 
     def _forget(self, state: _ShapeState) -> None:
@@ -515,6 +515,10 @@ def _arm(snap: _Snapshot, key: ArmKey, member: _Member, *, latency: bool) -> Arm
     return ArmCounts(requests_, errors, _rebucket(edges))
 
 
+_OUR_EDGES = (*LATENCY_EDGES_MS, math.inf)
+_OUR_EDGE_SET = frozenset(_OUR_EDGES)
+
+
 def _rebucket(edges: Mapping[float, int]) -> tuple[int, ...]:
     """Cumulative counts on canaryd's edges from a histogram with any edges (in ms).
 
@@ -522,10 +526,12 @@ def _rebucket(edges: Mapping[float, int]) -> tuple[int, ...]:
     not above ours: exact on Istio's edges, and otherwise the same event definition for
     both arms, which is all a canary-vs-stable comparison needs.
     """
+    if edges.keys() == _OUR_EDGE_SET:  # Istio's own edges: nothing to map
+        return tuple(edges[e] for e in _OUR_EDGES)
     theirs = sorted(edges.items())
     out: list[int] = []
     i, last = 0, 0
-    for edge in (*LATENCY_EDGES_MS, math.inf):
+    for edge in _OUR_EDGES:
         while i < len(theirs) and theirs[i][0] <= edge * (1 + 1e-9):
             last = max(last, theirs[i][1])
             i += 1

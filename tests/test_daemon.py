@@ -62,13 +62,20 @@ class Harness:
         *,
         lease: LeaseSettings | None = None,
         speed: float = 60.0,
+        status_refresh_s: float = 30.0,
     ) -> None:
         self.server = server
         self.api = server.api_client()
         self.kube = Kube(self.api, timeout_s=5.0)
         self.router = IstioRouter(self.kube)
         self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
-        settings = DaemonSettings(resync_s=1.0, watch_timeout_s=1.0, lease=lease, drain_s=5.0)
+        settings = DaemonSettings(
+            resync_s=1.0,
+            watch_timeout_s=1.0,
+            lease=lease,
+            drain_s=5.0,
+            status_refresh_s=status_refresh_s,
+        )
         self.daemon = Daemon(self.kube, self.metrics, self.router, Deployments(self.kube), settings)
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -520,3 +527,41 @@ def test_the_next_rollout_scales_a_scaled_down_canary_back_up_before_routing_to_
     events = cluster.list_objects("", "v1", "events", NS)
     waited = [e["message"] for e in events if e["reason"] == "CanaryNotReady"]
     assert waited == ["scaling Deployment checkout-canary back up to 1 before routing to it"]
+
+
+@pytest.mark.parametrize("refresh_s", [0.0, 30.0])
+def test_unchanged_verdicts_refresh_status_at_most_every_status_refresh(
+    cluster: KubeApiServer, refresh_s: float
+) -> None:
+    """Rounds that only refresh the numbers of a "continue" verdict write status at most
+    every ``status_refresh_s``; a decision is written at once, whatever the refresh."""
+    api = cluster.api_client()
+    from kubernetes import client as k8s
+
+    k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+        "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+        {"spec": {"analysis": {"earlyPassRatio": None, "stepDuration": "60s",
+                               "minStepDuration": "30s"}}},
+    )  # fmt: skip
+    api.close()
+
+    async def scenario() -> tuple[int, int, Obj]:
+        async with Harness(cluster, get_scenario("healthy"), status_refresh_s=refresh_s) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: ((o.get("status") or {}).get("lastVerdict") or {})
+                          .get("decision") == "continue")  # fmt: skip
+            before = h.daemon.stats["writes"]
+            await asyncio.sleep(5.0)  # five 1-second rounds of "continue"
+            during = h.daemon.stats["writes"] - before
+            reconciles = h.daemon.stats["reconciles"]
+            await h.command(CommandKind.ABORT)
+            obj = await h.until(lambda o: phase(o) == "RolledBack", timeout_s=5)
+            return during, reconciles, obj
+
+    during, reconciles, obj = asyncio.run(scenario())
+    assert reconciles >= 5
+    if refresh_s:
+        assert during == 0, "unchanged verdicts were written before the refresh was due"
+    else:
+        assert during >= 4, "with no refresh interval, every round is written"
+    assert obj["status"]["canaryWeight"] == 0  # the abort was written and acted on at once
