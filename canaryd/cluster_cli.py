@@ -237,6 +237,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         resync_s=args.resync,
         watch_timeout_s=args.watch_timeout,
         metrics_timeout_s=metrics_timeout_s,
+        status_refresh_s=args.status_refresh,
     )
     daemon = Daemon(kube, metrics, router, Deployments(kube), settings)
     stop = asyncio.Event()
@@ -418,6 +419,14 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     )
     run.add_argument(
         "--watch-timeout", type=parse_duration, default=60.0, metavar="D", help=argparse.SUPPRESS
+    )
+    run.add_argument(
+        "--status-refresh",
+        type=parse_duration,
+        default=30.0,
+        metavar="D",
+        help="write an unchanged verdict's numbers at most this often (default 30s; "
+        "decisions are always written at once)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="json", choices=["json", "console"])
