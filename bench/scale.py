@@ -187,6 +187,10 @@ async def _drive(
         kubeapi.stdin.flush()
         return int(json.loads(kubeapi.stdout.readline())["writes"])
 
+    def judged_all() -> list[Any]:
+        """The rounds that judged every canary, oldest first."""
+        return [r for r in daemon.rounds.values() if r.reconciles >= n]
+
     seen_queries = 0
     seen_writes = await asyncio.to_thread(api_writes)
     cpu_mark = time.process_time()
@@ -211,17 +215,15 @@ async def _drive(
                 cpu_mark, seen_writes = cpu, writes
                 seen_queries = source.stats["queries"]
                 last_tick = now_tick
-            full = [r for r in daemon.rounds.values() if r.reconciles >= n]
+            full = judged_all()
             if len(full) >= rounds + 2 and (last_tick or 0) > full[-1].tick_s:
-                break
-            if len(daemon.rounds) and time.monotonic() > deadline - 10:
                 break
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
         source.close()
         api.close()
-    full = [r for r in daemon.rounds.values() if r.reconciles >= n][2 : 2 + rounds]
+    full = judged_all()[2 : 2 + rounds]
     if not full:
         raise SystemExit(
             f"N={n}: no round judged all canaries; rounds: {list(daemon.rounds.values())[-5:]}"

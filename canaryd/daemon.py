@@ -347,13 +347,20 @@ class Daemon:
                         round_.finished_s = max(round_.finished_s, time.monotonic())
                         round_.writes += (_WRITES.get() or [0])[0]
                     if canary is None:
-                        self.workers.pop(ref, None)
-                        self._intervals.pop(ref, None)
+                        self._forget(ref)
                         return
                     delay = self._next_delay(canary)
             elif self.settings.lease is not None:
                 delay = self.settings.lease.retry_s
             await self._sleep(wake, delay)
+
+    def _forget(self, ref: CanaryRef) -> None:
+        """Drop everything kept for a Canary that is gone."""
+        for per_canary in (
+            self.workers, self._intervals, self._cache, self._parsed,
+            self._converged, self._written_at,
+        ):  # fmt: skip
+            per_canary.pop(ref, None)
 
     def _next_delay(self, canary: CanaryObject) -> float:
         """Until the next tick: a multiple of the interval on the wall clock.

@@ -205,7 +205,7 @@ class PrometheusMetrics:
             session.cert = s.client_cert
         return PrometheusConnect(
             url=s.url.rstrip("/"),
-            headers=dict(s.headers),
+            headers=self._headers() if not s.bearer_token_file else dict(s.headers),
             disable_ssl=s.insecure_skip_verify,
             # retries are ours, bounded by the fetch's deadline; urllib3 re-raises as is
             retry=Retry(total=0, read=False, redirect=False, status=False),
@@ -298,6 +298,10 @@ class PrometheusMetrics:
         deadline = started + self.settings.timeout_s
         self.stats["fetches"] += 1
         try:
+            if self.settings.bearer_token_file:  # once per fetch, before the threads start
+                headers = self._headers()
+                for client in self._clients.values():
+                    client.headers = headers
             results = await asyncio.gather(
                 *(self._query(name, q, at, deadline) for name, q in rendered.items())
             )
@@ -357,8 +361,6 @@ class PrometheusMetrics:
     def _blocking_query(self, name: str, query: str, at: float, timeout_s: float) -> list[Any]:
         """The HTTP call (in a worker thread), its failures mapped to our errors."""
         client = self._clients[name]
-        if self.settings.bearer_token_file or self.settings.bearer_token:
-            client.headers = {**dict(self.settings.headers), **self._auth_header()}
         url = self.settings.url
         try:
             result = client.custom_query(query, params={"time": f"{at:.3f}"}, timeout=timeout_s)
@@ -399,14 +401,16 @@ class PrometheusMetrics:
             )
         return result
 
-    def _auth_header(self) -> dict[str, str]:
+    def _headers(self) -> dict[str, str]:
+        """Every request's headers; a token file is read afresh (rotated tokens)."""
         token = self.settings.bearer_token
         if self.settings.bearer_token_file:
             try:
                 token = Path(self.settings.bearer_token_file).read_text().strip()
             except OSError as exc:
                 raise MetricsError(f"cannot read the Prometheus bearer token file: {exc}") from exc
-        return {"Authorization": f"Bearer {token}"}
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        return {**dict(self.settings.headers), **auth}
 
     def _accumulate(
         self,

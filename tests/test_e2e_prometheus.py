@@ -92,6 +92,11 @@ class Stack:
                 "--kubeconfig", str(self.kubeconfig), *flags]  # fmt: skip
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    def log_events(self) -> list[Obj]:
+        """The daemon's JSON log lines so far."""
+        text = (self.logs / "daemon.log").read_text(errors="replace")
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
     def log_tail(self, lines: int = 40) -> str:
         text = (self.logs / "daemon.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
@@ -175,10 +180,7 @@ def test_a_healthy_canary_is_promoted(stack_factory: Callable[..., Stack]) -> No
     # judged on Prometheus data: real request counts of both arms at the last step
     errors = next(c for c in verdict["checks"] if c["name"] == "errors")
     assert errors["stats"]["canary_requests"] > 100  # counted from Prometheus's series
-    daemon_lines = [
-        json.loads(line) for line in stack.log_tail(10_000).splitlines() if line.startswith("{")
-    ]
-    assert not [e for e in daemon_lines if e.get("level") == "error"], "errors in the daemon log"
+    assert not [e for e in stack.log_events() if e.get("level") == "error"], "errors in the log"
 
 
 def test_a_canary_with_ten_times_the_errors_is_rolled_back_in_its_first_step(
@@ -249,8 +251,5 @@ def test_prometheus_down_mid_step_holds_and_its_return_resumes(
         timeout_s=20,
     )
     assert stack.weight() == 10
-    events = [
-        e.get("event")
-        for e in (json.loads(x) for x in stack.log_tail(10_000).splitlines() if x.startswith("{"))
-    ]
+    events = [e.get("event") for e in stack.log_events()]
     assert "Resumed" in events or any("Resumed" in str(e) for e in events), events[-20:]

@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -386,3 +388,47 @@ def test_arms_that_cannot_be_told_apart_are_a_clear_error(prometheus: Prometheus
     with pytest.raises(MetricsError, match="cannot tell the arms apart"):
         asyncio.run(src.observe(CanaryRef("shop", "x"), parse_spec({})))
     src.close()
+
+
+def test_a_bearer_token_file_is_sent_and_reread_on_each_fetch(tmp_path: Path) -> None:
+    """Prometheus itself checks no bearer tokens, so a recording HTTP peer stands in
+    for the proxy in front of a hosted one: it checks what arrives on the wire."""
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        now = [0.0]
+        src = PrometheusMetrics(
+            PrometheusSettings(
+                url=f"http://127.0.0.1:{server.server_port}",
+                bearer_token_file=str(token),
+                headers={"X-Scope-OrgID": "team-a"},
+            ),
+            clock=lambda: now[0],
+        )
+        with pytest.raises(MetricsError, match="no request series"):
+            asyncio.run(src.observe(CanaryRef("shop", "checkout"), spec()))
+        token.write_text("second\n")  # rotated
+        now[0] = 100.0
+        with pytest.raises(MetricsError, match="no request series"):
+            asyncio.run(src.observe(CanaryRef("shop", "checkout"), spec()))
+        src.close()
+        server.shutdown()
+        thread.join(5)
+    assert seen == ["Bearer first"] * 3 + ["Bearer second"] * 3
