@@ -195,6 +195,7 @@ async def _drive(
     seen_writes = await asyncio.to_thread(api_writes)
     cpu_mark = time.process_time()
     last_tick: float | None = None
+    reported = 0
     deadline = time.monotonic() + (rounds + 6) * interval_s + 600
     try:
         while time.monotonic() < deadline:
@@ -216,6 +217,11 @@ async def _drive(
                 seen_queries = source.stats["queries"]
                 last_tick = now_tick
             full = judged_all()
+            for r in full[reported:]:
+                if r.tick_s < (last_tick or 0):  # ended: show progress on long runs
+                    reported += 1
+                    label = "warm-up" if reported <= 2 else f"{reported - 2}/{rounds}"
+                    print(f"N={n}: round {label}: {r.duration_s:.2f}s", file=sys.stderr)
             if len(full) >= rounds + 2 and (last_tick or 0) > full[-1].tick_s:
                 break
     finally:
@@ -251,18 +257,28 @@ def run_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[st
     """One N in a fresh child process (so peak RSS is this N's own)."""
     argv = [sys.executable, __file__, "--one", str(n), "--rounds", str(rounds),
             "--interval", f"{interval_s:g}", "--scrape", f"{scrape_s:g}"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+    # the child's progress and errors go straight to our stderr; its result is stdout's
+    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
-        raise SystemExit(f"N={n} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"N={n} failed (exit {out.returncode}); see above")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def one_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[str, Any]:
+    import logging
+
+    from canaryd.logs import configure
     from tests.services import PrometheusServer
 
     with tempfile.TemporaryDirectory(prefix="canaryd-scale-") as tmp:
         work = Path(tmp)
         logs = (work / "children.log").open("w")
+        # the daemon logs as in production (JSON, info), to a file: stderr shows progress
+        configure("info")
+        daemon_log = (work / "daemon.log").open("w")
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(daemon_log)
         procs: list[subprocess.Popen[str]] = []
         prom = None
         try:
@@ -286,7 +302,15 @@ def one_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[st
             result["interval_s"] = interval_s
             result["scrape_s"] = scrape_s
             return result
+        except BaseException:
+            daemon_log.flush()
+            logs.flush()
+            for name in ("daemon.log", "children.log"):
+                tail = (work / name).read_text(errors="replace").splitlines()[-20:]
+                print(f"--- last lines of {name}:", *tail, sep="\n", file=sys.stderr)
+            raise
         finally:
+            daemon_log.close()
             if prom is not None:
                 prom.stop()
             for proc in reversed(procs):

@@ -257,6 +257,11 @@ class Daemon:
                 meta = obj.get("metadata") or {}
                 ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
                 if kind in ("ADDED", "MODIFIED") and ref.name:
+                    parsed = self._parsed.get(ref)
+                    if parsed is not None and parsed.resource_version == str(
+                        meta.get("resourceVersion", "")
+                    ):
+                        obj = parsed.raw  # our own write coming back: keep one copy, not two
                     self._cache[ref] = obj
                     worker = self._ensure_worker(ref)
                     key = (

@@ -323,20 +323,24 @@ def test_a_bad_query_fails_at_once_with_prometheus_reason(prometheus: Prometheus
 
 
 def test_unreachable_prometheus_is_retried_then_reported() -> None:
+    # bound but not listening: connections are refused, and no other test (or server
+    # started beside this one) can take the port meanwhile
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
-    src = PrometheusMetrics(
-        PrometheusSettings(url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
-    )
-    with pytest.raises(MetricsError, match="unreachable: connection refused"):
-        asyncio.run(src.observe(CanaryRef("shop", "checkout"), spec()))
-    assert src.stats["queries"] == 3 * 3  # each query: first try and two retries
-    # the failure is remembered: a thousand canaries do not each retry it
-    with pytest.raises(MetricsError, match="unreachable"):
-        asyncio.run(src.observe(CanaryRef("shop", "cart"), spec("cart")))
-    assert src.stats["fetches"] == 1
-    src.close()
+        port = sock.getsockname()[1]
+        src = PrometheusMetrics(
+            PrometheusSettings(
+                url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01, timeout_s=30
+            )
+        )
+        with pytest.raises(MetricsError, match="unreachable: connection refused"):
+            asyncio.run(src.observe(CanaryRef("shop", "checkout"), spec()))
+        assert src.stats["queries"] == 3 * 3  # each query: first try and two retries
+        # the failure is remembered: a thousand canaries do not each retry it
+        with pytest.raises(MetricsError, match="unreachable"):
+            asyncio.run(src.observe(CanaryRef("shop", "cart"), spec("cart")))
+        assert src.stats["fetches"] == 1
+        src.close()
 
 
 def test_a_silent_server_times_out_within_the_deadline() -> None:
