@@ -304,9 +304,15 @@ class PrometheusMetrics:
                 headers = self._headers()
                 for client in self._clients.values():
                     client.headers = headers
-            results = await asyncio.gather(
-                *(self._query(name, q, at, deadline) for name, q in rendered.items())
-            )
+            tasks = [
+                asyncio.create_task(self._query(name, q, at, deadline), name=f"prometheus-{name}")
+                for name, q in rendered.items()
+            ]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:  # one failed query fails the snapshot: stop retrying the others
+                for task in tasks:
+                    task.cancel()
         except MetricsError as exc:
             self.stats["failures"] += 1
             snap.error = str(exc)

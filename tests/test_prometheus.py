@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
+from structlog.testing import capture_logs
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS
 from canaryd.ports import CanaryRef, MetricsError
@@ -333,13 +334,20 @@ def test_unreachable_prometheus_is_retried_then_reported() -> None:
                 url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01, timeout_s=30
             )
         )
-        with pytest.raises(MetricsError, match="unreachable: connection refused"):
+        with capture_logs() as logs, pytest.raises(MetricsError, match="unreachable: conn"):
             asyncio.run(src.observe(CanaryRef("shop", "checkout"), spec()))
-        assert src.stats["queries"] == 3 * 3  # each query: first try and two retries
+        retries = [
+            e["attempt"] for e in logs if e["event"] == "prometheus query failed; will retry"
+        ]
+        # the query that gave up first tried three times (first try, two retries); once it
+        # gave up, its two siblings (tried at least once) were cancelled wherever they were
+        assert "2/2" in retries and set(retries) <= {"1/2", "2/2"}, retries
+        assert 3 + 2 <= src.stats["queries"] <= 3 * 3
+        sent = src.stats["queries"]
         # the failure is remembered: a thousand canaries do not each retry it
         with pytest.raises(MetricsError, match="unreachable"):
             asyncio.run(src.observe(CanaryRef("shop", "cart"), spec("cart")))
-        assert src.stats["fetches"] == 1
+        assert src.stats["fetches"] == 1 and src.stats["queries"] == sent
         src.close()
 
 
