@@ -187,9 +187,15 @@ async def _drive(
         kubeapi.stdin.flush()
         return int(json.loads(kubeapi.stdout.readline())["writes"])
 
+    def active() -> int:
+        """Canaries still in a rollout: a healthy one may still be rolled back by chance
+        (α per rollout), and then it is no longer judged every round."""
+        return sum(1 for interval in daemon._intervals.values() if interval is not None)
+
     def judged_all() -> list[Any]:
-        """The rounds that judged every canary, oldest first."""
-        return [r for r in daemon.rounds.values() if r.reconciles >= n]
+        """The rounds that judged every active canary, oldest first."""
+        floor = min(n, active()) if daemon._intervals else n
+        return [r for r in daemon.rounds.values() if r.reconciles >= floor]
 
     seen_queries = 0
     seen_writes = await asyncio.to_thread(api_writes)
@@ -248,6 +254,7 @@ async def _drive(
         "writes_per_round": statistics.median(b["writes"] for b in booked) if booked else None,
         "queries_per_round": statistics.median(b["queries"] for b in booked) if booked else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "active_at_end": active(),
         "failures": daemon.stats["failures"],
         "conflicts": daemon.stats["conflicts"],
     }
