@@ -154,6 +154,7 @@ async def _drive(
     rounds: int,
     interval_s: float,
     kubeapi: subprocess.Popen[str],
+    status_refresh_s: float,
 ) -> dict[str, Any]:
     """Run the daemon until ``rounds`` measured rounds have ended; their statistics."""
     from kubernetes import client as k8s
@@ -174,7 +175,8 @@ async def _drive(
     source = PrometheusMetrics(PrometheusSettings(url=prom_url, timeout_s=20.0))
     daemon = Daemon(
         kube, source, router, Deployments(kube),
-        DaemonSettings(resync_s=60.0, metrics_timeout_s=25.0, drain_s=30.0),
+        DaemonSettings(resync_s=60.0, metrics_timeout_s=25.0, drain_s=30.0,
+                       status_refresh_s=status_refresh_s),
     )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop), name="daemon")
@@ -260,10 +262,13 @@ async def _drive(
     }
 
 
-def run_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[str, Any]:
+def run_size(
+    n: int, rounds: int, interval_s: float, scrape_s: float, status_refresh_s: float
+) -> dict[str, Any]:
     """One N in a fresh child process (so peak RSS is this N's own)."""
     argv = [sys.executable, __file__, "--one", str(n), "--rounds", str(rounds),
-            "--interval", f"{interval_s:g}", "--scrape", f"{scrape_s:g}"]  # fmt: skip
+            "--interval", f"{interval_s:g}", "--scrape", f"{scrape_s:g}",
+            "--status-refresh", f"{status_refresh_s:g}"]  # fmt: skip
     # the child's progress and errors go straight to our stderr; its result is stdout's
     out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
@@ -271,7 +276,9 @@ def run_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[st
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def one_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[str, Any]:
+def one_size(
+    n: int, rounds: int, interval_s: float, scrape_s: float, status_refresh_s: float
+) -> dict[str, Any]:
     import logging
 
     from canaryd.logs import configure
@@ -304,10 +311,13 @@ def one_size(n: int, rounds: int, interval_s: float, scrape_s: float) -> dict[st
             prom.start()
             print(f"N={n}: set up in {time.monotonic() - started:.1f}s", file=sys.stderr)
             result = asyncio.run(
-                _drive(n, info["kubeconfig"], prom.url, rounds, interval_s, kubeapi)
+                _drive(
+                    n, info["kubeconfig"], prom.url, rounds, interval_s, kubeapi, status_refresh_s
+                )
             )
             result["interval_s"] = interval_s
             result["scrape_s"] = scrape_s
+            result["status_refresh_s"] = status_refresh_s
             return result
         except BaseException:
             daemon_log.flush()
@@ -354,6 +364,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--interval", type=float, default=0, help="seconds; default by size")
     parser.add_argument("--scrape", type=float, default=0, help="seconds; default by size")
+    parser.add_argument(
+        "--status-refresh",
+        type=float,
+        default=30.0,
+        help="the daemon's status_refresh_s: an unchanged 'continue' verdict is written at "
+        "most this often (default 30, as canaryd run; 0 writes every round, as the "
+        "default 1-minute interval does)",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kubeapi-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -362,13 +380,14 @@ def main() -> None:
         serve_kubeapi(args.kubeapi_child, f"{args.interval:g}s", args.workdir)
         return
     if args.one is not None:
-        print(json.dumps(one_size(args.one, args.rounds, args.interval, args.scrape)))
+        result = one_size(args.one, args.rounds, args.interval, args.scrape, args.status_refresh)
+        print(json.dumps(result))
         return
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         interval_s = args.interval or (10.0 if n <= 1000 else 30.0)
         scrape_s = args.scrape or (2.0 if n <= 1000 else 5.0)
-        result = run_size(n, args.rounds, interval_s, scrape_s)
+        result = run_size(n, args.rounds, interval_s, scrape_s, args.status_refresh)
         print(json.dumps(result), file=sys.stderr)
         results.append(result)
     table = _table(results)
