@@ -174,6 +174,14 @@ class Daemon:
         self._written_at: dict[CanaryRef, float] = {}
         #: (phase, weight) last converged per Canary and when (monotonic s)
         self._converged: dict[CanaryRef, tuple[tuple[object, int], float]] = {}
+        #: our last write of a Canary that the watch has not delivered yet, as
+        #: (resourceVersion, when written, monotonic s): until it comes back, every event
+        #: of that Canary is older than what we hold (a watch delivers one object's
+        #: changes in order), so it must not replace the cache (a lagging watch, as at
+        #: start-up with thousands of Canaries, would make every next write a 409)
+        self._unseen: dict[CanaryRef, tuple[str, float]] = {}
+        #: per Canary being reconciled, the resourceVersions the watch delivered meanwhile
+        self._delivered: dict[CanaryRef, list[str]] = {}
         self._stop = asyncio.Event()
 
     @property
@@ -254,29 +262,56 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 kind, obj = await queue.get()
-                meta = obj.get("metadata") or {}
-                ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
-                if kind in ("ADDED", "MODIFIED") and ref.name:
-                    parsed = self._parsed.get(ref)
-                    if parsed is not None and parsed.resource_version == str(
-                        meta.get("resourceVersion", "")
-                    ):
-                        obj = parsed.raw  # our own write coming back: keep one copy, not two
-                    self._cache[ref] = obj
-                    worker = self._ensure_worker(ref)
-                    key = (
-                        meta.get("generation"),
-                        (meta.get("annotations") or {}).get(COMMANDS_ANNOTATION),
-                    )
-                    if key != worker.seen:
-                        worker.seen = key
-                        worker.wake.set()
-                elif kind == "DELETED":
-                    self._cache.pop(ref, None)
-                    if ref in self.workers:
-                        self.workers[ref].wake.set()
+                self._on_watch_event(kind, obj)
         finally:
             halt.set()
+
+    def _on_watch_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """One watch event: update the cache and wake the Canary's worker if it changed.
+
+        ``RESYNC`` (from :meth:`_pump`) says a fresh list starts: what it delivers is
+        current, so no event is held back as older than our own writes any more.
+        """
+        if kind == "RESYNC":
+            self._unseen.clear()
+            return
+        meta = obj.get("metadata") or {}
+        ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
+        if not ref.name:
+            return
+        version = str(meta.get("resourceVersion", ""))
+        if ref in self._delivered:
+            self._delivered[ref].append(version)
+        if kind in ("ADDED", "MODIFIED"):
+            unseen = self._unseen.get(ref)
+            if unseen is not None:
+                if version != unseen[0] and time.monotonic() - unseen[1] < self._unseen_for_s:
+                    return  # from before our own write: nothing we do not have
+                del self._unseen[ref]
+            parsed = self._parsed.get(ref)
+            if parsed is not None and parsed.resource_version == version:
+                obj = parsed.raw  # our own write coming back: keep one copy, not two
+            self._cache[ref] = obj
+            worker = self._ensure_worker(ref)
+            key = (
+                meta.get("generation"),
+                (meta.get("annotations") or {}).get(COMMANDS_ANNOTATION),
+            )
+            if key != worker.seen:
+                worker.seen = key
+                worker.wake.set()
+        elif kind == "DELETED":
+            self._cache.pop(ref, None)
+            self._unseen.pop(ref, None)
+            if ref in self.workers:
+                self.workers[ref].wake.set()
+
+    @property
+    def _unseen_for_s(self) -> float:
+        """How long a write of ours may take to come back through the watch before
+        events are believed again (a safety net: every watch request ends and is
+        renewed within ``watch_timeout_s``)."""
+        return self.settings.watch_timeout_s + 5.0
 
     def _pump(
         self,
@@ -295,6 +330,8 @@ class Daemon:
             }
             if resource_version:
                 kwargs["resource_version"] = resource_version
+            else:  # a fresh list: tell the loop, before its first event
+                loop.call_soon_threadsafe(queue.put_nowait, ("RESYNC", {}))
             try:
                 if namespace:
                     events = stream.stream(
@@ -359,11 +396,23 @@ class Daemon:
                 delay = self.settings.lease.retry_s
             await self._sleep(wake, delay)
 
+    def _remember(self, done: CanaryObject, *, wrote: bool, delivered: list[str]) -> None:
+        """Cache the Canary a reconcile ended with (``wrote``: its own write), unless
+        the watch ``delivered`` something newer meanwhile."""
+        ref = done.ref
+        if wrote and done.resource_version not in delivered:
+            # the watch has yet to deliver our write: whatever it delivered is older
+            self._unseen[ref] = (done.resource_version, time.monotonic())
+            self._cache[ref] = done.raw
+        else:
+            self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
+        self._parsed[ref] = done  # used while the cache holds its version
+
     def _forget(self, ref: CanaryRef) -> None:
         """Drop everything kept for a Canary that is gone."""
         for per_canary in (
             self.workers, self._intervals, self._cache, self._parsed,
-            self._converged, self._written_at,
+            self._converged, self._written_at, self._unseen,
         ):  # fmt: skip
             per_canary.pop(ref, None)
 
@@ -435,17 +484,20 @@ class Daemon:
             except NotFoundError:
                 return None
             self.stats["reconciles"] += 1
+            self._delivered[ref] = []
             with structlog.contextvars.bound_contextvars(
                 namespace=ref.namespace, name=ref.name, step=canary.status.step_index
             ):
                 try:
                     done = await self._reconcile(canary)
-                    self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
-                    self._parsed[ref] = done  # used while the cache holds its version
-                    return done
                 except ConflictError:
                     self.stats["conflicts"] += 1
                     continue
+                finally:
+                    delivered = self._delivered.pop(ref, [])
+            self._remember(done, wrote=done.resource_version != canary.resource_version,
+                           delivered=delivered)  # fmt: skip
+            return done
         raise ConflictError(f"{ref}: gave up after {self.settings.conflict_attempts} conflicts")
 
     async def _reconcile(self, canary: CanaryObject) -> CanaryObject:

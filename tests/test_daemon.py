@@ -7,13 +7,14 @@ Real time, compressed: evaluations every second, 6-second steps, simulated traff
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from canaryd.daemon import Daemon, DaemonSettings
+from canaryd.daemon import Daemon, DaemonSettings, _Worker
 from canaryd.istio import IstioRouter
 from canaryd.kube import Kube
 from canaryd.leader import LeaseSettings
@@ -565,3 +566,85 @@ def test_unchanged_verdicts_refresh_status_at_most_every_status_refresh(
     else:
         assert during >= 4, "with no refresh interval, every round is written"
     assert obj["status"]["canaryWeight"] == 0  # the abort was written and acted on at once
+
+
+@contextlib.asynccontextmanager
+async def by_hand(cluster: KubeApiServer) -> AsyncIterator[Daemon]:
+    """A daemon whose watch events the test delivers itself, in the order it wants, and
+    whose reconciles it runs itself: no watch runs, and a placeholder worker keeps the
+    events from starting a reconciling one.  Every round writes (refresh 0)."""
+
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    h = Harness(cluster, get_scenario("healthy"), status_refresh_s=0.0)
+    placeholder = asyncio.create_task(idle(), name="idle")
+    h.daemon.workers[REF] = _Worker(placeholder)
+    try:
+        yield h.daemon
+    finally:
+        placeholder.cancel()
+        h.api.close()
+
+
+def test_a_lagging_watch_does_not_turn_the_daemons_own_writes_into_conflicts(
+    cluster: KubeApiServer,
+) -> None:
+    """A watch that lags (thousands of Canaries at start-up) delivers events older than
+    the daemon's own last write: they must not replace it in the cache, or every next
+    write is a 409; events after its write came back are believed again."""
+
+    async def scenario() -> None:
+        async with by_hand(cluster) as daemon:
+            kube = daemon.kube
+            await kube.add_command(
+                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
+            )
+            late = canary_obj(cluster)  # the promote as written: the watch is late with it
+            first = await daemon.reconcile(REF)
+            assert first is not None and first.status.phase == "Progressing"
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(late))  # older than our write
+            second = await daemon.reconcile(REF)
+            assert second is not None and second.resource_version != first.resource_version
+            assert daemon.stats["conflicts"] == 0
+            # our first write comes back (old too: the second came later) ...
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(first.raw))
+            assert daemon._cache[REF]["metadata"]["resourceVersion"] == second.resource_version
+            # ... then our second: from here on, what the watch brings is news
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
+            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            daemon.workers[REF].wake.clear()
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
+            assert daemon.workers[REF].wake.is_set()
+            third = await daemon.reconcile(REF)
+            assert third is not None and third.status.phase == "RolledBack"
+            assert daemon.stats["conflicts"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_fresh_watch_list_is_believed_over_a_write_it_never_delivers(
+    cluster: KubeApiServer,
+) -> None:
+    """After a watch restarts from a fresh list (its history expired), our last write may
+    never come back as itself: the list's objects are current and replace it."""
+
+    async def scenario() -> None:
+        async with by_hand(cluster) as daemon:
+            kube = daemon.kube
+            await kube.add_command(
+                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
+            )
+            assert await daemon.reconcile(REF) is not None
+            # someone else's write after ours; the watch restarts past both
+            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            current = canary_obj(cluster)
+            daemon._on_watch_event("RESYNC", {})
+            daemon._on_watch_event("ADDED", copy.deepcopy(current))
+            rv = daemon._cache[REF]["metadata"]["resourceVersion"]
+            assert rv == current["metadata"]["resourceVersion"]
+            done = await daemon.reconcile(REF)
+            assert done is not None and done.status.phase == "RolledBack"
+            assert daemon.stats["conflicts"] == 0
+
+    asyncio.run(scenario())
