@@ -253,7 +253,10 @@ def _weight_class(plan: CheckPlan) -> str:
     return "latency" if plan.latency is not None else "errors"
 
 
+@functools.cache
 def _edge_index_at_or_above(value_ms: float) -> int | None:
+    """Index of the first histogram edge at or above ``value_ms`` (cached: a spec has
+    a handful of limits, looked up for every canary in every round)."""
     for i, edge in enumerate(LATENCY_EDGES_MS):
         if edge >= value_ms:
             return i

@@ -265,6 +265,10 @@ def ratio_for_theta(weight: float, theta: float) -> float:
     return theta * (1.0 - weight) / (weight * (1.0 - theta))
 
 
+#: Prior weight of the restart mixture on "the regression shows from the first step".
+FIRST_STEP_WEIGHT: float = 0.8
+
+
 @functools.cache
 def restart_weights(n_steps: int) -> tuple[float, ...]:
     """Prior weights of the restart mixture over the step a regression starts in.
@@ -275,8 +279,13 @@ def restart_weights(n_steps: int) -> tuple[float, ...]:
     """
     if n_steps <= 1:
         return (1.0,)
-    rest = 0.2 / (n_steps - 1)
-    return (0.8,) + (rest,) * (n_steps - 1)
+    rest = (1.0 - FIRST_STEP_WEIGHT) / (n_steps - 1)
+    return (FIRST_STEP_WEIGHT,) + (rest,) * (n_steps - 1)
+
+
+#: log π0 and log(1 − π0) of :func:`restart_weights` (the first step's closed form)
+_LOG_FIRST_WEIGHT: float = math.log(FIRST_STEP_WEIGHT)
+_LOG_REST_WEIGHT: float = math.log1p(-FIRST_STEP_WEIGHT)
 
 
 def combine_steps(step_log_es: Sequence[float], n_steps: int) -> float:
@@ -299,13 +308,14 @@ def combine_steps(step_log_es: Sequence[float], n_steps: int) -> float:
     if current == 0:
         return 0.0
     n_steps = max(n_steps, current)
-    weights = restart_weights(n_steps)
     if current == 1:  # the common case, in closed form: log(π0·E + (1 − π0))
         if n_steps == 1:
             return step_log_es[0]
-        head, rest = math.log(weights[0]) + step_log_es[0], math.log1p(-weights[0])
-        top = max(head, rest)
-        return top + math.log(math.exp(head - top) + math.exp(rest - top))
+        head = _LOG_FIRST_WEIGHT + step_log_es[0]
+        if head >= _LOG_REST_WEIGHT:
+            return head + math.log1p(math.exp(_LOG_REST_WEIGHT - head))
+        return _LOG_REST_WEIGHT + math.log1p(math.exp(head - _LOG_REST_WEIGHT))
+    weights = restart_weights(n_steps)
     terms: list[float] = []
     suffix = 0.0
     for j in range(current - 1, -1, -1):

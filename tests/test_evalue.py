@@ -104,6 +104,9 @@ def test_combine_steps_is_a_convex_mixture() -> None:
     assert combine_steps([0.0], 3) == pytest.approx(0.0)
     # a strong first step counts at the first step's weight plus the unstarted mass
     assert combine_steps([math.log(1000.0)], 3) == pytest.approx(math.log(0.8 * 1000 + 0.2))
+    # ... and a weak one the unstarted mass plus what is left of it; huge ones stay finite
+    assert combine_steps([-3.0], 3) == pytest.approx(math.log(0.8 * math.exp(-3.0) + 0.2))
+    assert combine_steps([800.0], 3) == pytest.approx(800.0 + math.log(0.8))
     # a hopeless first step does not mask a later regression
     late = combine_steps([-50.0, math.log(1000.0)], 3)
     assert late == pytest.approx(math.log(0.1 * 1000 + 0.1 + 0.8 * math.exp(-50) * 1000))
