@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -400,12 +400,19 @@ class Daemon:
         """Cache the Canary a reconcile ended with (``wrote``: its own write), unless
         the watch ``delivered`` something newer meanwhile."""
         ref = done.ref
+        # while the parsed form is kept, nothing reads the rest of the raw object again:
+        # keep its metadata only (the whole object is ~40 KB of Python objects a Canary)
+        done = replace(done, raw={"metadata": done.raw.get("metadata") or {}})
         if wrote and done.resource_version not in delivered:
             # the watch has yet to deliver our write: whatever it delivered is older
             self._unseen[ref] = (done.resource_version, time.monotonic())
             self._cache[ref] = done.raw
         else:
-            self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
+            cached = self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
+            if str((cached.get("metadata") or {}).get("resourceVersion", "")) == (
+                done.resource_version
+            ):
+                self._cache[ref] = done.raw  # the watch's copy of it: the slim one will do
         self._parsed[ref] = done  # used while the cache holds its version
 
     def _forget(self, ref: CanaryRef) -> None:
@@ -477,7 +484,7 @@ class Daemon:
                     == str((cached.get("metadata") or {}).get("resourceVersion", ""))
                 ):
                     canary = parsed  # unchanged since we last parsed it: no parsing again
-                elif cached is not None:
+                elif cached is not None and "spec" in cached:
                     canary = to_canary(cached)
                 else:
                     canary = await self.kube.get_canary(ref)

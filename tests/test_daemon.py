@@ -648,3 +648,43 @@ def test_a_fresh_watch_list_is_believed_over_a_write_it_never_delivers(
             assert daemon.stats["conflicts"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
+    cluster: KubeApiServer,
+) -> None:
+    """Once parsed, a Canary is kept as its parsed form plus its metadata (the whole
+    raw object is ~40 KB of Python objects): the next round neither GETs nor parses it,
+    and a change by someone else (a full object from the watch) is parsed as usual."""
+
+    def reads() -> int:
+        return sum(
+            1
+            for r in cluster.requests
+            if r.method == "GET" and r.path.endswith("/canaries/checkout")
+        )
+
+    async def scenario() -> None:
+        async with by_hand(cluster) as daemon:
+            kube = daemon.kube
+            await kube.add_command(
+                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
+            )
+            done = await daemon.reconcile(REF)  # no cache yet: one GET
+            assert done is not None and "status" in done.raw  # callers get it whole
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
+            assert set(daemon._cache[REF]) == {"metadata"}  # even the watch's own copy
+            before = reads()
+            again = await daemon.reconcile(REF)
+            assert again is not None and again.status.phase == "Progressing"
+            assert reads() == before
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(again.raw))  # its write is back
+            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
+            assert "spec" in daemon._cache[REF]  # news: kept whole until parsed
+            before = reads()  # (adding the command read the Canary)
+            aborted = await daemon.reconcile(REF)
+            assert aborted is not None and aborted.status.phase == "RolledBack"
+            assert reads() == before and daemon.stats["conflicts"] == 0
+
+    asyncio.run(scenario())
