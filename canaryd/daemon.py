@@ -140,6 +140,11 @@ class _Worker:
     seen: tuple[object, object] | None = None
 
 
+def _version(obj: dict[str, Any]) -> str:
+    """An object's ``metadata.resourceVersion`` (empty when it has none)."""
+    return str((obj.get("metadata") or {}).get("resourceVersion", ""))
+
+
 class Daemon:
     """Drives Canaries with the pure state machine; every effect goes through a port."""
 
@@ -279,7 +284,7 @@ class Daemon:
         ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
         if not ref.name:
             return
-        version = str(meta.get("resourceVersion", ""))
+        version = _version(obj)
         if ref in self._delivered:
             self._delivered[ref].append(version)
         if kind in ("ADDED", "MODIFIED"):
@@ -408,11 +413,10 @@ class Daemon:
             self._unseen[ref] = (done.resource_version, time.monotonic())
             self._cache[ref] = done.raw
         else:
-            cached = self._cache.setdefault(ref, done.raw)  # unless the watch has a newer one
-            if str((cached.get("metadata") or {}).get("resourceVersion", "")) == (
-                done.resource_version
-            ):
-                self._cache[ref] = done.raw  # the watch's copy of it: the slim one will do
+            cached = self._cache.get(ref)
+            # keep what the watch brought meanwhile, unless it is this very version
+            if cached is None or _version(cached) == done.resource_version:
+                self._cache[ref] = done.raw
         self._parsed[ref] = done  # used while the cache holds its version
 
     def _forget(self, ref: CanaryRef) -> None:
@@ -480,8 +484,7 @@ class Daemon:
                 if (
                     cached is not None
                     and parsed is not None
-                    and parsed.resource_version
-                    == str((cached.get("metadata") or {}).get("resourceVersion", ""))
+                    and parsed.resource_version == _version(cached)
                 ):
                     canary = parsed  # unchanged since we last parsed it: no parsing again
                 elif cached is not None and "spec" in cached:
@@ -502,8 +505,8 @@ class Daemon:
                     continue
                 finally:
                     delivered = self._delivered.pop(ref, [])
-            self._remember(done, wrote=done.resource_version != canary.resource_version,
-                           delivered=delivered)  # fmt: skip
+            wrote = done.resource_version != canary.resource_version
+            self._remember(done, wrote=wrote, delivered=delivered)
             return done
         raise ConflictError(f"{ref}: gave up after {self.settings.conflict_attempts} conflicts")
 
