@@ -569,8 +569,8 @@ def test_unchanged_verdicts_refresh_status_at_most_every_status_refresh(
 
 
 @contextlib.asynccontextmanager
-async def by_hand(cluster: KubeApiServer) -> AsyncIterator[Daemon]:
-    """A daemon whose watch events the test delivers itself, in the order it wants, and
+async def by_hand(cluster: KubeApiServer) -> AsyncIterator[Harness]:
+    """A harness whose daemon's watch events the test delivers itself, in the order it wants, and
     whose reconciles it runs itself: no watch runs, and a placeholder worker keeps the
     events from starting a reconciling one.  Every round writes (refresh 0)."""
 
@@ -581,7 +581,7 @@ async def by_hand(cluster: KubeApiServer) -> AsyncIterator[Daemon]:
     placeholder = asyncio.create_task(idle(), name="idle")
     h.daemon.workers[REF] = _Worker(placeholder)
     try:
-        yield h.daemon
+        yield h
     finally:
         placeholder.cancel()
         h.api.close()
@@ -595,11 +595,9 @@ def test_a_lagging_watch_does_not_turn_the_daemons_own_writes_into_conflicts(
     write is a 409; events after its write came back are believed again."""
 
     async def scenario() -> None:
-        async with by_hand(cluster) as daemon:
-            kube = daemon.kube
-            await kube.add_command(
-                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
-            )
+        async with by_hand(cluster) as h:
+            daemon = h.daemon
+            await h.command(CommandKind.PROMOTE, revision="v2")
             late = canary_obj(cluster)  # the promote as written: the watch is late with it
             first = await daemon.reconcile(REF)
             assert first is not None and first.status.phase == "Progressing"
@@ -612,7 +610,7 @@ def test_a_lagging_watch_does_not_turn_the_daemons_own_writes_into_conflicts(
             assert daemon._cache[REF]["metadata"]["resourceVersion"] == second.resource_version
             # ... then our second: from here on, what the watch brings is news
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
-            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            await h.command(CommandKind.ABORT)
             daemon.workers[REF].wake.clear()
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
             assert daemon.workers[REF].wake.is_set()
@@ -630,14 +628,12 @@ def test_a_fresh_watch_list_is_believed_over_a_write_it_never_delivers(
     never come back as itself: the list's objects are current and replace it."""
 
     async def scenario() -> None:
-        async with by_hand(cluster) as daemon:
-            kube = daemon.kube
-            await kube.add_command(
-                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
-            )
+        async with by_hand(cluster) as h:
+            daemon = h.daemon
+            await h.command(CommandKind.PROMOTE, revision="v2")
             assert await daemon.reconcile(REF) is not None
             # someone else's write after ours; the watch restarts past both
-            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            await h.command(CommandKind.ABORT)
             current = canary_obj(cluster)
             daemon._on_watch_event("RESYNC", {})
             daemon._on_watch_event("ADDED", copy.deepcopy(current))
@@ -665,11 +661,9 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
         )
 
     async def scenario() -> None:
-        async with by_hand(cluster) as daemon:
-            kube = daemon.kube
-            await kube.add_command(
-                REF, Command(id="p", kind=CommandKind.PROMOTE, revision="v2", by="t")
-            )
+        async with by_hand(cluster) as h:
+            daemon = h.daemon
+            await h.command(CommandKind.PROMOTE, revision="v2")
             done = await daemon.reconcile(REF)  # no cache yet: one GET
             assert done is not None and "status" in done.raw  # callers get it whole
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
@@ -679,7 +673,7 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
             assert again is not None and again.status.phase == "Progressing"
             assert reads() == before
             daemon._on_watch_event("MODIFIED", copy.deepcopy(again.raw))  # its write is back
-            await kube.add_command(REF, Command(id="a", kind=CommandKind.ABORT, by="t"))
+            await h.command(CommandKind.ABORT)
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
             assert "spec" in daemon._cache[REF]  # news: kept whole until parsed
             before = reads()  # (adding the command read the Canary)
