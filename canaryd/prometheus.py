@@ -525,9 +525,32 @@ def _reason(exc: BaseException) -> str:
 
 
 def _regex(values: frozenset[str] | set[str]) -> str:
-    """An RE2 alternation matching exactly these values, inside a PromQL string."""
-    escaped = (re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\\\1", v).replace('"', '\\"') for v in values)
-    return "|".join(sorted(escaped))
+    """An RE2 alternation matching exactly these values, inside a PromQL string.
+
+    Two layers: each value is first escaped for RE2 (its metacharacters), and the
+    whole alternation is then escaped for the double-quoted PromQL string literal
+    (backslash, quote, and every character outside printable ASCII as ``\\U``).
+    """
+    alternation = "|".join(sorted(_RE2_META.sub(r"\\\g<0>", v) for v in values))
+    return promql_string(alternation)
+
+
+_RE2_META = re.compile(r"[.^$*+?()\[\]{}|\\]")
+
+
+def promql_string(text: str) -> str:
+    """``text`` escaped to sit between double quotes in PromQL (Go string escapes)."""
+    out: list[str] = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
 
 
 def _observation(snap: _Snapshot, member: _Member, shape: _Shape, *, latency: bool) -> Observation:

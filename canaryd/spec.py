@@ -326,6 +326,10 @@ class MetricQueries(_Model):
         return v
 
 
+MAX_ARM_VALUE_CHARS = 253
+"""Longest ``stableValue``/``canaryValue``: a Kubernetes object name's limit."""
+
+
 class Metrics(_Model):
     """Where the Prometheus source finds this Canary's two arms.
 
@@ -372,6 +376,20 @@ class Metrics(_Model):
     def _label_name(cls, v: str | None) -> str | None:
         if v is not None and not _LABEL_NAME.fullmatch(v):
             raise ValueError(f"{v!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+        return v
+
+    @field_validator("stable_value", "canary_value")
+    @classmethod
+    def _arm_value(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v or len(v) > MAX_ARM_VALUE_CHARS:
+            raise ValueError(f"must be 1 to {MAX_ARM_VALUE_CHARS} characters")
+        if not v.isprintable() or v != v.strip():
+            raise ValueError(
+                f"{v!r} has control characters or surrounding spaces; "
+                "a label value of a Deployment or subset has neither"
+            )
         return v
 
     @field_validator("selector")

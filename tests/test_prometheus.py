@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -26,7 +28,7 @@ from structlog.testing import capture_logs
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS
 from canaryd.ports import CanaryRef, MetricsError
-from canaryd.prometheus import PrometheusMetrics, PrometheusSettings
+from canaryd.prometheus import PrometheusMetrics, PrometheusSettings, _regex, promql_string
 from canaryd.spec import CanarySpec, parse_spec
 from tests.services import PrometheusServer, require_prometheus
 
@@ -444,3 +446,50 @@ def test_a_bearer_token_file_is_sent_and_reread_on_each_fetch(tmp_path: Path) ->
         server.shutdown()
         thread.join(5)
     assert seen == ["Bearer first"] * 3 + ["Bearer second"] * 3
+
+
+# -- label values inside PromQL: regex in a string literal --------------------------------
+
+_LABEL_TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
+
+
+@pytest.fixture(scope="module")
+def bare_prometheus() -> Iterator[PrometheusServer]:
+    require_prometheus()
+    with PrometheusServer([], scrape_interval_s=60.0) as server:
+        yield server
+
+
+@given(values=st.sets(_LABEL_TEXT, min_size=1, max_size=3), other=_LABEL_TEXT, pick=st.booleans())
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_arm_values_match_exactly_in_a_real_prometheus(
+    bare_prometheus: PrometheusServer, values: set[str], other: str, pick: bool
+) -> None:
+    """Any Unicode value, backslashes, quotes and newlines included, is matched exactly:
+    the query parses, the value matches itself, and nothing else matches."""
+    probe = sorted(values)[0] if pick else other
+    replacement = probe.replace("$", "$$")  # label_replace expands $1 in its replacement
+    expr = (
+        f'label_replace(label_replace(vector(1), "v", "{promql_string(replacement)}", "", ""),'
+        f' "m", "yes", "v", "{_regex(values)}")'
+    )
+    result = bare_prometheus.query(expr)  # a bad escape would be a PrometheusQueryError
+    assert len(result) == 1
+    labels = result[0]["metric"]
+    assert labels["v"] == probe
+    assert (labels.get("m") == "yes") == (probe in values), (probe, values, expr)
+
+
+def test_a_trailing_backslash_in_one_canary_leaves_the_shared_query_valid(
+    bare_prometheus: PrometheusServer,
+) -> None:
+    for value in ["v1\\", 'a"b', "line\nbreak", "(.*)", "ü\\\\"]:
+        bare_prometheus.query(f'up{{version=~"{_regex({value, "v2"})}"}}')
+
+
+@pytest.mark.parametrize("value", ["", " v1", "v1\n", "a\tb", "x" * 254])
+def test_arm_values_that_no_label_holds_are_rejected(value: str) -> None:
+    with pytest.raises(ValueError, match=r"stableValue|stable_value"):
+        spec(stableValue=value)
