@@ -345,10 +345,16 @@ class Metrics(_Model):
         description="the label whose value tells stable from canary series",
     )
     stable_value: str | None = Field(
-        default=None, description="its value on stable's series (default: stable.deployment)"
+        default=None,
+        min_length=1,
+        max_length=MAX_ARM_VALUE_CHARS,
+        description="its value on stable's series (default: stable.deployment)",
     )
     canary_value: str | None = Field(
-        default=None, description="its value on canary's series (default: canary.deployment)"
+        default=None,
+        min_length=1,
+        max_length=MAX_ARM_VALUE_CHARS,
+        description="its value on canary's series (default: canary.deployment)",
     )
     namespace_label: str | None = Field(
         default="destination_workload_namespace",
@@ -381,11 +387,7 @@ class Metrics(_Model):
     @field_validator("stable_value", "canary_value")
     @classmethod
     def _arm_value(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not v or len(v) > MAX_ARM_VALUE_CHARS:
-            raise ValueError(f"must be 1 to {MAX_ARM_VALUE_CHARS} characters")
-        if not v.isprintable() or v != v.strip():
+        if v is not None and (not v.isprintable() or v != v.strip()):
             raise ValueError(
                 f"{v!r} has control characters or surrounding spaces; "
                 "a label value of a Deployment or subset has neither"
