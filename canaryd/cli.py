@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     from canaryd import cluster_cli  # noqa: PLC0415 - the kubernetes client loads only here
 
     cluster_cli.add_parsers(sub, fmt)
+    from canaryd import playground  # noqa: PLC0415
+
+    playground.add_parser(sub, fmt)
     return parser
 
 

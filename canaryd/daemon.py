@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 from kubernetes import watch
 
+from canaryd.hub import StatusHub
 from canaryd.istio import RoutingError
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
@@ -50,6 +51,7 @@ from canaryd.kube import (
     to_canary,
 )
 from canaryd.leader import LeaderElector, LeaseSettings
+from canaryd.metrics import METRIC_QUERIES, RECONCILE_SECONDS, ROLLOUT_SECONDS
 from canaryd.ports import CanaryRef, MetricsError, MetricsSource, TrafficRouter, Workloads
 from canaryd.rollout import (
     Command,
@@ -156,6 +158,7 @@ class Daemon:
         workloads: Workloads,
         settings: DaemonSettings | None = None,
         clock: Callable[[], datetime] | None = None,
+        hub: StatusHub | None = None,
     ) -> None:
         self.kube = kube
         self.metrics = metrics
@@ -188,6 +191,29 @@ class Daemon:
         #: per Canary being reconciled, the resourceVersions the watch delivered meanwhile
         self._delivered: dict[CanaryRef, list[str]] = {}
         self._stop = asyncio.Event()
+        #: what the status API reads: snapshots, events and series of every Canary
+        self.hub = hub if hub is not None else StatusHub()
+        #: the last listing of Canaries: (succeeded, when, error) for /readyz
+        self.listed: tuple[bool, float, str] | None = None
+
+    @property
+    def role(self) -> str:
+        """``leader``, ``standby`` or ``single`` (no leader election)."""
+        if self.elector is None:
+            return "single"
+        return "leader" if self.elector.is_leader else "standby"
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready once the last listing of Canaries succeeded (Kubernetes reachable)."""
+        listed = self.listed
+        ok = listed is not None and listed[0]
+        if listed is None:
+            kube = "not listed yet"
+        elif listed[0]:
+            kube = "reachable"
+        else:
+            kube = f"unreachable: {listed[2]}"
+        return ok, {"ready": ok, "role": self.role, "kubernetes": kube, "canaries": len(self.hub)}
 
     @property
     def acting(self) -> bool:
@@ -234,7 +260,9 @@ class Daemon:
                 found = await self._list()
                 for ref in found:
                     self._ensure_worker(ref)
+                self.listed = (True, time.monotonic(), "")
             except KubeError as exc:
+                self.listed = (False, time.monotonic(), str(exc))
                 log.warning("listing canaries failed", error=str(exc))
             await asyncio.sleep(self.settings.resync_s)
 
@@ -247,6 +275,8 @@ class Daemon:
             meta = item.get("metadata") or {}
             ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
             self._cache.setdefault(ref, item)  # the watch's copy may be newer
+            if self.hub.get(ref) is None:
+                self.hub.update(to_canary(item))
             refs.append(ref)
         return refs
 
@@ -297,6 +327,7 @@ class Daemon:
             if parsed is not None and parsed.resource_version == version:
                 obj = parsed.raw  # our own write coming back: keep one copy, not two
             self._cache[ref] = obj
+            self._show(ref, obj)
             worker = self._ensure_worker(ref)
             key = (
                 meta.get("generation"),
@@ -306,10 +337,23 @@ class Daemon:
                 worker.seen = key
                 worker.wake.set()
         elif kind == "DELETED":
+            self.hub.remove(ref, self.clock())
             self._cache.pop(ref, None)
             self._unseen.pop(ref, None)
             if ref in self.workers:
                 self.workers[ref].wake.set()
+
+    def _show(self, ref: CanaryRef, obj: dict[str, Any]) -> None:
+        """Give the status API a version of the Canary it does not have yet."""
+        shown = self.hub.get(ref)
+        if shown is not None and shown.resource_version == _version(obj):
+            return  # our own write, already shown
+        parsed = self._parsed.get(ref)
+        self.hub.update(
+            parsed if parsed is not None and parsed.resource_version == _version(obj)
+            else to_canary(obj),
+            self.clock(),
+        )  # fmt: skip
 
     @property
     def _unseen_for_s(self) -> float:
@@ -373,7 +417,8 @@ class Daemon:
                 started_s = time.monotonic()
                 _WRITES.set([0])  # this task's status writes, whatever runs beside it
                 try:
-                    canary = await self.reconcile(ref)
+                    with RECONCILE_SECONDS.time():
+                        canary = await self.reconcile(ref)
                 except (KubeError, MetricsError, RoutingError, WorkloadError) as exc:
                     failures += 1
                     delay = min(30.0, 0.5 * 2**failures)
@@ -405,6 +450,8 @@ class Daemon:
         """Cache the Canary a reconcile ended with (``wrote``: its own write), unless
         the watch ``delivered`` something newer meanwhile."""
         ref = done.ref
+        if wrote:
+            self.hub.update(done, self.clock())
         # while the parsed form is kept, nothing reads the rest of the raw object again:
         # keep its metadata only (the whole object is ~40 KB of Python objects a Canary)
         done = replace(done, raw={"metadata": done.raw.get("metadata") or {}})
@@ -421,6 +468,7 @@ class Daemon:
 
     def _forget(self, ref: CanaryRef) -> None:
         """Drop everything kept for a Canary that is gone."""
+        self.hub.remove(ref, self.clock())
         for per_canary in (
             self.workers, self._intervals, self._cache, self._parsed,
             self._converged, self._written_at, self._unseen,
@@ -527,6 +575,16 @@ class Daemon:
             return canary
         observed = await self._observe(canary.ref, spec, status)
         result = reconcile(spec, status, observed, commands, now)
+        if self.acting:
+            self.hub.round(
+                canary.ref,
+                now,
+                revision=result.status.revision,
+                weight=status.canary_weight,
+                step_index=status.step_index,
+                observation=observed.metrics,
+                verdict=result.status.last_verdict,
+            )
         moves_traffic = any(
             (isinstance(a, SetWeights) and a.canary_pct > 0) or isinstance(a, PromoteStable)
             for a in result.actions
@@ -548,9 +606,18 @@ class Daemon:
         written = await self.kube.write_status(canary, new_status)
         self._wrote()
         self._written_at[canary.ref] = time.monotonic()
+        if new_status.phase.terminal and not status.phase.terminal:
+            self._ended(canary.ref, new_status, now)
         await self._apply(written, spec, result.actions)
         await self._converge(canary.ref, spec, new_status)
         return written
+
+    def _ended(self, ref: CanaryRef, status: CanaryStatus, now: datetime) -> None:
+        """Count a rollout that has just ended (metrics)."""
+        self.hub.rollout_ended(ref, status.phase)
+        if status.history:
+            duration_s = (now - status.history[0].started_at).total_seconds()
+            ROLLOUT_SECONDS.labels(str(status.phase)).observe(max(0.0, duration_s))
 
     def _progress_only(
         self, ref: CanaryRef, old: CanaryStatus, new: CanaryStatus, now: datetime
@@ -598,9 +665,12 @@ class Daemon:
         try:
             async with asyncio.timeout(self.settings.metrics_timeout_s):  # not wait_for: see kube
                 metrics = await self.metrics.observe(ref, spec)
+            METRIC_QUERIES.labels("ok").inc()
         except MetricsError as exc:
+            METRIC_QUERIES.labels("error").inc()
             error = str(exc) or type(exc).__name__
         except TimeoutError:
+            METRIC_QUERIES.labels("timeout").inc()
             error = f"the metrics source did not answer within {self.settings.metrics_timeout_s:g}s"
         stable_revision = None
         if status.phase is Phase.PROMOTING:

@@ -33,6 +33,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from canaryd.metrics import KUBE_REQUESTS, kube_verb
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
 from canaryd.spec import API_GROUP, CanarySpec, SpecError, parse_spec
@@ -183,6 +184,30 @@ def new_command_id(kind: CommandKind, now: datetime) -> str:
     return f"{kind}-{now.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def new_command(
+    kind: CommandKind,
+    by: str,
+    *,
+    revision: str | None = None,
+    weight: int | None = None,
+    reason: str = "",
+    now: datetime | None = None,
+) -> Command:
+    """A new command as the CLI and the status API write it (one code path): a fresh
+    id, and for a promote without a revision, a timestamp as the revision."""
+    now = now or datetime.now(UTC)
+    if kind is CommandKind.PROMOTE and not revision:
+        revision = now.strftime("%Y%m%d%H%M%S")
+    return Command(
+        id=new_command_id(kind, now),
+        kind=kind,
+        revision=revision if kind is CommandKind.PROMOTE else None,
+        weight=weight if kind is CommandKind.APPROVE else None,
+        by=by,
+        reason=reason,
+    )
+
+
 def _as_dict(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise KubeError(f"the Kubernetes API answered with {type(value).__name__}, not an object")
@@ -241,9 +266,18 @@ class Kube:
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking client call in a thread, with the deadline and error mapping."""
 
+        verb = kube_verb(getattr(fn, "__name__", "call"))
+
         def run() -> T:
-            with map_errors():
-                return fn(*args, _request_timeout=self.timeout_s, **kwargs)
+            code = 200
+            try:
+                with map_errors():
+                    return fn(*args, _request_timeout=self.timeout_s, **kwargs)
+            except KubeError as exc:
+                code = exc.status
+                raise
+            finally:
+                KUBE_REQUESTS.labels(verb, str(code)).inc()
 
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
         # cancellation that arrives as the call completes, and a daemon task that
