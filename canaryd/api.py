@@ -209,11 +209,14 @@ class ReasonBody(_Body):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
+        (400, "the body is not JSON"),
         (401, "no or unknown bearer token"),
         (403, "the token's role may not do this"),
         (404, "no such Canary"),
         (409, "the Canary is not in a state where this applies"),
+        (413, "the body is too large"),
         (422, "the request is malformed"),
+        (502, "the Kubernetes API refused the write"),
         (503, "Kubernetes is unavailable"),
     )
 }
@@ -292,9 +295,15 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        reason = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "Error")
-        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        return _error(exc.status_code, reason, message)
+        reason = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            exc.status_code, "Error"
+        )
+        message = {404: "no such endpoint", 400: "the request body is not valid JSON"}.get(
+            exc.status_code, str(exc.detail)
+        )
+        response = _error(exc.status_code, reason, message)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     def canary_or_404(namespace: str, name: str) -> CanaryRef:
         ref = CanaryRef(namespace, name)
@@ -360,9 +369,7 @@ def create_app(
     )
     async def events(
         _: Identity | None = Depends(reader),
-        canary: Annotated[
-            list[str] | None, Query(description="NAMESPACE/NAME, repeatable", max_length=100)
-        ] = None,
+        refs: list[CanaryRef] = Depends(_canary_filter),
         namespace: Annotated[str | None, Query(max_length=253)] = None,
         last_event_id: Annotated[
             str | None, Header(alias="Last-Event-ID", max_length=64, include_in_schema=False)
@@ -371,12 +378,6 @@ def create_app(
             str | None, Query(alias="lastEventId", max_length=64, description="resume after")
         ] = None,
     ) -> AsyncIterator[ServerSentEvent]:
-        refs = []
-        for item in canary or ():
-            ns, sep, nm = item.partition("/")
-            if not sep or not ns or not nm:
-                raise ApiError(422, "Invalid", f"canary {item!r}: expected NAMESPACE/NAME")
-            refs.append(CanaryRef(ns, nm))
         sub = hub.subscribe(namespace, refs)  # before the replay: nothing falls between
         try:
             sent = ""
@@ -393,12 +394,12 @@ def create_app(
                             yield _sse(event)
                             sent = event.id
             while True:
-                event = await sub.queue.get()
-                if event is None:
-                    return  # fell behind: the client resumes from the ring
-                if not sent or _newer(event.id, sent):
-                    yield _sse(event)
-                    sent = event.id
+                item = await sub.queue.get()
+                if item is None:
+                    return  # fell behind (or stopping): the client resumes from the ring
+                if not sent or _newer(item.id, sent):
+                    yield _sse(item)
+                    sent = item.id
         finally:
             hub.unsubscribe(sub)
 
@@ -565,6 +566,21 @@ def create_app(
     return wrapped
 
 
+async def _canary_filter(
+    canary: Annotated[
+        list[str] | None, Query(description="NAMESPACE/NAME, repeatable", max_length=100)
+    ] = None,
+) -> list[CanaryRef]:
+    """The ``canary`` filter of the event stream (checked before the stream starts)."""
+    refs = []
+    for item in canary or ():
+        ns, sep, nm = item.partition("/")
+        if not sep or not ns or not nm or "/" in nm:
+            raise ApiError(422, "Invalid", f"canary {item!r}: expected NAMESPACE/NAME")
+        refs.append(CanaryRef(ns, nm))
+    return refs
+
+
 def _check_applies(phase: Phase, kind: CommandKind, canary: Any, weight: int | None) -> None:
     """409 (or 422) when a command cannot do anything in this phase."""
     spec = canary.spec
@@ -628,7 +644,7 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
-                    raise _TooLarge
+                    raise _TooLargeError
             return message
 
         async def with_headers(message: Message) -> None:
@@ -644,7 +660,7 @@ class Guard:
 
         try:
             await self.app(scope, limited, with_headers)
-        except _TooLarge:
+        except _TooLargeError:
             if not started:
                 await self._too_large(send)
 
@@ -665,7 +681,7 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
+class _TooLargeError(Exception):
     pass
 
 

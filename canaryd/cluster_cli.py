@@ -240,11 +240,39 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         status_refresh_s=args.status_refresh,
     )
     daemon = Daemon(kube, metrics, router, Deployments(kube), settings)
+    sock = None
+    if args.listen != "off":
+        from canaryd import api  # noqa: PLC0415
+
+        try:
+            host, port = api.parse_listen(args.listen)
+            api_settings = api.ApiSettings(
+                tokens=api.TokenStore.load(args.api_token_file)
+                if args.api_token_file
+                else api.TokenStore(),
+                reads_need_token=args.api_reads_need_token,
+                cors_origins=tuple(args.api_cors_origin or ()),
+            )
+            sock = api.bind(host, port)
+        except (ValueError, OSError) as exc:
+            raise ClusterError(str(exc)) from None
+        if args.api_reads_need_token and not api_settings.tokens.entries:
+            raise ClusterError("--api-reads-need-token needs --api-token-file")
+        app = api.create_app(
+            daemon.hub,
+            kube.add_command,
+            api_settings,
+            readiness=daemon.readiness,
+            leader=lambda: daemon.acting,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await daemon.run(stop)
+    async with asyncio.TaskGroup() as group:
+        if sock is not None:
+            group.create_task(api.serve(app, sock, stop, daemon.hub.close), name="api")
+        group.create_task(daemon.run(stop), name="daemon")
     return EXIT_OK
 
 
@@ -427,6 +455,33 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         metavar="D",
         help="write an unchanged verdict's numbers at most this often (default 30s; "
         "decisions are always written at once)",
+    )
+    web = run.add_argument_group("status API, dashboard and /metrics")
+    web.add_argument(
+        "--listen",
+        default=os.environ.get("CANARYD_LISTEN", "127.0.0.1:8080"),
+        metavar="HOST:PORT",
+        help="where the API, dashboard, /metrics and probes listen (default 127.0.0.1:8080; "
+        "0.0.0.0:8080 in a cluster; 'off' for none)",
+    )
+    web.add_argument(
+        "--api-token-file",
+        default=os.environ.get("CANARYD_API_TOKEN_FILE"),
+        metavar="FILE",
+        help="bearer tokens, one 'TOKEN,NAME,ROLE' per line (ROLE: viewer or operator); "
+        "commands need an operator token (default: $CANARYD_API_TOKEN_FILE; none: "
+        "commands over HTTP are refused)",
+    )
+    web.add_argument(
+        "--api-reads-need-token",
+        action="store_true",
+        help="reads need a viewer or operator token too (default: reads are open)",
+    )
+    web.add_argument(
+        "--api-cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages of this origin call the API (repeatable; default: none)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="json", choices=["json", "console"])

@@ -89,11 +89,11 @@ class HubCollector(Collector):
             labels=[*labels, "outcome"],
         )
         for summary in self.hub.summaries():
-            ref = [summary.namespace, summary.name]
-            weight.add_metric(ref, summary.canary_weight)
-            step.add_metric(ref, summary.step_index)
+            key = [summary.namespace, summary.name]
+            weight.add_metric(key, summary.canary_weight)
+            step.add_metric(key, summary.step_index)
             for p in _PHASES:
-                phase.add_metric([*ref, str(p)], 1.0 if summary.phase is p else 0.0)
+                phase.add_metric([*key, str(p)], 1.0 if summary.phase is p else 0.0)
         for ref in self.hub.refs():
             canary = self.hub.get(ref)
             verdict = canary.status.last_verdict if canary else None
@@ -101,8 +101,8 @@ class HubCollector(Collector):
                 if check.e_value is not None:
                     evalue.add_metric([ref.namespace, ref.name, check.name], check.e_value)
         for ref, counts in self.hub.decisions.items():
-            for (decision, check), n in counts.items():
-                decisions.add_metric([ref.namespace, ref.name, decision, check], n)
+            for (decision, deciding), n in counts.items():
+                decisions.add_metric([ref.namespace, ref.name, decision, deciding], n)
         for ref, outcomes in self.hub.rollouts.items():
             for outcome, n in outcomes.items():
                 rollouts.add_metric([ref.namespace, ref.name, outcome], n)

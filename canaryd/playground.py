@@ -199,7 +199,8 @@ class Playground:
         for sample in self.samples:
             for group, version, plural, obj in sample_objects(sample, self.interval_s):
                 if plural == "deployments":
-                    apps.create_namespaced_deployment(NAMESPACE, copy.deepcopy(obj))
+                    body: Any = copy.deepcopy(obj)  # the client takes plain dicts as bodies
+                    apps.create_namespaced_deployment(NAMESPACE, body)
                 else:
                     self.server.put_raw(group, version, plural, copy.deepcopy(obj))
 
