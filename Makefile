@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 	$(BIN)/canaryd simulate --scenario error-spike --seed 1 || [ $$? -eq 1 ]
 	@echo
 	@echo "More: $(BIN)/canaryd scenarios; $(BIN)/canaryd simulate --help; open demo-report.html"
+	@echo "The whole product in a browser, no cluster needed: $(BIN)/canaryd playground"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -39,22 +40,26 @@ typecheck: $(VENV)/.installed-dev
 unit: $(VENV)/.installed-dev services
 	$(BIN)/pytest -n 2
 
-# Servers the tests run themselves (tests/services.py), installed if missing: Prometheus,
-# from Debian's package.  Its system service is not started (policy-rc.d says no, unless a
-# policy is already in place) and not needed: each test starts its own on a free port.
+# What the tests run themselves (tests/services.py, tests/test_dashboard.py), installed if
+# missing from Debian's packages: Prometheus, and Chromium for the dashboard's browser test
+# (driven by Playwright at /usr/bin/chromium; no tool downloads a browser).  Their system
+# services are not started (policy-rc.d says no, unless a policy is already in place) and
+# not needed: each test starts its own instance on a free port.
 POLICY_RC_D ?= /usr/sbin/policy-rc.d
 services:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@missing=; command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	  [ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
-	  else echo "make: the tests need Prometheus: as root, run: apt-get install -y prometheus" >&2; exit 1; fi; \
+	  else echo "make: the tests need$$missing: as root, run: apt-get install -y$$missing" >&2; exit 1; fi; \
 	  command -v apt-get >/dev/null 2>&1 || { \
-	    echo "make: the tests need Prometheus (>= 2.42) on PATH; no apt-get here to install it" >&2; exit 1; }; \
-	  echo "== installing Prometheus for the tests (apt-get install prometheus)"; \
+	    echo "make: the tests need$$missing (Prometheus >= 2.42 on PATH, /usr/bin/chromium); no apt-get here to install them" >&2; exit 1; }; \
+	  echo "== installing for the tests:$$missing (apt-get install)"; \
 	  policy=; if [ ! -e $(POLICY_RC_D) ]; then policy=$(POLICY_RC_D); \
 	    printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy; fi; \
 	  $$sudo apt-get update -qq \
-	    && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	    && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  status=$$?; [ -z "$$policy" ] || $$sudo rm -f $$policy; \
 	  [ $$status -eq 0 ] || exit $$status; \
 	  command -v prometheus >/dev/null 2>&1 || { echo "make: prometheus is installed but not on PATH" >&2; exit 1; }; }
@@ -75,4 +80,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info demo-report.html
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info demo-report.html tests/artifacts

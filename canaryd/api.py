@@ -443,8 +443,9 @@ def create_app(
             canary=str(ref), id=cmd.id, result=202, client=where,
         )  # fmt: skip
         body = CommandAccepted(
-            id=cmd.id, kind=str(kind), namespace=ref.namespace, name=ref.name, by=who.name
-        )
+            id=cmd.id, kind=str(kind), namespace=ref.namespace, name=ref.name, by=who.name,
+            revision=cmd.revision, weight=cmd.weight,
+        )  # fmt: skip
         return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=202)
 
     command_doc: dict[str, Any] = {

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -24,16 +23,15 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
+from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
 from canaryd.kube import (
-    CanaryObject,
     Kube,
     KubeError,
     NotFoundError,
     UnavailableError,
-    new_command_id,
 )
 from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
-from canaryd.rollout import Command, CommandKind
+from canaryd.rollout import CommandKind
 from canaryd.spec import format_duration, parse_duration
 from canaryd.status import Phase
 
@@ -59,6 +57,16 @@ def add_kube_flags(parser: argparse.ArgumentParser, *, namespaced: bool = True) 
             metavar="NS",
             help="namespace (default: the context's, else 'default')",
         )
+    if namespaced:
+        api = parser.add_argument_group("through a daemon's status API instead")
+        api.add_argument(
+            "--server",
+            default=os.environ.get("CANARYD_SERVER"),
+            metavar="URL",
+            help="the daemon's API, e.g. http://canaryd.canaryd:8080 (default: "
+            "$CANARYD_SERVER); the token comes from $CANARYD_TOKEN or --token-file",
+        )
+        api.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     group.add_argument(
         "--request-timeout",
         type=parse_duration,
@@ -92,34 +100,20 @@ def _ref(args: argparse.Namespace, default_ns: str) -> CanaryRef:
     return CanaryRef(args.namespace or default_ns, args.name)
 
 
-async def _add(kube: Kube, ref: CanaryRef, command: Command) -> None:
-    try:
-        await kube.add_command(ref, command)
-    except NotFoundError:
-        raise ClusterError(f"Canary {ref} not found") from None
-
-
 def _who() -> str:
     return os.environ.get("CANARYD_USER") or os.environ.get("USER") or "cli"
 
 
-def _line(canary: CanaryObject) -> str:
+def _line(canary: CanaryView) -> str:
     st = canary.status
-    steps = canary.spec.steps if canary.spec else []
+    steps = canary.steps
     step = f"step {st.step_index + 1}/{len(steps)}" if steps else ""
     return f"{canary.ref}  {st.phase}  {step}  canary {st.canary_weight}%  {st.message}".strip()
 
 
-async def _promote(args: argparse.Namespace, kube: Kube, ref: CanaryRef, out: TextIO) -> int:
-    now = datetime.now(UTC)
-    revision = args.revision or now.strftime("%Y%m%d%H%M%S")
-    command = Command(
-        id=new_command_id(CommandKind.PROMOTE, now),
-        kind=CommandKind.PROMOTE,
-        revision=revision,
-        by=_who(),
-    )
-    await _add(kube, ref, command)
+async def _promote(args: argparse.Namespace, backend: Backend, ref: CanaryRef, out: TextIO) -> int:
+    command = await backend.submit(ref, CommandKind.PROMOTE, _who(), revision=args.revision)
+    revision = command.revision or args.revision
     out.write(f"promote of revision {revision} requested on {ref} (command {command.id})\n")
     if not args.wait:
         return EXIT_OK
@@ -127,9 +121,9 @@ async def _promote(args: argparse.Namespace, kube: Kube, ref: CanaryRef, out: Te
     last = ""
     while time.monotonic() < deadline:
         try:
-            canary = await kube.get_canary(ref)
+            canary = await backend.get(ref)
         except UnavailableError as exc:  # a blip of the API server: keep waiting
-            out.write(f"(Kubernetes API unavailable: {exc}; still waiting)\n")
+            out.write(f"(unavailable: {exc}; still waiting)\n")
             await asyncio.sleep(args.poll)
             continue
         st = canary.status
@@ -156,14 +150,16 @@ async def _promote(args: argparse.Namespace, kube: Kube, ref: CanaryRef, out: Te
     return EXIT_TIMEOUT
 
 
-async def _status(args: argparse.Namespace, kube: Kube, default_ns: str, out: TextIO) -> int:
+async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
     while True:
         if args.name:
-            canaries = [await kube.get_canary(CanaryRef(args.namespace or default_ns, args.name))]
+            canaries = [await backend.get(CanaryRef(args.namespace or default_ns, args.name))]
         else:
-            canaries = await kube.list_canaries(
+            canaries = await backend.list(
                 None if args.all_namespaces else (args.namespace or default_ns)
             )
+        if args.watch and not args.json and out.isatty():
+            out.write("\x1b[H\x1b[2J")  # redraw in place
         if args.json:
             out.write(
                 json.dumps(
@@ -194,18 +190,15 @@ async def _status(args: argparse.Namespace, kube: Kube, default_ns: str, out: Te
         await asyncio.sleep(2.0)
 
 
-async def _command(args: argparse.Namespace, kube: Kube, ref: CanaryRef, out: TextIO) -> int:
-    now = datetime.now(UTC)
+async def _command(args: argparse.Namespace, backend: Backend, ref: CanaryRef, out: TextIO) -> int:
     kind = CommandKind(args.command)
-    weight = getattr(args, "step", None)
-    command = Command(
-        id=new_command_id(kind, now),
-        kind=kind,
-        weight=weight,
-        by=_who(),
+    command = await backend.submit(
+        ref,
+        kind,
+        _who(),
+        weight=getattr(args, "step", None),
         reason=getattr(args, "reason", "") or "",
     )
-    await _add(kube, ref, command)
     out.write(f"{kind} requested on {ref} (command {command.id})\n")
     return EXIT_OK
 
@@ -561,20 +554,52 @@ def _command_parser(
 
 def handle(args: argparse.Namespace, out: TextIO) -> int:
     """Run a cluster command; ClusterError for what the user can fix."""
+    server = getattr(args, "server", None)
+    if server and args.cluster_handler != "run":
+        from canaryd.backends import HttpBackend  # noqa: PLC0415
+
+        try:
+            return asyncio.run(
+                _through(
+                    args, HttpBackend(server, _token(args), args.request_timeout), "default", out
+                )
+            )
+        except BackendError as exc:
+            raise ClusterError(str(exc)) from None
+        except KubeError as exc:
+            raise ClusterError(str(exc)) from None
     client, default_ns = api_client(args)
     try:
         if args.cluster_handler == "run":
             return asyncio.run(_run_daemon(args, client, out))
         kube = Kube(client, timeout_s=args.request_timeout)
-        if args.cluster_handler == "status":
-            return asyncio.run(_status(args, kube, default_ns, out))
-        ref = _ref(args, default_ns)
-        if args.cluster_handler == "promote":
-            return asyncio.run(_promote(args, kube, ref, out))
-        return asyncio.run(_command(args, kube, ref, out))
+        return asyncio.run(_through(args, KubeBackend(kube), default_ns, out))
+    except BackendError as exc:
+        raise ClusterError(str(exc)) from None
     except NotFoundError as exc:
         raise ClusterError(str(exc)) from None
     except KubeError as exc:
         raise ClusterError(f"Kubernetes API: {exc}") from None
     finally:
         client.close()
+
+
+async def _through(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
+    try:
+        if args.cluster_handler == "status":
+            return await _status(args, backend, default_ns, out)
+        ref = _ref(args, default_ns)
+        if args.cluster_handler == "promote":
+            return await _promote(args, backend, ref, out)
+        return await _command(args, backend, ref, out)
+    finally:
+        await backend.close()
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip() or None
+        except OSError as exc:
+            raise ClusterError(f"--token-file: {exc.strerror}: {args.token_file}") from None
+    return os.environ.get("CANARYD_TOKEN") or None

@@ -143,6 +143,8 @@ class CommandAccepted(_View):
     namespace: str
     name: str
     by: str
+    revision: str | None = Field(default=None, description="for promote: the revision")
+    weight: int | None = Field(default=None, description="for approve: the step's weight")
 
 
 def summary_of(canary: CanaryObject) -> CanarySummary:

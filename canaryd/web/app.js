@@ -60,6 +60,11 @@
     return node;
   }
 
+  function put(node, ...children) {
+    // replaceChildren() would insert null as the text "null"
+    node.replaceChildren(...children.filter((c) => c !== null && c !== undefined && c !== false));
+  }
+
   function svg(tag, attrs) {
     const node = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs || {})) {
@@ -121,9 +126,18 @@
   }
 
   async function getJSON(path) {
-    const resp = await fetch(API + path, { headers: { Accept: "application/json" }, cache: "no-store" });
-    if (!resp.ok) throw new Error(await errorMessage(resp));
-    return resp.json();
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 10000);
+    try {
+      const resp = await fetch(API + path, { headers: { Accept: "application/json" }, cache: "no-store", signal: ctl.signal });
+      if (!resp.ok) throw new Error(await errorMessage(resp));
+      return await resp.json();
+    } catch (e) {
+      if (e.name === "AbortError") throw new Error("the server did not answer within 10 s");
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   async function errorMessage(resp) {
@@ -163,7 +177,7 @@
     $("token-state").textContent = t ? "token set" : "read-only";
     $("token-state").className = "token-state" + (t ? " is-set" : "");
     $("token-input").value = "";
-    $("token-input").placeholder = t ? "•••••• (set)" : "paste token";
+    $("token-input").placeholder = t ? "•••••• (set)" : "operator token";
     $("token-clear").disabled = !t;
   }
 
@@ -234,16 +248,16 @@
 
   function fillRow(tr, c) {
     const cells = tr._cells;
-    cells.name.replaceChildren(
+    put(cells.name, 
       el("span", { class: "ns", text: c.namespace + "/" }),
       el("a", { class: "name", href: "#/" + encodeURIComponent(c.namespace) + "/" + encodeURIComponent(c.name), tabindex: "-1", text: c.name }),
       c.ready ? null : el("span", { class: "badge badge-bad", title: c.readyMessage || "not ready", text: "not ready" })
     );
     const phaseNode = el("span", { class: phaseClass(c.phase), text: PHASE_WORDS[c.phase] || c.phase });
     const extra = c.phase === "WaitingApproval" && c.waitingApprovalFor !== null ? el("span", { class: "sub", text: "approve " + c.waitingApprovalFor + "%" }) : null;
-    cells.phase.replaceChildren(phaseNode, extra);
+    put(cells.phase, phaseNode, extra);
     cells.phase.title = c.message || "";
-    cells.weight.replaceChildren(weightBar(c.canaryWeight, c.phase), el("span", { class: "weight-text num", text: c.canaryWeight + "%" }));
+    put(cells.weight, weightBar(c.canaryWeight, c.phase), el("span", { class: "weight-text num", text: c.canaryWeight + "%" }));
     cells.step.textContent = stepText(c);
     cells.rev.textContent = c.revision || "–";
     cells.age.textContent = ago(c.createdAt);
@@ -251,7 +265,7 @@
     const dec = el("span", { class: "decision dec-" + (c.lastDecision || "none"), text: decisionText(c) });
     const when = c.lastDecisionAt ? el("span", { class: "muted when", text: " " + ago(c.lastDecisionAt) + " ago" }) : null;
     const reason = c.lastReason ? el("span", { class: "reason", text: c.lastReason }) : null;
-    cells.decision.replaceChildren(el("span", { class: "dec-line" }, dec, when), reason);
+    put(cells.decision, el("span", { class: "dec-line" }, dec, when), reason);
     cells.decision.title = c.lastReason || "";
     tr.setAttribute("aria-label", c.namespace + "/" + c.name + ": " + (PHASE_WORDS[c.phase] || c.phase) + ", weight " + c.canaryWeight + "%, step " + stepText(c));
   }
@@ -374,7 +388,9 @@
         state.detail = null;
         state.series = null;
         state.flash = null;
-        $("detail").replaceChildren(el("p", { class: "muted", text: "Loading " + key + "…" }));
+        state.focusHeading = true;
+        window.scrollTo(0, 0);
+        put($("detail"), el("p", { class: "muted", text: "Loading " + key + "…" }));
         document.title = key + " · canaryd";
       }
       loadDetail();
@@ -419,7 +435,7 @@
     } catch (e) {
       if (state.detailKey !== key) return;
       if (!state.detail) {
-        $("detail").replaceChildren(el("p", { class: "error", role: "alert", text: "Could not load " + key + ": " + e.message }));
+        put($("detail"), el("p", { class: "error", role: "alert", text: "Could not load " + key + ": " + e.message }));
       }
     } finally {
       loading = false;
@@ -451,7 +467,7 @@
     );
     const msg = c.message ? el("p", { class: "message", text: c.message }) : null;
     const notReady = c.ready ? null : el("p", { class: "error", text: "Not ready: " + (c.readyMessage || "canaryd cannot act on this Canary") });
-    box.replaceChildren(el("div", { class: "summary-head" }, phase, c.phase === "WaitingApproval" && c.waitingApprovalFor !== null ? el("span", { class: "sub", text: "step " + c.waitingApprovalFor + "% waits for approval" }) : null), facts, msg, notReady);
+    put(box, el("div", { class: "summary-head" }, phase, c.phase === "WaitingApproval" && c.waitingApprovalFor !== null ? el("span", { class: "sub", text: "step " + c.waitingApprovalFor + "% waits for approval" }) : null), facts, msg, notReady);
     renderActions();
   }
 
@@ -485,7 +501,7 @@
     });
     const hint = !t ? el("p", { class: "hint", text: "Read-only: enter an operator token in the header to approve, abort or skip." }) : null;
     const flash = state.flash ? el("p", { class: "flash flash-" + state.flash.kind, role: state.flash.kind === "error" ? "alert" : "status", text: state.flash.text }) : null;
-    box.replaceChildren(el("div", { class: "actions" }, ...buttons, reason), hint, flash);
+    put(box, el("div", { class: "actions" }, ...buttons, reason), hint, flash);
     if (hadFocus && $(hadFocus) && !$(hadFocus).disabled) $(hadFocus).focus();
   }
 
@@ -522,15 +538,20 @@
     const c = d.summary;
     const root = $("detail");
     const scrollY = window.scrollY;
+    // keep what the person was doing across the re-render: focus, the reason being typed
+    const active = document.activeElement;
+    const focusId = active && root.contains(active) ? active.id : null;
+    const oldReason = $("reason-input");
+    const reasonState = oldReason ? [oldReason.value, oldReason.selectionStart, oldReason.selectionEnd] : null;
     const header = el(
       "div",
       { class: "detail-head" },
-      el("h1", {}, el("span", { class: "ns", text: c.namespace + "/" }), c.name),
+      el("h1", { id: "detail-title", tabindex: "-1" }, el("span", { class: "ns", text: c.namespace + "/" }), c.name),
       d.spec ? el("span", { class: "muted", text: "service " + (d.spec.service || "–") + " · every " + num(d.spec.intervalS) + "s · " + num(d.spec.stepDurationS) + "s per step · " + d.spec.promotionMode }) : null
     );
     const top = el("div", { class: "grid2" }, section("Status", el("div", { id: "summary-box" })), section("Commands", el("div", { id: "actions-box" })));
     const charts = section("Current rollout" + (d.summary.revision ? " · " + d.summary.revision : ""), el("div", { id: "charts", class: "charts" }));
-    root.replaceChildren(
+    put(root, 
       header,
       d.specError ? el("p", { class: "error", role: "alert", text: "Spec error: " + d.specError }) : null,
       top,
@@ -541,6 +562,16 @@
     );
     renderSummary();
     renderCharts();
+    const reasonInput = $("reason-input");
+    if (reasonState && reasonInput) reasonInput.value = reasonState[0];
+    if (focusId && $(focusId)) {
+      $(focusId).focus({ preventScroll: true });
+      if (focusId === "reason-input" && reasonState) reasonInput.setSelectionRange(reasonState[1], reasonState[2]);
+    } else if (state.focusHeading) {
+      const h = $("detail-title");
+      if (h) h.focus({ preventScroll: true });
+    }
+    state.focusHeading = false;
     window.scrollTo(0, scrollY);
   }
 
@@ -622,18 +653,19 @@
     if (!box) return;
     const pts = (state.series && state.series.points) || [];
     if (!pts.length) {
-      box.replaceChildren(el("p", { class: "muted", text: "No intervals observed in this rollout yet." }));
+      put(box, el("p", { class: "muted", text: "No intervals observed in this rollout yet." }));
       return;
     }
     const times = pts.map((p) => ms(p.at));
-    const markers = pts.map((p, i) => ({ t: times[i], decision: p.decision })).filter((m) => m.decision && m.decision !== "continue");
-    box.replaceChildren();
+    const markers = pts.map((p, i) => ({ t: times[i], decision: p.decision })).filter((m, i) => m.decision && m.decision !== "continue" && (i === 0 || pts[i - 1].decision !== m.decision));
+    put(box);
     [
       {
         title: "Canary weight",
         unit: "%",
         times,
         yMax: 100,
+        digits: 0,
         step: true,
         markers,
         series: [{ name: "canary weight", cls: "s-weight", values: pts.map((p) => p.canaryWeight) }],
@@ -666,7 +698,7 @@
   function niceMax(v) {
     if (!(v > 0)) return 1;
     const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+    for (const m of [1, 2, 4, 6, 8, 10]) if (m * p >= v) return m * p;
     return 10 * p;
   }
 
@@ -675,7 +707,7 @@
     const legend = el("figcaption", {}, el("span", { class: "chart-title", text: opt.title }));
     for (const s of opt.series) {
       const last = [...s.values].reverse().find((v) => v !== null && v !== undefined);
-      legend.append(el("span", { class: "key " + s.cls.split(" ").map((c) => "k-" + c).join(" ") }, el("span", { class: "swatch", "aria-hidden": "true" }), s.name + " " + (last === undefined ? "–" : num(last) + opt.unit)));
+      legend.append(el("span", { class: "key " + s.cls.split(" ").map((c) => "k-" + c).join(" ") }, el("span", { class: "swatch", "aria-hidden": "true" }), s.name + " " + (last === undefined ? "–" : num(last, opt.digits) + opt.unit)));
     }
     const decisions = [...new Set(opt.markers.map((m) => m.decision))];
     for (const d of decisions) legend.append(el("span", { class: "key mk-" + d }, el("span", { class: "mk-swatch", "aria-hidden": "true" }), DECISION_WORDS[d] || d));
@@ -696,7 +728,7 @@
     for (let i = 0; i <= 4; i++) {
       const v = (yMax * i) / 4;
       root.append(svg("line", { x1: pad.l, x2: W - pad.r, y1: y(v), y2: y(v), class: "grid" }));
-      root.append(svg("text", { x: pad.l - 6, y: y(v) + 4, class: "tick", "text-anchor": "end", text: num(v, v >= 10 || v === 0 ? 0 : 1) + (opt.unit === "%" ? "%" : "") }));
+      root.append(svg("text", { x: pad.l - 6, y: y(v) + 4, class: "tick", "text-anchor": "end", text: String(+v.toFixed(2)) + (opt.unit === "%" ? "%" : "") }));
     }
     root.append(svg("text", { x: pad.l, y: H - 6, class: "tick", "text-anchor": "start", text: clock(new Date(t0).toISOString()) }));
     root.append(svg("text", { x: W - pad.r, y: H - 6, class: "tick", "text-anchor": "end", text: clock(new Date(t1).toISOString()) }));
@@ -734,7 +766,7 @@
       });
       void prevY;
       if (d) root.append(svg("path", { d, class: "line " + s.cls }));
-      if (opt.times.length <= 1 || singles.length) for (const [px, py] of singles) root.append(svg("circle", { cx: px, cy: py, r: 2.5, class: "pt " + s.cls }));
+      if (opt.times.length <= 1 || singles.length) for (const [px, py] of singles) root.append(svg("circle", { cx: px, cy: py, r: 3.5, class: "pt " + s.cls }));
     }
     fig.append(root);
   }

@@ -1,0 +1,177 @@
+"""Where the CLI's cluster commands go: straight to Kubernetes, or through the status API.
+
+``canaryd status|promote|abort|approve|skip`` talk to a :class:`Backend`: the
+:class:`KubeBackend` writes commands onto the Canary with a kubeconfig; the
+:class:`HttpBackend` (``--server URL`` or ``CANARYD_SERVER``, token from
+``CANARYD_TOKEN`` or ``--token-file``) posts them to a daemon's API, which writes the
+same command.  Output and exit codes are the same either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from canaryd.kube import Kube, NotFoundError, UnavailableError, new_command
+from canaryd.ports import CanaryRef
+from canaryd.rollout import Command, CommandKind
+from canaryd.status import CanaryStatus
+
+
+class BackendError(Exception):
+    """A one-line error for the user (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryView:
+    """What the CLI shows of a Canary."""
+
+    ref: CanaryRef
+    status: CanaryStatus
+    steps: tuple[int, ...]
+
+
+class Backend(Protocol):
+    async def submit(
+        self,
+        ref: CanaryRef,
+        kind: CommandKind,
+        by: str,
+        *,
+        revision: str | None = None,
+        weight: int | None = None,
+        reason: str = "",
+    ) -> Command: ...
+
+    async def get(self, ref: CanaryRef) -> CanaryView:
+        """Raises UnavailableError when it is worth trying again."""
+        ...
+
+    async def list(self, namespace: str | None) -> list[CanaryView]: ...
+
+    async def close(self) -> None: ...
+
+
+class KubeBackend:
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+
+    async def submit(
+        self,
+        ref: CanaryRef,
+        kind: CommandKind,
+        by: str,
+        *,
+        revision: str | None = None,
+        weight: int | None = None,
+        reason: str = "",
+    ) -> Command:
+        command = new_command(kind, by, revision=revision, weight=weight, reason=reason)
+        try:
+            await self.kube.add_command(ref, command)
+        except NotFoundError:
+            raise BackendError(f"Canary {ref} not found") from None
+        return command
+
+    async def get(self, ref: CanaryRef) -> CanaryView:
+        try:
+            canary = await self.kube.get_canary(ref)
+        except NotFoundError:
+            raise BackendError(f"Canary {ref} not found") from None
+        return CanaryView(
+            canary.ref, canary.status, tuple(canary.spec.steps if canary.spec else ())
+        )
+
+    async def list(self, namespace: str | None) -> list[CanaryView]:
+        return [
+            CanaryView(c.ref, c.status, tuple(c.spec.steps if c.spec else ()))
+            for c in await self.kube.list_canaries(namespace)
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpBackend:
+    """The status API of a running daemon."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float = 10.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise BackendError(f"--server {url!r}: expected an http:// or https:// URL")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise UnavailableError(
+                f"cannot reach {self.url}: {exc or type(exc).__name__}"
+            ) from None
+        if response.status_code >= 500:
+            raise UnavailableError(
+                f"{self.url} answered {response.status_code}: {_message(response)}"
+            )
+        if response.status_code >= 400:
+            raise BackendError(_message(response))
+        return response.json()
+
+    async def submit(
+        self,
+        ref: CanaryRef,
+        kind: CommandKind,
+        by: str,
+        *,
+        revision: str | None = None,
+        weight: int | None = None,
+        reason: str = "",
+    ) -> Command:
+        body: dict[str, Any] = {"reason": reason} if reason else {}
+        if kind is CommandKind.PROMOTE and revision:
+            body["revision"] = revision
+        if kind is CommandKind.APPROVE and weight is not None:
+            body["step"] = weight
+        try:
+            answer = await self._call(
+                "POST", f"/api/v1/canaries/{ref.namespace}/{ref.name}/{kind}", json=body
+            )
+        except UnavailableError as exc:
+            raise BackendError(str(exc)) from None
+        return Command(
+            id=str(answer["id"]),
+            kind=kind,
+            revision=answer.get("revision"),
+            weight=answer.get("weight"),
+            by=str(answer.get("by", "")),
+            reason=reason,
+        )
+
+    async def get(self, ref: CanaryRef) -> CanaryView:
+        body = await self._call("GET", f"/api/v1/canaries/{ref.namespace}/{ref.name}")
+        return CanaryView(
+            ref, CanaryStatus.model_validate(body["status"]), tuple(body["summary"]["steps"])
+        )
+
+    async def list(self, namespace: str | None) -> list[CanaryView]:
+        params = {"namespace": namespace} if namespace else {}
+        try:
+            rows = await self._call("GET", "/api/v1/canaries", params=params)
+            return [await self.get(CanaryRef(r["namespace"], r["name"])) for r in rows]
+        except UnavailableError as exc:
+            raise BackendError(str(exc)) from None
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return f"HTTP {response.status_code}"

@@ -1,0 +1,199 @@
+"""The web dashboard in a real browser, against the real daemon and API (playground).
+
+Needs Chromium at /usr/bin/chromium and Python Playwright; never downloads a browser.
+Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canaryd.playground import Playground, Sample
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: the browser test needs it"
+)
+
+
+@pytest.fixture
+def playground() -> Iterator[Playground]:
+    samples = (
+        Sample("checkout", "healthy", "x"),
+        Sample("cart", "healthy", "x", (50,)),
+    )
+    pg = Playground(
+        host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=5.0, samples=samples
+    )
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    stop_box: list[asyncio.Event] = []
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop_box.append(asyncio.get_running_loop())
+        stop_box.append(stop)
+        await pg.run(stop)
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="playground", daemon=True)
+    thread.start()
+    wait_until(lambda: len(canaries(pg)) == len(samples), 20.0, "the canaries to appear")
+    try:
+        yield pg
+    finally:
+        if loop_box and stop_box:
+            loop_box[0].call_soon_threadsafe(stop_box[0].set)
+        thread.join(15.0)
+        assert not failure, f"the playground failed: {failure[0]!r}"
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5.0) as resp:  # a local test server
+        return json.loads(resp.read())
+
+
+def canaries(pg: Playground) -> dict[str, dict[str, Any]]:
+    try:
+        rows = get_json(pg.url + "api/v1/canaries")
+    except OSError:
+        return {}
+    return {row["name"]: row for row in rows}
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+def test_dashboard_live_table_detail_and_approve(playground: Playground) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    pg = playground
+    ARTIFACTS.mkdir(exist_ok=True)
+    weight_cell = 'tr[data-key="shop/checkout"] .weight-text'
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on(
+                "console",
+                lambda msg: (
+                    errors.append(msg.text)
+                    if msg.type == "error" and "401" not in msg.text  # the wrong token, below
+                    else None
+                ),
+            )
+            page.goto(pg.url)
+
+            # The table lists both canaries, and the stream is live.
+            rows = page.locator("#canary-rows tr")
+            expect(rows).to_have_count(2, timeout=10_000)
+            expect(page.locator('tr[data-key="shop/checkout"]')).to_contain_text("checkout")
+            expect(page.locator('tr[data-key="shop/cart"]')).to_contain_text("cart")
+            expect(page.locator("#conn")).to_contain_text("live", timeout=10_000)
+
+            # A weight change in the API shows in the page within 2 s, without a reload.
+            page.evaluate("window.__noReload = true")
+            before = canaries(pg)["checkout"]["canaryWeight"]
+            wait_until(
+                lambda: canaries(pg)["checkout"]["canaryWeight"] != before,
+                30.0,
+                "checkout's weight to change",
+            )
+            changed_at = time.monotonic()
+            after = canaries(pg)["checkout"]["canaryWeight"]
+            page.wait_for_function(
+                "([sel, want]) => { const e = document.querySelector(sel);"
+                " return e !== null && e.textContent === want; }",
+                arg=[weight_cell, f"{after}%"],
+                timeout=2_000,
+            )
+            assert time.monotonic() - changed_at <= 2.0
+            assert page.evaluate("window.__noReload === true"), "the page was reloaded"
+            page.screenshot(path=str(ARTIFACTS / "dashboard-table-wide.png"), full_page=True)
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.screenshot(path=str(ARTIFACTS / "dashboard-table-narrow.png"), full_page=True)
+            page.set_viewport_size({"width": 1400, "height": 900})
+
+            # Keyboard: focus the cart row and press Enter to open its detail view.
+            wait_until(
+                lambda: canaries(pg)["cart"]["phase"] == "WaitingApproval",
+                40.0,
+                "cart to wait for approval",
+            )
+            page.locator('tr[data-key="shop/cart"]').focus()
+            page.keyboard.press("Enter")
+            expect(page).to_have_url(pg.url + "#/shop/cart")
+            approve = page.locator("#btn-approve")
+            expect(approve).to_be_visible(timeout=5_000)
+            expect(approve).to_be_disabled()  # no token yet
+            expect(page.locator("#actions-box .hint")).to_contain_text("operator token")
+            expect(page.locator("#charts svg")).to_have_count(3, timeout=5_000)
+
+            # A wrong token: the API's error message is shown, and nothing moves.
+            page.fill("#token-input", "not-the-token")
+            page.click("#token-save")
+            expect(approve).to_be_enabled(timeout=5_000)
+            approve.click()
+            expect(page.locator(".flash-error")).to_contain_text("unknown token", timeout=5_000)
+            assert canaries(pg)["cart"]["phase"] == "WaitingApproval"
+
+            page.fill("#token-input", pg.token)
+            page.click("#token-save")
+            expect(page.locator("#token-state")).to_have_text("token set")
+            expect(approve).to_be_enabled(timeout=5_000)
+            page.wait_for_timeout(1_500)  # let the series grow a little for the screenshot
+            page.screenshot(path=str(ARTIFACTS / "dashboard-detail-wide.png"), full_page=True)
+            approve.click()
+            expect(page.locator(".flash-ok")).to_contain_text("accepted", timeout=5_000)
+            wait_until(
+                lambda: canaries(pg)["cart"]["phase"] != "WaitingApproval",
+                10.0,
+                "cart to leave WaitingApproval after Approve",
+            )
+            expect(page.locator('[id="summary-box"] .phase')).not_to_have_text(
+                "Waiting for approval", timeout=5_000
+            )
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.wait_for_timeout(400)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-detail-narrow.png"), full_page=True)
+
+            # Back returns to the table.
+            page.go_back()
+            expect(page.locator("#list-view")).to_be_visible()
+            assert not errors, f"errors in the page: {errors}"
+        finally:
+            browser.close()
