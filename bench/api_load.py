@@ -1,0 +1,180 @@
+"""Status API benchmark (issue #11): request latency with 1,000 canaries in the cache, and
+the control loop's round time with and without API load on loopback.
+
+    .venv/bin/python bench/api_load.py                 # both parts
+    .venv/bin/python bench/api_load.py --part latency  # list/detail p50/p99 only
+    .venv/bin/python bench/api_load.py --part rounds --canaries 100 --seconds 20
+
+Part 1 serves an app whose hub holds N canaries (default 1,000) with uvicorn in a
+thread and times sequential GETs of the list and of one detail from the main thread.
+Part 2 runs the playground's daemon (the Kubernetes API double, simulated traffic) with
+N canaries on a 1 s interval and reports the median and p90 round time (first reconcile
+start to last reconcile end of each tick), first without load, then while a second
+process keeps 200 clients polling the list once a second and 50 SSE subscribers open.
+Targets: list p99 <= 50 ms; round time under load within 10% of without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from canaryd.api import ApiSettings, bind, create_app, serve
+from canaryd.hub import StatusHub
+from canaryd.kube import to_canary
+from canaryd.playground import Playground, Sample
+from canaryd.status import CanaryStatus, CheckRecord, Phase, VerdictRecord
+from tests.conftest import canary
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _hub(n: int) -> StatusHub:
+    hub = StatusHub()
+    verdict = VerdictRecord(
+        decision="continue",
+        at=datetime.now(UTC),
+        reasons=["errors: canary 0.50% vs stable 0.50%"],
+        checks=[CheckRecord(name="errors", status="ok", e_value=0.4, threshold=250, reason="ok")],
+    )
+    for i in range(n):
+        obj = copy.deepcopy(canary(f"svc-{i:04d}"))
+        obj["metadata"] |= {"namespace": f"team-{i % 20}", "resourceVersion": str(i + 1)}
+        status = CanaryStatus(
+            phase=Phase.PROGRESSING, revision="v2", canary_weight=10, last_verdict=verdict
+        )
+        obj["status"] = status.to_json()
+        hub.update(to_canary(obj))
+    return hub
+
+
+async def _noop(*_: object) -> None:
+    return None
+
+
+def latency(n: int, requests: int) -> None:
+    hub = _hub(n)
+    app = create_app(hub, _noop, ApiSettings())
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(serve(app, sock, stop, hub.close),), daemon=True
+    )
+    thread.start()
+    time.sleep(0.5)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for path, label in (
+            ("/api/v1/canaries", f"list of {n}"),
+            ("/api/v1/canaries/team-3/svc-0003", "detail"),
+        ):
+            http.get(path).raise_for_status()
+            times = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                http.get(path).raise_for_status()
+                times.append((time.perf_counter() - t0) * 1000)
+            print(
+                f"{label:<14} p50 {_pct(times, 0.5):6.2f} ms   p99 {_pct(times, 0.99):6.2f} ms"
+                f"   ({requests} sequential requests)"
+            )
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(10)
+
+
+LOAD = """
+import asyncio, sys, httpx
+url = sys.argv[1]
+async def poll(http):
+    while True:
+        try:
+            await http.get("/api/v1/canaries")
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(1.0)
+async def stream(http):
+    while True:
+        try:
+            async with http.stream("GET", "/api/v1/events") as r:
+                async for _ in r.aiter_lines():
+                    pass
+        except httpx.HTTPError:
+            await asyncio.sleep(0.5)
+async def main():
+    limits = httpx.Limits(max_connections=300)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        await asyncio.gather(*[poll(http) for _ in range(200)], *[stream(http) for _ in range(50)])
+asyncio.run(main())
+"""
+
+
+def rounds(n: int, seconds: float) -> None:
+    samples = tuple(Sample(f"svc-{i:03d}", "healthy", "") for i in range(n))
+    pg = Playground(
+        host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=1.0, samples=samples
+    )
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(pg.run(stop),), daemon=True)
+    thread.start()
+    time.sleep(8)  # every canary discovered and rolling
+
+    def window() -> list[float]:
+        assert pg.daemon is not None
+        start = time.time()
+        time.sleep(seconds)
+        return [
+            r.duration_s * 1000
+            for tick, r in list(pg.daemon.rounds.items())
+            if tick > start + 1 and r.reconciles >= n // 2
+        ]
+
+    quiet = window()
+    load = subprocess.Popen([sys.executable, "-c", LOAD, pg.url])
+    time.sleep(3)
+    busy = window()
+    load.terminate()
+    load.wait(10)
+    subs = pg.hub.subscribers
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(20)
+    for label, values in (("no API load", quiet), ("200 pollers + 50 SSE", busy)):
+        print(
+            f"{label:<22} rounds {len(values):3d}  median {statistics.median(values):7.1f} ms"
+            f"   p90 {_pct(values, 0.9):7.1f} ms   ({n} canaries, 1 s interval)"
+        )
+    change = statistics.median(busy) / statistics.median(quiet) - 1
+    print(f"median round time under load: {change:+.1%} (SSE subscribers at the end: {subs})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--part", choices=["latency", "rounds", "all"], default="all")
+    parser.add_argument("--canaries", type=int, default=0, help="default 1000 / 100")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.part in ("latency", "all"):
+        latency(args.canaries or 1000, args.requests)
+    if args.part in ("rounds", "all"):
+        rounds(args.canaries or 100, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
