@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -241,6 +242,8 @@ def create_app(
     )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(HubCollector(hub, leader))
+    #: encoded list answers by filter, while the hub's version is unchanged (pollers)
+    lists: dict[tuple[str | None, Phase | None], tuple[int, bytes]] = {}
 
     def identity(authorization: str | None) -> Identity | None:
         if not authorization:
@@ -325,7 +328,14 @@ def create_app(
         namespace: Annotated[str | None, Query(max_length=253)] = None,
         phase: Phase | None = None,
     ) -> Response:
-        return JSONResponse(hub.list_json(namespace, phase))
+        key = (namespace, phase)
+        cached = lists.get(key)
+        if cached is None or cached[0] != hub.version:
+            if len(lists) > 64:
+                lists.clear()
+            body = json.dumps(hub.list_json(namespace, phase), separators=(",", ":")).encode()
+            cached = lists[key] = (hub.version, body)
+        return Response(cached[1], media_type="application/json")
 
     @app.get(
         "/api/v1/canaries/{namespace}/{name}",

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import structlog
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
@@ -247,6 +248,10 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
                 cors_origins=tuple(args.api_cors_origin or ()),
             )
             sock = api.bind(host, port)
+            bound = sock.getsockname()
+            structlog.get_logger("canaryd.api").info(
+                "api listening", url=f"http://{host}:{bound[1]}/"
+            )
         except (ValueError, OSError) as exc:
             raise ClusterError(str(exc)) from None
         if args.api_reads_need_token and not api_settings.tokens.entries:

@@ -103,6 +103,8 @@ class StatusHub:
         self.rollouts: dict[CanaryRef, Counter[str]] = {}
         #: events not delivered to subscribers that fell behind (they resume from the ring)
         self.dropped = 0
+        #: bumped on every change of a row: readers may cache what they built from it
+        self.version = 0
 
     # -- fed by the daemon ---------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class StatusHub:
         if old is not None and old.canary.resource_version == canary.resource_version:
             return
         summary = summary_of(canary)
+        self.version += 1
         self._entries[canary.ref] = _Entry(
             canary, summary, summary.model_dump(mode="json", by_alias=True)
         )
@@ -137,6 +140,7 @@ class StatusHub:
     def remove(self, ref: CanaryRef, now: datetime | None = None) -> None:
         """The Canary is gone: forget it (its metrics series disappear with it)."""
         entry = self._entries.pop(ref, None)
+        self.version += 1
         self._series.pop(ref, None)
         self.decisions.pop(ref, None)
         self.rollouts.pop(ref, None)

@@ -128,7 +128,7 @@ def assert_error(response: httpx.Response, status: int, words: str) -> None:
 
 
 async def test_list_sorted_and_filtered_by_namespace_and_phase(client: Any) -> None:
-    http, _, _ = client
+    http, hub, _ = client
     rows = (await http.get("/api/v1/canaries")).json()
     assert [(r["namespace"], r["name"]) for r in rows] == [
         (NS, "cart"), (NS, "checkout"), ("web", "search"),
@@ -142,6 +142,10 @@ async def test_list_sorted_and_filtered_by_namespace_and_phase(client: Any) -> N
     waiting_rows = (await http.get("/api/v1/canaries", params={"phase": "WaitingApproval"})).json()
     assert [r["name"] for r in waiting_rows] == ["cart"]
     assert_error(await http.get("/api/v1/canaries", params={"phase": "Bogus"}), 422, "phase")
+    # a cached answer never outlives a change
+    hub.update(to_canary(raw("checkout", CanaryStatus(phase=Phase.HOLDING), version=9)))
+    rows = (await http.get("/api/v1/canaries")).json()
+    assert [r["phase"] for r in rows] == ["WaitingApproval", "Holding", "Idle"]
 
 
 async def test_detail_has_spec_summary_verdict_with_numbers_and_events(client: Any) -> None:

@@ -361,7 +361,8 @@ def test_a_killed_daemon_resumes_the_same_step_at_the_same_weight(
     api.close()
     argv = [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(kubeconfig),
             "--simulate", "healthy", "--simulate-speed", "60", "--no-leader-elect",
-            "--resync", "1s", "--watch-timeout", "1s", "--status-refresh", "0"]  # fmt: skip
+            "--resync", "1s", "--watch-timeout", "1s", "--status-refresh", "0",
+            "--listen", "127.0.0.1:0"]  # fmt: skip
 
     def wait(predicate: Callable[[Obj], bool], timeout_s: float = 30.0) -> Obj:
         deadline = time.monotonic() + timeout_s

@@ -144,7 +144,8 @@ def stack_factory(
         started.append(daemon_log)
         argv = [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(kubeconfig),
                 "--prometheus-url", prometheus.url, "--prometheus-timeout", "1s",
-                "--no-leader-elect", "--resync", "1s", "--watch-timeout", "1s"]  # fmt: skip
+                "--no-leader-elect", "--resync", "1s", "--watch-timeout", "1s",
+                "--listen", "127.0.0.1:0"]  # fmt: skip
         daemon = subprocess.Popen(argv, stdout=daemon_log, stderr=subprocess.STDOUT, text=True)
         started.append(daemon)
         return Stack(cluster, kubeconfig, prometheus, emulator, daemon, tmp_path)
