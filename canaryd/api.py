@@ -396,19 +396,19 @@ def create_app(
                 backlog = hub.events_after(after)
                 if backlog is None:
                     reset = hub.reset_event(datetime.now(UTC))
-                    yield _sse(reset)
+                    yield _sse(reset, hub)
                     sent = reset.id
                 else:
                     for event in backlog:
                         if sub.wants(event):
-                            yield _sse(event)
+                            yield _sse(event, hub)
                             sent = event.id
             while True:
                 item = await sub.queue.get()
                 if item is None:
                     return  # fell behind (or stopping): the client resumes from the ring
                 if not sent or _newer(item.id, sent):
-                    yield _sse(item)
+                    yield _sse(item, hub)
                     sent = item.id
         finally:
             hub.unsubscribe(sub)
@@ -618,10 +618,8 @@ def _error(status: int, reason: str, message: str) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json", by_alias=True), status_code=status)
 
 
-def _sse(event: EventView) -> ServerSentEvent:
-    return ServerSentEvent(
-        raw_data=event.model_dump_json(by_alias=True), event=str(event.type), id=event.id
-    )
+def _sse(event: EventView, hub: StatusHub) -> ServerSentEvent:
+    return ServerSentEvent(raw_data=hub.encoded(event), event=str(event.type), id=event.id)
 
 
 def _newer(event_id: str, than: str) -> bool:

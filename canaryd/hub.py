@@ -94,6 +94,8 @@ class StatusHub:
         self.subscriber_queue = subscriber_queue
         self._entries: dict[CanaryRef, _Entry] = {}
         self._ring: deque[EventView] = deque(maxlen=ring_size)
+        #: each ring event's JSON, encoded once for every subscriber
+        self._encoded: dict[str, str] = {}
         self._seq = 0
         self._series: dict[CanaryRef, _SeriesState] = {}
         self._subscribers: set[Subscription] = set()
@@ -299,6 +301,15 @@ class StatusHub:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    def encoded(self, event: EventView) -> str:
+        """The event as JSON (camelCase), encoded once however many streams send it."""
+        text = self._encoded.get(event.id)
+        if text is None:
+            text = event.model_dump_json(by_alias=True)
+            if event.type is not EventType.RESET:  # ring events: pruned with the ring
+                self._encoded[event.id] = text
+        return text
+
     def reset_event(self, at: datetime) -> EventView:
         return EventView(
             id=f"{self.boot}-{self._seq}",
@@ -327,6 +338,8 @@ class StatusHub:
             message=message,
             canary=summary,
         )
+        if len(self._ring) == self._ring.maxlen:
+            self._encoded.pop(self._ring[0].id, None)
         self._ring.append(event)
         for sub in list(self._subscribers):
             if not sub.wants(event):

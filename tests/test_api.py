@@ -411,3 +411,46 @@ async def test_a_slow_subscriber_is_cut_off_and_never_blocks_publishing() -> Non
         items.append(slow.queue.get_nowait())
     assert items == [None]  # told to end; it resumes from the ring with Last-Event-ID
     assert hub.events_after(hub.boot + "-3") is not None
+
+
+async def test_the_standby_answers_reads_from_its_own_cache(cluster: KubeApiServer) -> None:
+    from canaryd.daemon import Daemon, DaemonSettings
+    from canaryd.istio import IstioRouter
+    from canaryd.leader import LeaseSettings
+    from canaryd.simsource import SimulatedMetrics
+    from canaryd.workloads import Deployments
+    from simulator import get_scenario
+
+    clients, daemons = [], []
+    for identity in ("a", "b"):
+        api_client = cluster.api_client()
+        clients.append(api_client)
+        kube = Kube(api_client, timeout_s=5.0)
+        router = IstioRouter(kube)
+        lease = LeaseSettings("default", "canaryd-leader", identity, 3.0, 1.0, 0.2)
+        settings = DaemonSettings(resync_s=0.5, watch_timeout_s=1.0, lease=lease, drain_s=2.0)
+        metrics = SimulatedMetrics(get_scenario("healthy"), router, speed=60)
+        daemons.append(Daemon(kube, metrics, router, Deployments(kube), settings))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(d.run(stop)) for d in daemons]
+    try:
+        for _ in range(100):
+            if {d.role for d in daemons} == {"leader", "standby"} and all(
+                len(d.hub) for d in daemons
+            ):
+                break
+            await asyncio.sleep(0.1)
+        standby = next(d for d in daemons if d.role == "standby")
+        app = create_app(standby.hub, standby.kube.add_command, readiness=standby.readiness)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://s"
+        ) as h:
+            ready = await h.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["role"] == "standby"
+            detail = await h.get(f"/api/v1/canaries/{NS}/checkout")
+            assert detail.status_code == 200 and detail.json()["summary"]["name"] == "checkout"
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        for api_client in clients:
+            api_client.close()
