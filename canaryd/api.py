@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
+import uvicorn
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -43,7 +44,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from canaryd.hub import StatusHub
-from canaryd.kube import ConflictError, KubeError, NotFoundError, UnavailableError, new_command
+from canaryd.kube import (
+    CanaryObject,
+    ConflictError,
+    KubeError,
+    NotFoundError,
+    UnavailableError,
+    new_command,
+)
 from canaryd.metrics import HubCollector, exposition
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
@@ -423,7 +431,7 @@ def create_app(
         try:
             if canary is None:
                 raise ApiError(404, "NotFound", f"Canary {ref} not found")
-            _check_applies(canary.status.phase, kind, canary, fields.get("weight"))
+            _check_applies(canary, kind, fields.get("weight"))
             cmd = new_command(kind, who.name, **fields)
             try:
                 async with asyncio.timeout(30):
@@ -565,7 +573,6 @@ def create_app(
 
         app.mount("/static", StaticFiles(directory=str(web)), name="static")
 
-    wrapped: FastAPI = app
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -574,7 +581,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes)
-    return wrapped
+    return app
 
 
 async def _canary_filter(
@@ -592,9 +599,9 @@ async def _canary_filter(
     return refs
 
 
-def _check_applies(phase: Phase, kind: CommandKind, canary: Any, weight: int | None) -> None:
-    """409 (or 422) when a command cannot do anything in this phase."""
-    spec = canary.spec
+def _check_applies(canary: CanaryObject, kind: CommandKind, weight: int | None) -> None:
+    """409 (or 422) when a command cannot do anything in the Canary's phase."""
+    phase, spec = canary.status.phase, canary.spec
     if spec is None:
         raise ApiError(409, "Conflict", f"the Canary's spec is invalid: {canary.spec_error}")
     if kind is CommandKind.ABORT and not phase.active:
@@ -719,28 +726,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server:
+class _Server(uvicorn.Server):
     """uvicorn's server without its signal handlers (the daemon owns SIGTERM)."""
 
-    @staticmethod
-    def make(app: FastAPI) -> Any:
-        import uvicorn  # noqa: PLC0415
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
-            timeout_graceful_shutdown=2,
-            ws="none",
-        )
-        return Server(config)
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def serve(
@@ -751,7 +742,16 @@ async def serve(
     On stop, ``close_streams`` ends the open event streams at once; other requests get
     two seconds to finish.
     """
-    server = _Server.make(app)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=2,
+        ws="none",
+    )
+    server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
     stopper = asyncio.create_task(stop.wait(), name="api-stop")
     try:

@@ -569,9 +569,7 @@ def handle(args: argparse.Namespace, out: TextIO) -> int:
                     args, HttpBackend(server, _token(args), args.request_timeout), "default", out
                 )
             )
-        except BackendError as exc:
-            raise ClusterError(str(exc)) from None
-        except KubeError as exc:
+        except (BackendError, KubeError) as exc:
             raise ClusterError(str(exc)) from None
     client, default_ns = api_client(args)
     try:

@@ -193,8 +193,9 @@ class Daemon:
         self._stop = asyncio.Event()
         #: what the status API reads: snapshots, events and series of every Canary
         self.hub = hub if hub is not None else StatusHub()
-        #: the last listing of Canaries: (succeeded, when, error) for /readyz
-        self.listed: tuple[bool, float, str] | None = None
+        #: how the last listing of Canaries went, for /readyz: None before the first,
+        #: "" when it succeeded, else its error
+        self.listed: str | None = None
 
     @property
     def role(self) -> str:
@@ -206,13 +207,11 @@ class Daemon:
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready once the last listing of Canaries succeeded (Kubernetes reachable)."""
         listed = self.listed
-        ok = listed is not None and listed[0]
+        ok = listed == ""
         if listed is None:
             kube = "not listed yet"
-        elif listed[0]:
-            kube = "reachable"
         else:
-            kube = f"unreachable: {listed[2]}"
+            kube = f"unreachable: {listed}" if listed else "reachable"
         return ok, {"ready": ok, "role": self.role, "kubernetes": kube, "canaries": len(self.hub)}
 
     @property
@@ -260,9 +259,9 @@ class Daemon:
                 found = await self._list()
                 for ref in found:
                     self._ensure_worker(ref)
-                self.listed = (True, time.monotonic(), "")
+                self.listed = ""
             except KubeError as exc:
-                self.listed = (False, time.monotonic(), str(exc))
+                self.listed = str(exc) or type(exc).__name__
                 log.warning("listing canaries failed", error=str(exc))
             await asyncio.sleep(self.settings.resync_s)
 
@@ -326,8 +325,12 @@ class Daemon:
             parsed = self._parsed.get(ref)
             if parsed is not None and parsed.resource_version == version:
                 obj = parsed.raw  # our own write coming back: keep one copy, not two
+            else:
+                parsed = None
             self._cache[ref] = obj
-            self._show(ref, obj)
+            shown = self.hub.get(ref)
+            if shown is None or shown.resource_version != version:  # parse only what is new
+                self.hub.update(parsed or to_canary(obj), self.clock())
             worker = self._ensure_worker(ref)
             key = (
                 meta.get("generation"),
@@ -342,18 +345,6 @@ class Daemon:
             self._unseen.pop(ref, None)
             if ref in self.workers:
                 self.workers[ref].wake.set()
-
-    def _show(self, ref: CanaryRef, obj: dict[str, Any]) -> None:
-        """Give the status API a version of the Canary it does not have yet."""
-        shown = self.hub.get(ref)
-        if shown is not None and shown.resource_version == _version(obj):
-            return  # our own write, already shown
-        parsed = self._parsed.get(ref)
-        self.hub.update(
-            parsed if parsed is not None and parsed.resource_version == _version(obj)
-            else to_canary(obj),
-            self.clock(),
-        )  # fmt: skip
 
     @property
     def _unseen_for_s(self) -> float:
