@@ -7,9 +7,10 @@ the control loop's round time with and without API load on loopback.
 
 Part 1 serves an app whose hub holds N canaries (default 1,000) with uvicorn in a
 thread and times sequential GETs of the list and of one detail from the main thread.
-Part 2 runs the playground's daemon (the Kubernetes API double, simulated traffic) with
-N canaries on a 1 s interval and reports the median and p90 round time (first reconcile
-start to last reconcile end of each tick), first without load, then while a second
+Part 2 runs the playground's daemon and API (simulated traffic; the Kubernetes API double
+in a process of its own, as a real API server would be) with N canaries on a 1 s
+interval and reports the median and p90 round time (first reconcile start to last
+reconcile end of each tick) in alternating windows: without load, then while a second
 process keeps 200 clients polling the list once a second and 50 SSE subscribers open.
 Targets: list p99 <= 50 ms; round time under load within 10% of without.
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from canaryd.api import ApiSettings, bind, create_app, serve
 from canaryd.hub import StatusHub
 from canaryd.kube import to_canary
+from canaryd.logs import configure
 from canaryd.playground import Playground, Sample
 from canaryd.status import CanaryStatus, CheckRecord, Phase, VerdictRecord
 from tests.conftest import canary
@@ -124,10 +126,47 @@ asyncio.run(main())
 """
 
 
-def rounds(n: int, seconds: float) -> None:
+KUBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from canaryd.playground import Sample, seed
+from simulator.kubeapi import KubeApiServer
+n, interval_s = int(sys.argv[2]), float(sys.argv[3])
+samples = tuple(Sample(f"svc-{i:03d}", "healthy", "") for i in range(n))
+server = KubeApiServer().start()
+client = server.api_client()
+seed(server, client, samples, interval_s)
+print(server.url, flush=True)
+sys.stdin.read()  # until the bench closes our stdin
+server.stop()
+"""
+
+
+def rounds(n: int, seconds: float, pairs: int) -> None:
+    """Round time with and without API load, in alternating windows (quiet, loaded, quiet,
+    ...) so that the rollouts' phases are the same mix in both. The Kubernetes API double
+    runs in its own process, as the real API server would: in this one it would share the
+    daemon's GIL and the comparison would measure the double."""
+    root = str(Path(__file__).resolve().parent.parent)
+    interval_s = 1.0
+    kube = subprocess.Popen(
+        [sys.executable, "-c", KUBE, root, str(n), str(interval_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert kube.stdout is not None and kube.stdin is not None
+    kube_url = kube.stdout.readline().strip()
+    configure("warning")
     samples = tuple(Sample(f"svc-{i:03d}", "healthy", "") for i in range(n))
     pg = Playground(
-        host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=1.0, samples=samples
+        host="127.0.0.1",
+        port=0,
+        speed=60,
+        interval_s=interval_s,
+        restart_after_s=1.0,
+        samples=samples,
+        kube_url=kube_url,
     )
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -142,25 +181,32 @@ def rounds(n: int, seconds: float) -> None:
         return [
             r.duration_s * 1000
             for tick, r in list(pg.daemon.rounds.items())
-            if tick > start + 1 and r.reconciles >= n // 2
+            if start + 1 < tick < start + seconds and r.reconciles >= n // 2
         ]
 
-    quiet = window()
-    load = subprocess.Popen([sys.executable, "-c", LOAD, pg.url])
-    time.sleep(3)
-    busy = window()
-    load.terminate()
-    load.wait(10)
-    subs = pg.hub.subscribers
+    quiet: list[float] = []
+    busy: list[float] = []
+    subs = 0
+    for _ in range(pairs):
+        quiet += window()
+        load = subprocess.Popen([sys.executable, "-c", LOAD, pg.url])
+        time.sleep(3)  # every client connected
+        busy += window()
+        subs = max(subs, pg.hub.subscribers)
+        load.terminate()
+        load.wait(10)
+        time.sleep(1)
     loop.call_soon_threadsafe(stop.set)
     thread.join(20)
+    kube.stdin.close()
+    kube.wait(20)
     for label, values in (("no API load", quiet), ("200 pollers + 50 SSE", busy)):
         print(
             f"{label:<22} rounds {len(values):3d}  median {statistics.median(values):7.1f} ms"
             f"   p90 {_pct(values, 0.9):7.1f} ms   ({n} canaries, 1 s interval)"
         )
     change = statistics.median(busy) / statistics.median(quiet) - 1
-    print(f"median round time under load: {change:+.1%} (SSE subscribers at the end: {subs})")
+    print(f"median round time under load: {change:+.1%} (SSE subscribers under load: {subs})")
 
 
 def main() -> None:
@@ -168,12 +214,13 @@ def main() -> None:
     parser.add_argument("--part", choices=["latency", "rounds", "all"], default="all")
     parser.add_argument("--canaries", type=int, default=0, help="default 1000 / 100")
     parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per window")
+    parser.add_argument("--pairs", type=int, default=3, help="quiet/loaded window pairs")
     args = parser.parse_args()
     if args.part in ("latency", "all"):
         latency(args.canaries or 1000, args.requests)
     if args.part in ("rounds", "all"):
-        rounds(args.canaries or 100, args.seconds)
+        rounds(args.canaries or 100, args.seconds, args.pairs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -761,3 +762,47 @@ async def serve(
         close_streams()
         stopper.cancel()
         await task
+
+
+async def serve_threaded(
+    app: FastAPI, sock: socket.socket, stop: asyncio.Event, close_streams: Callable[[], None]
+) -> None:
+    """:func:`serve` on an event loop of its own, in a thread named ``api``, until ``stop``
+    (an event of the calling loop) is set.
+
+    API clients never queue the control loop's work behind theirs: requests are parsed,
+    answered and streamed on the API's loop, which reads the hub (thread-safe) and sends
+    commands through the Kubernetes client like the CLI does.
+    """
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        inner = asyncio.Event()
+        box["loop"], box["stop"] = asyncio.get_running_loop(), inner
+        ready.set()
+        await serve(app, sock, inner, close_streams)
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, name="api", daemon=True)
+    thread.start()
+    await asyncio.to_thread(ready.wait)
+    done = asyncio.create_task(asyncio.to_thread(thread.join), name="api-thread")
+    stopper = asyncio.create_task(stop.wait(), name="api-stop")
+    try:
+        await asyncio.wait({done, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if "loop" in box and thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                box["loop"].call_soon_threadsafe(box["stop"].set)
+        await asyncio.shield(done)
+    if "error" in box:
+        raise box["error"]

@@ -269,7 +269,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as group:
         if sock is not None:
-            group.create_task(api.serve(app, sock, stop, daemon.hub.close), name="api")
+            group.create_task(api.serve_threaded(app, sock, stop, daemon.hub.close), name="api")
         group.create_task(daemon.run(stop), name="daemon")
     return EXIT_OK
 

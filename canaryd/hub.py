@@ -25,12 +25,15 @@ Everything runs on the daemon's event loop; nothing here does I/O or blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import secrets
+import threading
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from analysis.counts import ArmCounts, Observation
 from canaryd.kube import CanaryObject
@@ -74,6 +77,8 @@ class Subscription:
     """One SSE client: events arrive on ``queue``; ``None`` means the stream must end."""
 
     queue: asyncio.Queue[EventView | None]
+    #: the loop the reader runs on (the API's): events are put on the queue there
+    loop: asyncio.AbstractEventLoop
     namespace: str | None = None
     canaries: frozenset[CanaryRef] = frozenset()
 
@@ -81,6 +86,21 @@ class Subscription:
         if self.namespace is not None and event.namespace != self.namespace:
             return False
         return not self.canaries or CanaryRef(event.namespace, event.name) in self.canaries
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    """Run the hub method under the hub's lock."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0].lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class StatusHub:
@@ -107,9 +127,12 @@ class StatusHub:
         self.dropped = 0
         #: bumped on every change of a row: readers may cache what they built from it
         self.version = 0
+        #: held by every method: the daemon's loop writes, the API's thread reads
+        self.lock = threading.RLock()
 
     # -- fed by the daemon ---------------------------------------------------------------
 
+    @_locked
     def update(self, canary: CanaryObject, now: datetime | None = None) -> None:
         """A Canary as the watch or our own write has it now."""
         old = self._entries.get(canary.ref)
@@ -139,6 +162,7 @@ class StatusHub:
                 EventType.VERDICT, canary.ref, _with(verdict.decision, reason), summary, verdict.at
             )
 
+    @_locked
     def remove(self, ref: CanaryRef, now: datetime | None = None) -> None:
         """The Canary is gone: forget it (its metrics series disappear with it)."""
         entry = self._entries.pop(ref, None)
@@ -149,6 +173,7 @@ class StatusHub:
         if entry is not None:
             self._publish(EventType.DELETED, ref, "deleted", None, now)
 
+    @_locked
     def round(
         self,
         ref: CanaryRef,
@@ -183,6 +208,7 @@ class StatusHub:
                 state.points.append((at, weight, step_index, canary, stable, decision))
         state.last, state.last_at = observation, at
 
+    @_locked
     def rollout_ended(self, ref: CanaryRef, outcome: Phase) -> None:
         self.rollouts.setdefault(ref, Counter())[str(outcome)] += 1
 
@@ -191,16 +217,20 @@ class StatusHub:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def refs(self) -> Iterator[CanaryRef]:
-        return iter(self._entries)
+    @_locked
+    def refs(self) -> list[CanaryRef]:
+        return list(self._entries)
 
+    @_locked
     def get(self, ref: CanaryRef) -> CanaryObject | None:
         entry = self._entries.get(ref)
         return entry.canary if entry else None
 
-    def summaries(self) -> Iterator[CanarySummary]:
-        return (e.summary for e in self._entries.values())
+    @_locked
+    def summaries(self) -> list[CanarySummary]:
+        return [e.summary for e in self._entries.values()]
 
+    @_locked
     def list_json(self, namespace: str | None = None, phase: Phase | None = None) -> list[Any]:
         """The rows, as JSON, sorted by namespace and name."""
         rows = [
@@ -213,6 +243,7 @@ class StatusHub:
         ]
         return rows
 
+    @_locked
     def detail(self, ref: CanaryRef, events: int = 30) -> CanaryDetail | None:
         entry = self._entries.get(ref)
         if entry is None:
@@ -233,6 +264,7 @@ class StatusHub:
             status=st.to_json(),
         )
 
+    @_locked
     def series(self, ref: CanaryRef) -> Series | None:
         entry = self._entries.get(ref)
         if entry is None:
@@ -260,6 +292,7 @@ class StatusHub:
 
     # -- the event stream --------------------------------------------------------------------
 
+    @_locked
     def events_after(self, last_id: str | None) -> list[EventView] | None:
         """The ring's events after ``last_id`` (all with None); None when it is not in
         the ring any more, or from another process: the reader must reload."""
@@ -276,31 +309,57 @@ class StatusHub:
             return None
         return [e for e in self._ring if _seq_of(e) > seq]
 
+    @_locked
     def subscribe(
         self, namespace: str | None = None, canaries: Iterable[CanaryRef] = ()
     ) -> Subscription:
-        sub = Subscription(asyncio.Queue(self.subscriber_queue), namespace, frozenset(canaries))
+        sub = Subscription(
+            asyncio.Queue(self.subscriber_queue),
+            asyncio.get_running_loop(),
+            namespace,
+            frozenset(canaries),
+        )
         self._subscribers.add(sub)
         return sub
 
+    @_locked
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
+    @_locked
     def close(self) -> None:
         """End every open stream (the server is stopping)."""
         for sub in list(self._subscribers):
             self._cut(sub)
 
+    @_locked
     def _cut(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+        _on_loop(sub.loop, self._end, sub)
+
+    @staticmethod
+    def _end(sub: Subscription) -> None:
         while not sub.queue.empty():
             sub.queue.get_nowait()
         sub.queue.put_nowait(None)
+
+    @_locked
+    def _deliver(self, sub: Subscription, event: EventView) -> None:
+        """On the subscriber's loop: queue the event, or cut a reader that fell behind."""
+        if sub not in self._subscribers:
+            return
+        try:
+            sub.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # too slow: cut it off rather than wait; it resumes from the ring
+            self.dropped += sub.queue.qsize() + 1
+            self._cut(sub)
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @_locked
     def encoded(self, event: EventView) -> str:
         """The event as JSON (camelCase), encoded once however many streams send it."""
         text = self._encoded.get(event.id)
@@ -310,6 +369,7 @@ class StatusHub:
                 self._encoded[event.id] = text
         return text
 
+    @_locked
     def reset_event(self, at: datetime) -> EventView:
         return EventView(
             id=f"{self.boot}-{self._seq}",
@@ -320,6 +380,7 @@ class StatusHub:
             message="cannot resume from the given Last-Event-ID: reload the canaries",
         )
 
+    @_locked
     def _publish(
         self,
         kind: EventType,
@@ -344,12 +405,20 @@ class StatusHub:
         for sub in list(self._subscribers):
             if not sub.wants(event):
                 continue
-            try:
-                sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # too slow: cut it off rather than wait; it resumes from the ring
-                self.dropped += sub.queue.qsize() + 1
-                self._cut(sub)
+            _on_loop(sub.loop, self._deliver, sub, event)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` now when called on ``loop``, else soon on ``loop`` (another thread's)."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+        return
+    with contextlib.suppress(RuntimeError):  # that loop is closed: its reader is gone
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _seq_of(event: EventView) -> int:

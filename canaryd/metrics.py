@@ -88,24 +88,25 @@ class HubCollector(Collector):
             "Rollouts ended by this replica, by outcome (Succeeded, RolledBack, Failed).",
             labels=[*labels, "outcome"],
         )
-        for summary in self.hub.summaries():
-            key = [summary.namespace, summary.name]
-            weight.add_metric(key, summary.canary_weight)
-            step.add_metric(key, summary.step_index)
-            for p in _PHASES:
-                phase.add_metric([*key, str(p)], 1.0 if summary.phase is p else 0.0)
-        for ref in self.hub.refs():
-            canary = self.hub.get(ref)
-            verdict = canary.status.last_verdict if canary else None
-            for check in verdict.checks if verdict else ():
-                if check.e_value is not None:
-                    evalue.add_metric([ref.namespace, ref.name, check.name], check.e_value)
-        for ref, counts in self.hub.decisions.items():
-            for (decision, deciding), n in counts.items():
-                decisions.add_metric([ref.namespace, ref.name, decision, deciding], n)
-        for ref, outcomes in self.hub.rollouts.items():
-            for outcome, n in outcomes.items():
-                rollouts.add_metric([ref.namespace, ref.name, outcome], n)
+        with self.hub.lock:  # the daemon's loop writes meanwhile
+            for summary in self.hub.summaries():
+                key = [summary.namespace, summary.name]
+                weight.add_metric(key, summary.canary_weight)
+                step.add_metric(key, summary.step_index)
+                for p in _PHASES:
+                    phase.add_metric([*key, str(p)], 1.0 if summary.phase is p else 0.0)
+            for ref in self.hub.refs():
+                canary = self.hub.get(ref)
+                verdict = canary.status.last_verdict if canary else None
+                for check in verdict.checks if verdict else ():
+                    if check.e_value is not None:
+                        evalue.add_metric([ref.namespace, ref.name, check.name], check.e_value)
+            for ref, counts in self.hub.decisions.items():
+                for (decision, deciding), n in counts.items():
+                    decisions.add_metric([ref.namespace, ref.name, decision, deciding], n)
+            for ref, outcomes in self.hub.rollouts.items():
+                for outcome, n in outcomes.items():
+                    rollouts.add_metric([ref.namespace, ref.name, outcome], n)
         leader = GaugeMetricFamily(
             "canaryd_leader", "1 when this replica acts (leads, or runs alone), else 0."
         )

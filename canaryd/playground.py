@@ -36,7 +36,7 @@ from canaryd.api import (
     bind,
     create_app,
     parse_listen,
-    serve,
+    serve_threaded,
 )
 from canaryd.daemon import Daemon, DaemonSettings
 from canaryd.hub import StatusHub
@@ -160,6 +160,21 @@ def sample_objects(sample: Sample, interval_s: float) -> list[tuple[str, str, st
     ]
 
 
+def seed(
+    server: KubeApiServer, api_client: Any, samples: tuple[Sample, ...], interval_s: float
+) -> None:
+    """Create the samples' objects in ``server`` (Deployments through the API, so that
+    the double's Deployment controller rolls them out)."""
+    apps = k8s.AppsV1Api(api_client)
+    for sample in samples:
+        for group, version, plural, obj in sample_objects(sample, interval_s):
+            if plural == "deployments":
+                body: Any = copy.deepcopy(obj)  # the client takes plain dicts as bodies
+                apps.create_namespaced_deployment(NAMESPACE, body)
+            else:
+                server.put_raw(group, version, plural, copy.deepcopy(obj))
+
+
 class Playground:
     """The double, the daemon and the API in one event loop (also used by tests)."""
 
@@ -173,8 +188,12 @@ class Playground:
         restart_after_s: float = 20.0,
         samples: tuple[Sample, ...] = SAMPLES,
         token: str | None = None,
+        kube_url: str | None = None,
     ) -> None:
         self.samples = samples
+        #: a Kubernetes API (double) already seeded with :func:`seed`, e.g. in another
+        #: process; by default the playground starts its own double in this process
+        self.kube_url = kube_url
         self.interval_s = interval_s
         self.restart_after_s = restart_after_s
         self.token = token or secrets.token_urlsafe(24)
@@ -192,23 +211,19 @@ class Playground:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    def seed(self, api_client: Any) -> None:
-        """Create the samples' objects (Deployments through the API, so that the
-        double's Deployment controller rolls them out)."""
-        apps = k8s.AppsV1Api(api_client)
-        for sample in self.samples:
-            for group, version, plural, obj in sample_objects(sample, self.interval_s):
-                if plural == "deployments":
-                    body: Any = copy.deepcopy(obj)  # the client takes plain dicts as bodies
-                    apps.create_namespaced_deployment(NAMESPACE, body)
-                else:
-                    self.server.put_raw(group, version, plural, copy.deepcopy(obj))
-
     async def run(self, stop: asyncio.Event, out: TextIO | None = None) -> None:
-        self.server.start()
-        api_client = self.server.api_client()
+        if self.kube_url is None:
+            self.server.start()
+            api_client = self.server.api_client()
+        else:
+            configuration = k8s.Configuration()
+            configuration.host = self.kube_url
+            api_client = k8s.ApiClient(configuration)
         try:
-            await asyncio.to_thread(self.seed, api_client)
+            if self.kube_url is None:
+                await asyncio.to_thread(
+                    seed, self.server, api_client, self.samples, self.interval_s
+                )
             kube = self.kube = Kube(api_client, timeout_s=5.0)
             router = IstioRouter(kube)
             scenarios: dict[CanaryRef, Scenario] = {
@@ -229,13 +244,14 @@ class Playground:
             )
             async with asyncio.TaskGroup() as group:
                 group.create_task(daemon.run(stop), name="daemon")
-                group.create_task(serve(app, self.sock, stop, self.hub.close), name="api")
+                group.create_task(serve_threaded(app, self.sock, stop, self.hub.close), name="api")
                 group.create_task(self._drive(stop), name="driver")
                 if out is not None:
                     group.create_task(self._narrate(stop, out), name="narrator")
         finally:
             api_client.close()
-            self.server.stop()
+            if self.kube_url is None:
+                self.server.stop()
 
     async def _drive(self, stop: asyncio.Event) -> None:
         """Start every sample's rollout, and start a finished one again a little later."""
