@@ -32,6 +32,11 @@ class MetricsError(Exception):
     """Metrics could not be had (source down, slow, empty, NaN): the core holds."""
 
 
+class QueryRejectedError(MetricsError):
+    """The metrics source refused a query as malformed (HTTP 400 and kin): retrying
+    the same text cannot help, and the fault may lie in one Canary's input."""
+
+
 class MetricsSource(Protocol):
     """Cumulative request, error and latency counters of both arms (Prometheus, simulator).
 

@@ -50,7 +50,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS, ArmCounts, Observation
-from canaryd.ports import CanaryRef, MetricsError
+from canaryd.ports import CanaryRef, MetricsError, QueryRejectedError
 from canaryd.spec import CanarySpec, Metrics
 
 log = structlog.get_logger("canaryd.prometheus")
@@ -263,14 +263,17 @@ class PrometheusMetrics:
 
     # -- one fetch ---------------------------------------------------------------------------
 
-    def _selector(
-        self, shape: _Shape, state: _ShapeState
-    ) -> tuple[str, frozenset[ArmKey] | None, frozenset[str]]:
+    def _members(self, state: _ShapeState) -> list[_Member]:
+        """The Canaries that asked lately (the others are forgotten)."""
         now = self.clock()
         for ref, (_, seen) in list(state.members.items()):
             if now - seen > MEMBER_TTL_S:
                 del state.members[ref]
-        members = [m for m, _ in state.members.values()]
+        return [m for m, _ in state.members.values()]
+
+    def _selector(
+        self, shape: _Shape, members: Sequence[_Member]
+    ) -> tuple[str, frozenset[ArmKey] | None, frozenset[str]]:
         namespaces = frozenset(m.namespace for m in members)
         arms = frozenset(k for m in members for k in m.keys)
         matchers = [shape.selector] if shape.selector else []
@@ -289,30 +292,29 @@ class PrometheusMetrics:
 
     async def _fetch(self, shape: _Shape, state: _ShapeState) -> _Snapshot:
         started = self.clock()
-        selector, covers, namespaces = self._selector(shape, state)
+        members = self._members(state)
+        selector, covers, namespaces = self._selector(shape, members)
         snap = _Snapshot(started, covers, namespaces)
         at = time.time()  # every query is evaluated at this one instant
-        substitute = {"selector": selector, "by": shape.by}
-        queries = {"requests": shape.requests, "errors": shape.errors}
-        if shape.latency is not None:
-            queries["latency"] = shape.latency
-        rendered = {k: Template(v).safe_substitute(substitute) for k, v in queries.items()}
         deadline = started + self.settings.timeout_s
         self.stats["fetches"] += 1
+        results: list[dict[str, list[Any]]] = []
         try:
             if self.settings.bearer_token_file:  # once per fetch, before the threads start
                 headers = self._headers()
                 for client in self._clients.values():
                     client.headers = headers
-            tasks = [
-                asyncio.create_task(self._query(name, q, at, deadline), name=f"prometheus-{name}")
-                for name, q in rendered.items()
-            ]
             try:
-                results = await asyncio.gather(*tasks)
-            finally:  # one failed query fails the snapshot: stop retrying the others
-                for task in tasks:
-                    task.cancel()
+                results.append(await self._queries(shape, selector, at, deadline))
+            except QueryRejectedError:
+                if len(members) <= 1:
+                    raise
+                # one Canary's input may have broken the shared query: find it by halves,
+                # so that it alone is charged and every other Canary gets its data
+                self.stats["splits"] += 1
+                await self._isolate(shape, members, at, deadline, snap, results)
+                snap.covers = frozenset(k for m in members for k in m.keys)
+                snap.namespaces = frozenset(m.namespace for m in members)
         except MetricsError as exc:
             self.stats["failures"] += 1
             snap.error = str(exc)
@@ -320,8 +322,9 @@ class PrometheusMetrics:
             snap.fetched_at = self.clock()
             state.snapshot = snap
             return snap
-        for name, result in zip(rendered, results, strict=True):
-            self._accumulate(shape, state, snap, name, result)
+        for result in results:
+            for name, series in result.items():
+                self._accumulate(shape, state, snap, name, series)
         for metric, arm, le in list(state.totals):
             value = round(state.totals[(metric, arm, le)])
             if metric == "requests":
@@ -334,12 +337,55 @@ class PrometheusMetrics:
         state.snapshot = snap
         log.debug(
             "prometheus fetch",
-            queries=len(rendered),
+            queries=sum(len(r) for r in results),
             canaries=len(state.members),
             arms=len(snap.requests),
             duration_ms=round((snap.fetched_at - started) * 1000, 1),
         )
         return snap
+
+    async def _queries(
+        self, shape: _Shape, selector: str, at: float, deadline: float
+    ) -> dict[str, list[Any]]:
+        """The shape's queries for ``selector``, in parallel; one failure fails them all."""
+        substitute = {"selector": selector, "by": shape.by}
+        queries = {"requests": shape.requests, "errors": shape.errors}
+        if shape.latency is not None:
+            queries["latency"] = shape.latency
+        rendered = {k: Template(v).safe_substitute(substitute) for k, v in queries.items()}
+        tasks = [
+            asyncio.create_task(self._query(name, q, at, deadline), name=f"prometheus-{name}")
+            for name, q in rendered.items()
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:  # one failed query fails the snapshot: stop retrying the others
+            for task in tasks:
+                task.cancel()
+        return dict(zip(rendered, results, strict=True))
+
+    async def _isolate(
+        self,
+        shape: _Shape,
+        members: list[_Member],
+        at: float,
+        deadline: float,
+        snap: _Snapshot,
+        results: list[dict[str, list[Any]]],
+    ) -> None:
+        """Query ``members`` by halves until each rejected query is one Canary's: those
+        arms are marked bad (with their own query's error), the rest are answered."""
+        half = len(members) // 2
+        for part in (members[:half], members[half:]):
+            try:
+                selector, _, _ = self._selector(shape, part)
+                results.append(await self._queries(shape, selector, at, deadline))
+            except QueryRejectedError as exc:
+                if len(part) > 1:
+                    await self._isolate(shape, part, at, deadline, snap, results)
+                    continue
+                for key in part[0].keys:
+                    snap.bad[key] = f"{exc} (this Canary's query only)"
 
     async def _query(self, name: str, query: str, at: float, deadline: float) -> list[Any]:
         """One instant query, retried with backoff until ``deadline`` (monotonic)."""
@@ -393,11 +439,12 @@ class PrometheusMetrics:
             text = str(exc)[:300]
             status = re.search(r"HTTP Status Code (\d+)", text)
             code = int(status.group(1)) if status else 0
-            message = f"Prometheus at {url} answered {text} to {name} query: {query[:200]}"
+            # not the query's text: batched, it names other namespaces' workloads
+            message = f"Prometheus at {url} answered {text} to the {name} query"
             if code in (401, 403):
                 raise MetricsError(f"Prometheus at {url} refused our credentials ({text})") from exc
             if 400 <= code < 500 and code not in (408, 429):
-                raise MetricsError(message) from exc  # a bad query does not heal by retrying
+                raise QueryRejectedError(message) from exc  # retrying the same text cannot help
             raise _RetryableError(message) from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise _RetryableError(

@@ -493,3 +493,44 @@ def test_a_trailing_backslash_in_one_canary_leaves_the_shared_query_valid(
 def test_arm_values_that_no_label_holds_are_rejected(value: str) -> None:
     with pytest.raises(ValueError, match=r"stableValue|stable_value"):
         spec(stableValue=value)
+
+
+# -- fault isolation: one Canary's input never fails another's ------------------------------
+
+
+def test_a_query_rejected_for_one_canary_is_charged_to_that_canary_alone(
+    prometheus: PrometheusServer, exporter: tuple[Exporter, str]
+) -> None:
+    """A value no validation caught (a lone surrogate, which PromQL refuses to unquote)
+    breaks the shared batched query; the source splits the batch by halves, so the other
+    Canaries, in this namespace and others, still get their counts, and the error names
+    neither their namespaces nor their workloads."""
+    values: dict[Any, float] = {}
+    names = [f"svc{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        values |= requests_series(f"team{i}", name, f"{name}-a", 1000 + i, errors=i)
+        values |= requests_series(f"team{i}", f"{name}-canary", f"{name}-c", 100 + i)
+    publish(prometheus, exporter[0], values)
+    src = source(prometheus)
+    specs = {CanaryRef(f"team{i}", n): spec(n) for i, n in enumerate(names)}
+    good = spec("bad")
+    hostile = good.model_copy(
+        update={"metrics": good.metrics.model_copy(update={"stable_value": "v1\ud800"})}
+    )
+    bad = CanaryRef("hostile", "bad")
+
+    async def round_() -> list[Any]:
+        calls = [src.observe(r, s) for r, s in specs.items()] + [src.observe(bad, hostile)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    *observations, failure = asyncio.run(round_())
+    assert isinstance(failure, MetricsError), failure
+    assert "this Canary's query only" in str(failure)
+    for other in ("team", "svc"):
+        assert other not in str(failure)
+    assert src.stats["splits"] == 1
+    for i, obs in enumerate(observations):
+        assert not isinstance(obs, BaseException), obs
+        assert obs.stable is not None and obs.canary is not None
+        assert (obs.stable.requests, obs.stable.errors) == (1000 + 2 * i, i)
+    src.close()
