@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from canaryd.metrics import KUBE_REQUESTS, kube_verb
 from canaryd.ports import CanaryRef
+from canaryd.redact import redact, redact_tree
 from canaryd.rollout import Command, CommandKind
 from canaryd.spec import API_GROUP, CanarySpec, SpecError, parse_spec
 from canaryd.status import CanaryStatus
@@ -326,7 +327,8 @@ class Kube:
                 "namespace": canary.ref.namespace,
                 "resourceVersion": canary.resource_version,
             },
-            "status": status.model_dump(mode="json", by_alias=True, exclude_none=True),
+            # anyone who reads Canaries reads this: no credentials from error texts
+            "status": redact_tree(status.model_dump(mode="json", by_alias=True, exclude_none=True)),
         }
         raw = await self.call(
             self.custom.replace_namespaced_custom_object_status,
@@ -382,7 +384,7 @@ class Kube:
                 uid=canary.uid,
             ),
             reason=reason,
-            message=message[:1024],
+            message=redact(message)[:1024],
             type="Warning" if warning else "Normal",
             first_timestamp=now,
             last_timestamp=now,

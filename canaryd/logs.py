@@ -11,6 +11,8 @@ import sys
 
 import structlog
 
+from canaryd.redact import redact_processor
+
 
 def configure(level: str = "info", *, json_output: bool = True) -> None:
     """Configure structlog and the stdlib root logger (idempotent)."""
@@ -20,8 +22,16 @@ def configure(level: str = "info", *, json_output: bool = True) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    # JSON lines carry the traceback as data ("exception": [...]), not "exc_info": true;
+    # redaction runs last before rendering, so tracebacks are redacted too
+    renderers: list[structlog.types.Processor] = (
+        [
+            structlog.processors.dict_tracebacks,
+            redact_processor,
+            structlog.processors.JSONRenderer(),
+        ]
+        if json_output
+        else [redact_processor, structlog.dev.ConsoleRenderer()]
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -33,7 +43,7 @@ def configure(level: str = "info", *, json_output: bool = True) -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderers],
         )
     )
     root = logging.getLogger()

@@ -51,6 +51,7 @@ from urllib3.util.retry import Retry
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS, ArmCounts, Observation
 from canaryd.ports import CanaryRef, MetricsError, QueryRejectedError
+from canaryd.redact import redact
 from canaryd.spec import CanarySpec, Metrics
 
 log = structlog.get_logger("canaryd.prometheus")
@@ -394,7 +395,7 @@ class PrometheusMetrics:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise MetricsError(
-                    f"Prometheus at {self.settings.url} did not answer within "
+                    f"Prometheus at {redact(self.settings.url)} did not answer within "
                     f"{self.settings.timeout_s:g}s"
                 )
             self.stats["queries"] += 1
@@ -415,7 +416,7 @@ class PrometheusMetrics:
     def _blocking_query(self, name: str, query: str, at: float, timeout_s: float) -> list[Any]:
         """The HTTP call (in a worker thread), its failures mapped to our errors."""
         client = self._clients[name]
-        url = self.settings.url
+        url = redact(self.settings.url)
         try:
             result = client.custom_query(query, params={"time": f"{at:.3f}"}, timeout=timeout_s)
         except requests.exceptions.JSONDecodeError as exc:
@@ -426,7 +427,9 @@ class PrometheusMetrics:
         except requests.exceptions.Timeout as exc:
             raise _RetryableError(f"Prometheus at {url} timed out after {timeout_s:.1f}s") from exc
         except requests.exceptions.SSLError as exc:
-            raise MetricsError(f"TLS error talking to Prometheus at {url}: {exc}") from exc
+            raise MetricsError(
+                f"TLS error talking to Prometheus at {url}: {_without_path(str(exc))}"
+            ) from exc
         except requests.exceptions.ConnectionError as exc:
             if "timed out" in str(exc):
                 raise _RetryableError(
@@ -434,7 +437,9 @@ class PrometheusMetrics:
                 ) from exc
             raise _RetryableError(f"Prometheus at {url} is unreachable: {_reason(exc)}") from exc
         except requests.exceptions.RequestException as exc:
-            raise _RetryableError(f"request to Prometheus at {url} failed: {exc}") from exc
+            raise _RetryableError(
+                f"request to Prometheus at {url} failed: {_without_path(str(exc))}"
+            ) from exc
         except PrometheusApiClientException as exc:
             text = str(exc)[:300]
             status = re.search(r"HTTP Status Code (\d+)", text)
@@ -560,9 +565,16 @@ class _RetryableError(MetricsError):
     """A failure that may pass: connection refused, timeout, 5xx, garbled answer."""
 
 
+def _without_path(text: str) -> str:
+    """An HTTP library's error text without the request's path and query (urllib3 puts
+    ``with url: /api/v1/query?query=…`` in it: the batched query, other namespaces'
+    names included) and without credentials."""
+    return redact(re.sub(r"url: \S+", "url: (query not shown)", text))
+
+
 def _reason(exc: BaseException) -> str:
     """The innermost cause, e.g. ``Connection refused``, without urllib3's wrapping."""
-    text = str(exc)
+    text = _without_path(str(exc))
     known = re.search(
         r"Connection refused|Name or service not known|Temporary failure in name resolution|"
         r"No route to host|Connection reset by peer|Network is unreachable",
