@@ -21,13 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictInt,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -35,12 +35,23 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from simulator.yamlload import YAMLInputError, load_yaml
+
 API_GROUP = "canaryd.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "Canary"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+MAX_DURATION_S = 7 * 86400.0
+"""Longest duration any field takes: a week (``1e9h`` is a typo, not a plan)."""
+MIN_INTERVAL_S = 1.0
+"""Shortest ``analysis.interval``: Prometheus scrapes every 15 s or so; 1 ms only spins."""
+MAX_INTERVAL_S = 3600.0
+MAX_STEP_DURATION_S = 86400.0
+MAX_NAME_CHARS = 253
+"""A Kubernetes object name's limit."""
 
 
 class SpecError(ValueError):
@@ -79,6 +90,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration must be finite")
     if seconds < 0:
         raise ValueError(f"durations cannot be negative (got {value!r})")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}")
     return seconds
 
 
@@ -116,21 +129,23 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
 
 class WorkloadRef(_Model):
     """A Deployment in the Canary's namespace."""
 
-    deployment: str = Field(min_length=1, description="Deployment name")
+    deployment: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="Deployment name")
 
 
 class VirtualServiceRef(_Model):
     """A user-owned Istio VirtualService whose named HTTP routes canaryd patches."""
 
-    name: str = Field(min_length=1)
-    routes: list[str] = Field(
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    routes: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
         default_factory=list,
+        max_length=100,
         description="names of the HTTP routes to shift; empty means every route of the host",
     )
 
@@ -138,9 +153,9 @@ class VirtualServiceRef(_Model):
 class DestinationRuleRef(_Model):
     """Subsets of a DestinationRule that separate stable and canary pods."""
 
-    name: str = Field(min_length=1)
-    stable_subset: str = "stable"
-    canary_subset: str = "canary"
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    stable_subset: str = Field(default="stable", min_length=1, max_length=MAX_NAME_CHARS)
+    canary_subset: str = Field(default="canary", min_length=1, max_length=MAX_NAME_CHARS)
 
 
 class IstioRouting(_Model):
@@ -181,20 +196,24 @@ class LatencyCheck(_Model):
 
     percentile: float = Field(gt=0, lt=100, description="e.g. 50, 90, 95, 99")
     relative_tolerance: float = Field(default=0.2, ge=0, le=10)
-    max_ms: float | None = Field(default=None, gt=0, description="absolute limit, ms")
+    max_ms: float | None = Field(
+        default=None, gt=0, le=3_600_000, description="absolute limit, ms (at most an hour)"
+    )
 
 
 class SLO(_Model):
     """The service's availability objective, for error-budget burn checks."""
 
     availability_pct: float = Field(default=99.9, gt=0, lt=100)
-    burn_rate_limit: float = Field(default=14.4, gt=0)
+    burn_rate_limit: float = Field(default=14.4, gt=0, le=10_000)
 
 
 class NoData(_Model):
     """What to do when metrics stop arriving."""
 
-    hold_for: Duration = Field(default=300.0, description="how long to hold without data")
+    hold_for: Duration = Field(
+        default=300.0, le=MAX_STEP_DURATION_S, description="how long to hold without data"
+    )
     then: Literal["rollback", "pause"] = Field(
         default="rollback", description="rollback, or pause for a person's approval"
     )
@@ -210,20 +229,25 @@ def _default_latency() -> list[LatencyCheck]:
 class Analysis(_Model):
     """When and how each step is judged."""
 
-    interval: Duration = Field(default=60.0, description="how often to evaluate")
+    interval: Duration = Field(default=60.0, description="how often to evaluate: from 1s to 1h")
     step_duration: Duration = Field(
-        default=600.0, description="a step passes after this long with no regression"
+        default=600.0,
+        le=MAX_STEP_DURATION_S,
+        description="a step passes after this long with no regression (at most 24h)",
     )
     min_step_duration: Duration = Field(default=120.0, description="no step passes sooner")
-    min_requests: int = Field(default=200, ge=1, description="canary requests before a pass")
+    min_requests: StrictInt = Field(
+        default=200, ge=1, le=1_000_000_000, description="canary requests before a pass"
+    )
     alpha: float = Field(default=0.01, description="false-rollback budget for the rollout")
     error_rate: ErrorRateCheck = Field(default_factory=ErrorRateCheck)
-    latency: list[LatencyCheck] = Field(default_factory=_default_latency)
+    latency: list[LatencyCheck] = Field(default_factory=_default_latency, max_length=10)
     slo: SLO | None = Field(default_factory=SLO)
     no_data: NoData = Field(default_factory=NoData)
     early_pass_ratio: float | None = Field(
         default=1.5,
         gt=1,
+        le=100,
         description=(
             "a step passes early (after minStepDuration) once, for every check, the 95% "
             "confidence sequence for the canary/stable ratio lies below this; null disables"
@@ -240,7 +264,18 @@ class Analysis(_Model):
             )
         return v
 
-    @field_validator("interval", "step_duration")
+    @field_validator("interval")
+    @classmethod
+    def _interval_bounded(cls, v: float) -> float:
+        if not MIN_INTERVAL_S <= v <= MAX_INTERVAL_S:
+            raise ValueError(
+                f"must be from {format_duration(MIN_INTERVAL_S)} to "
+                f"{format_duration(MAX_INTERVAL_S)} (got {format_duration(v)}); Prometheus "
+                "scrapes every 15s or so, and 30s-60s suits most services"
+            )
+        return v
+
+    @field_validator("step_duration")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:
@@ -301,10 +336,13 @@ class MetricQueries(_Model):
         latencyUnit: s
     """
 
-    requests: str = Field(min_length=1, description="PromQL: cumulative requests")
-    errors: str = Field(min_length=1, description="PromQL: cumulative 5xx responses")
+    requests: str = Field(min_length=1, max_length=4096, description="PromQL: cumulative requests")
+    errors: str = Field(
+        min_length=1, max_length=4096, description="PromQL: cumulative 5xx responses"
+    )
     latency: str | None = Field(
         default=None,
+        max_length=4096,
         description="PromQL: cumulative latency histogram buckets, grouped by le as well",
     )
     latency_unit: Literal["ms", "s"] = Field(
@@ -369,6 +407,7 @@ class Metrics(_Model):
     )
     selector: str = Field(
         default="",
+        max_length=1024,
         description=(
             'extra label matchers for every query, e.g. destination_service_name="checkout"'
         ),
@@ -418,13 +457,13 @@ class Metrics(_Model):
 class SlackApproval(_Model):
     """Ask for approvals in a Slack channel."""
 
-    channel: str = Field(min_length=1)
+    channel: str = Field(min_length=1, max_length=80)
 
 
 class Approvals(_Model):
     """Steps that wait for a person's approval before they start."""
 
-    before: list[int] = Field(
+    before: list[StrictInt] = Field(
         default_factory=list, description="step weights (%) that need approval to enter"
     )
     slack: SlackApproval | None = None
@@ -449,11 +488,13 @@ class Promotion(_Model):
 class CanarySpec(_Model):
     """``spec`` of a ``Canary`` resource."""
 
-    service: str | None = Field(default=None, description="Istio host / app label")
+    service: str | None = Field(
+        default=None, min_length=1, max_length=MAX_NAME_CHARS, description="Istio host / app label"
+    )
     stable: WorkloadRef | None = None
     canary: WorkloadRef | None = None
     traffic_routing: TrafficRouting | None = None
-    steps: list[int] = Field(
+    steps: list[StrictInt] = Field(
         default_factory=lambda: [10, 50, 100], description="canary weights (%); ends at 100"
     )
     analysis: Analysis = Field(default_factory=Analysis)
@@ -585,12 +626,9 @@ def parse_spec(data: Mapping[str, Any] | None, source: str = "") -> CanarySpec:
 def load_spec_text(text: str, source: str = "<string>") -> CanarySpec:
     """Parse YAML text holding a bare spec or a whole ``Canary`` resource."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([f"not valid YAML{where}: {problem}"], source) from None
+        data = load_yaml(text)
+    except YAMLInputError as exc:
+        raise SpecError([str(exc)], source) from None
     if data is not None and not isinstance(data, dict):
         raise SpecError(
             [f"expected a mapping (a spec or a Canary resource), got {type(data).__name__}"],

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import ErrorDetails
 
 from simulator.traffic import Behaviour, daily_factor, daily_factor_mean
+from simulator.yamlload import YAMLInputError, load_yaml
 
 #: The two arms a behaviour can be asked for.
 VersionName = Literal["stable", "canary"]
@@ -303,49 +304,6 @@ def _yaml_flow(value: Any) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML loader that rejects duplicate mapping keys instead of keeping the last."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-        except TypeError:  # unhashable key: construct_mapping reports it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                f"found duplicate key {key!r}",
-                key_node.start_mark,
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
-def _yaml_problem(exc: yaml.YAMLError, source: str) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        detail = exc.problem or "invalid YAML"
-        if exc.context:
-            detail += f" ({exc.context}"
-            if exc.context_mark is not None and exc.context_mark.line != mark.line:
-                detail += f" started at line {exc.context_mark.line + 1}"
-            detail += ")"
-        where = f"line {mark.line + 1}, column {mark.column + 1}"
-        return f"{source}: YAML syntax error at {where}: {detail}"
-    return f"{source}: YAML syntax error: {exc}"
-
-
 def _format_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -426,9 +384,9 @@ def load_scenario_text(text: str, source: str = "<string>") -> Scenario:
         ScenarioError: on a YAML syntax error or an invalid scenario.
     """
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ScenarioError(_yaml_problem(exc, source)) from exc
+        data = load_yaml(text)
+    except YAMLInputError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
     if data is None:
         raise ScenarioError(f"{source}: the scenario is empty")
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ from canaryd.status import Phase
 @pytest.fixture(scope="module")
 def playground() -> Iterator[Playground]:
     pg = Playground(
-        host="127.0.0.1", port=0, speed=60, interval_s=0.5, restart_after_s=3600,
+        host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=3600,
         samples=(Sample("checkout", "healthy", "x", (50,)), Sample("payments", "error-spike", "x")),
         token="operator-token-for-the-cli-test",
     )  # fmt: skip
@@ -26,6 +26,11 @@ def playground() -> Iterator[Playground]:
     stop = asyncio.Event()
     thread = threading.Thread(target=loop.run_until_complete, args=(pg.run(stop),), daemon=True)
     thread.start()
+    for _ in range(200):  # the daemon lists the seeded canaries first
+        if len(pg.hub.refs()) == 2:
+            break
+        threading.Event().wait(0.05)
+    assert len(pg.hub.refs()) == 2, "the playground never listed its canaries"
     try:
         yield pg
     finally:

@@ -63,6 +63,7 @@ def test_schema_follows_the_model() -> None:
         "type": "number",
         "minimum": 1,
         "exclusiveMinimum": True,
+        "maximum": 100,
         "nullable": True,
     }
     assert analysis["noData"]["properties"]["then"]["enum"] == ["rollback", "pause"]

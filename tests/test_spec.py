@@ -154,7 +154,7 @@ def test_yaml_errors_name_the_line(tmp_path: Path) -> None:
     bad.write_text("steps: [10, 50, 100\nanalysis: {}\n")
     with pytest.raises(SpecError) as info:
         load_spec_file(bad)
-    assert "not valid YAML at line" in info.value.problems[0]
+    assert "YAML syntax error at line" in info.value.problems[0]
     assert str(bad) in str(info.value)
 
 
@@ -166,3 +166,50 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_list_is_not_a_spec() -> None:
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec_text("- 10\n- 100\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("steps: [10, 100]\nsteps: [100]\n", "found duplicate key 'steps'"),
+        ("analysis: {alpha: 0.01, alpha: 0.5}\n", "found duplicate key 'alpha'"),
+        ("steps: [" * 2000 + "]" * 2000 + "\n", "nests mappings or lists too deeply"),
+        ("analysis: {minRequests: " + "9" * 5000 + "}\n", "number too long to read"),
+    ],
+)
+def test_yaml_that_a_plain_loader_accepts_silently_or_crashes_on_is_one_line(
+    text: str, expected: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"analysis": {"alpha": float("nan")}}, "spec.analysis.alpha"),
+        ({"analysis": {"errorRate": {"maxPct": float("inf")}}}, "spec.analysis.errorRate.maxPct"),
+        ({"analysis": {"slo": {"burnRateLimit": float("inf")}}}, "burnRateLimit"),
+        ({"steps": [True, 100]}, "spec.steps"),
+        ({"analysis": {"minRequests": 1e32}}, "spec.analysis.minRequests"),
+        ({"analysis": {"minRequests": True}}, "spec.analysis.minRequests"),
+        ({"analysis": {"interval": "1ms"}}, "spec.analysis.interval"),
+        ({"analysis": {"interval": "1000000000h"}}, "spec.analysis.interval"),
+        ({"analysis": {"stepDuration": "30d"}}, "spec.analysis.stepDuration"),
+        ({"analysis": {"noData": {"holdFor": "9999h"}}}, "spec.analysis.noData.holdFor"),
+        ({"service": "x" * 300}, "spec.service"),
+    ],
+)
+def test_values_a_controller_cannot_act_on_are_rejected(
+    data: dict[str, object], expected: str
+) -> None:
+    found = problems(data)
+    assert any(expected in p for p in found), found
+
+
+def test_the_bounds_leave_ordinary_values_alone() -> None:
+    spec = parse_spec(
+        {"analysis": {"interval": "1s", "stepDuration": "24h", "minRequests": 1_000_000}}
+    )
+    assert spec.analysis.interval == 1.0 and spec.analysis.min_requests == 1_000_000
