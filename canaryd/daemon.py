@@ -97,6 +97,9 @@ class DaemonSettings:
         status_refresh_s: a round whose verdict is an unchanged "continue" writes its
             numbers to status at most this often, seconds (every decision is written
             at once); with the default 1-minute interval, every round is written.
+        readiness_recheck_s: how often an idle, ready Canary's routes and workloads are
+            looked at again, seconds (at once when its spec changes; every round while
+            they are missing).
     """
 
     namespaces: tuple[str, ...] = ()
@@ -107,6 +110,7 @@ class DaemonSettings:
     metrics_timeout_s: float = 10.0
     drain_s: float = 10.0
     status_refresh_s: float = 30.0
+    readiness_recheck_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -145,6 +149,19 @@ class _Worker:
 def _version(obj: dict[str, Any]) -> str:
     """An object's ``metadata.resourceVersion`` (empty when it has none)."""
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def _listed_is_newer(listed: dict[str, Any], cached: dict[str, Any]) -> bool:
+    """Whether a Canary from a list is newer than the cached copy.
+
+    resourceVersions are opaque, but the same object's grow with every write on every
+    API server we know (etcd revisions); a copy the watch delivered while the list was
+    on its way is kept.  Versions that are not numbers: a different one is believed.
+    """
+    listed_rv, cached_rv = _version(listed), _version(cached)
+    if listed_rv.isdigit() and cached_rv.isdigit():
+        return int(listed_rv) > int(cached_rv)
+    return listed_rv != cached_rv
 
 
 class Daemon:
@@ -188,6 +205,9 @@ class Daemon:
         #: changes in order), so it must not replace the cache (a lagging watch, as at
         #: start-up with thousands of Canaries, would make every next write a 409)
         self._unseen: dict[CanaryRef, tuple[str, float]] = {}
+        #: when each idle Canary's routes and workloads were last found in place, as
+        #: (generation checked, monotonic s)
+        self._readiness_checked: dict[CanaryRef, tuple[int | None, float]] = {}
         #: per Canary being reconciled, the resourceVersions the watch delivered meanwhile
         self._delivered: dict[CanaryRef, list[str]] = {}
         self._stop = asyncio.Event()
@@ -273,9 +293,13 @@ class Daemon:
         for item in items:
             meta = item.get("metadata") or {}
             ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
-            self._cache.setdefault(ref, item)  # the watch's copy may be newer
-            if self.hub.get(ref) is None:
-                self.hub.update(to_canary(item))
+            cached = self._cache.get(ref)
+            if cached is None or _listed_is_newer(item, cached):
+                # as if the watch had delivered it: a silently stalled watch must not
+                # hide a command or a spec change for longer than one resync.  Newer
+                # than the cache is newer than our last write too: not to be held back
+                self._unseen.pop(ref, None)
+                self._on_watch_event("MODIFIED", item)
             refs.append(ref)
         return refs
 
@@ -562,6 +586,9 @@ class Daemon:
             commands.append(auto)
         pending = [c for c in commands if c.id not in status.acknowledged]
         if not status.phase.active and not pending:
+            checked = await self._check_idle(canary, spec, now)
+            if checked is not canary:
+                return checked
             await self._converge(canary.ref, spec, status)
             return canary
         observed = await self._observe(canary.ref, spec, status)
@@ -686,12 +713,57 @@ class Daemon:
             return "CanaryNotReady", waiting
         return None
 
-    async def _not_ready(
-        self, canary: CanaryObject, reason: str, message: str, now: datetime
+    async def _check_idle(
+        self, canary: CanaryObject, spec: CanarySpec, now: datetime
     ) -> CanaryObject:
-        """Say why in status (condition Ready=False, message, an Event); move nothing."""
+        """The Ready condition of a Canary no rollout is running on, before anyone
+        promotes: do the VirtualService (its routes), the DestinationRule (its subsets)
+        and both Deployments exist?  Checked when the daemon first sees the Canary or its
+        spec changes, every round while it is not ready, and otherwise once per
+        ``readiness_recheck_s``; reads only, nothing is scaled or routed."""
+        if not self.acting:
+            return canary
+        ref, status = canary.ref, canary.status
+        ready = next((c for c in status.conditions if c.type == "Ready"), None)
+        last = self._readiness_checked.get(ref)
+        fresh = (
+            last is not None
+            and last[0] == canary.generation
+            and time.monotonic() - last[1] < self.settings.readiness_recheck_s
+        )
+        if fresh and ready is not None and ready.status == "True":
+            return canary
+        problem: tuple[str, str] | None = None
+        try:
+            await self.router.check(ref, spec)
+        except RoutingError as exc:
+            problem = ("RoutingNotReady", str(exc))
+        if problem is None:
+            try:
+                await self.workloads.check(ref, spec)
+            except WorkloadError as exc:
+                problem = ("WorkloadNotReady", str(exc))
+        self._readiness_checked[ref] = (canary.generation, time.monotonic())
+        if problem is not None:
+            return await self._not_ready(canary, *problem, now, say=status.phase is Phase.IDLE)
+        if ready is not None and ready.status == "True":
+            return canary
+        new_status = status.with_condition("Ready", True, "Ready", "", now)
+        if status.phase is Phase.IDLE and status.message.startswith("cannot act: "):
+            new_status = new_status.model_copy(update={"message": ""})
+        written = await self.kube.write_status(canary, new_status)
+        self._wrote()
+        log.info("canary ready: its routes and workloads are in place")
+        return written
+
+    async def _not_ready(
+        self, canary: CanaryObject, reason: str, message: str, now: datetime, *, say: bool = True
+    ) -> CanaryObject:
+        """Say why in status (condition Ready=False; with ``say``, the message too; an
+        Event); move nothing."""
         status = canary.status.with_condition("Ready", False, reason, message, now)
-        status = status.model_copy(update={"message": f"cannot act: {message}"})
+        if say:
+            status = status.model_copy(update={"message": f"cannot act: {message}"})
         if status == canary.status:
             return canary
         log.warning("canary not ready", reason=reason, error=message)

@@ -848,6 +848,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("Cache-Control", "no-cache, private")
             self.end_headers()
+            while double.watches_stalled.is_set() and (
+                plan.deadline is None or time.monotonic() < plan.deadline
+            ):  # stalled from the start: not even the replay of what it missed
+                time.sleep(0.05)
+            if double.watches_stalled.is_set():
+                plan = _WatchPlan(plan.watcher, [], plan.deadline)
             for event in plan.initial:
                 self._chunk(event)
             watcher = plan.watcher
@@ -857,6 +863,9 @@ class _Handler(BaseHTTPRequestHandler):
                     wait = min(wait, plan.deadline - time.monotonic())
                     if wait <= 0:
                         break
+                if double.watches_stalled.is_set():  # open, silent: events stay queued
+                    time.sleep(wait)
+                    continue
                 try:
                     change = watcher.queue.get(timeout=wait)
                 except queue.Empty:
@@ -920,6 +929,9 @@ class KubeApiServer:
         self._thread: threading.Thread | None = None
         self.internal_errors: list[str] = []
         """Tracebacks of bugs in the double itself (answered as 500s); tests may assert empty."""
+        self.watches_stalled = threading.Event()
+        """While set, open watch streams stay open but deliver nothing (a silently stalled
+        connection); what they missed follows when it is cleared."""
 
     # -- lifecycle ---------------------------------------------------------------------
 

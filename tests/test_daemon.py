@@ -683,3 +683,62 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
             assert reads() == before and daemon.stats["conflicts"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_silently_stalled_watch_hides_a_command_for_one_resync_at_most(
+    cluster: KubeApiServer,
+) -> None:
+    """The watch stays open and says nothing; the periodic list (every second here)
+    must bring the promote to the worker, not the next working watch a minute later."""
+
+    async def scenario() -> float:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while REF not in h.daemon._cache and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert REF in h.daemon._cache
+            cluster.watches_stalled.set()
+            try:
+                await asyncio.sleep(1.5)  # the watch in flight is stalled too
+                await h.command(CommandKind.PROMOTE, revision="v2")
+                written = loop.time()
+                await h.until(lambda obj: phase(obj) == "Progressing", timeout_s=8.0)
+                return loop.time() - written
+            finally:
+                cluster.watches_stalled.clear()
+
+    noticed_s = asyncio.run(scenario())
+    assert noticed_s < 4.0  # resync 1 s, plus the round's own reads and writes
+
+
+def test_an_idle_canary_says_whether_it_could_roll_out_before_anyone_promotes(
+    cluster: KubeApiServer,
+) -> None:
+    """A misnamed Deployment shows as Ready=False on the idle Canary; once it exists,
+    Ready=True, still without a promote; nothing is scaled or routed meanwhile."""
+    canary_deployment = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert canary_deployment is not None
+    cluster.delete_raw("apps", "v1", "deployments", NS, "checkout-canary")
+    before = vs(cluster)
+
+    def ready(obj: Obj) -> dict[str, Any] | None:
+        conditions = (obj.get("status") or {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready"), None)
+
+    async def scenario() -> tuple[Obj, Obj]:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            broken = await h.until(lambda o: (ready(o) or {}).get("status") == "False", 10.0)
+            cluster.put_raw("apps", "v1", "deployments", copy.deepcopy(canary_deployment))
+            fixed = await h.until(lambda o: (ready(o) or {}).get("status") == "True", 10.0)
+            return broken, fixed
+
+    broken, fixed = asyncio.run(scenario())
+    condition = ready(broken)
+    assert condition is not None and condition["reason"] == "WorkloadNotReady"
+    assert "Deployment shop/checkout-canary not found" in condition["message"]
+    assert broken["status"]["message"].startswith("cannot act: ")
+    assert phase(fixed) in ("", "Idle") and not fixed["status"].get("message")
+    assert vs(cluster) == before
+    events = cluster.list_objects("", "v1", "events", NS)
+    assert "WorkloadNotReady" in {e["reason"] for e in events}
