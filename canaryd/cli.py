@@ -3,20 +3,27 @@
 The CLI only maps flags onto the library: ``simulate`` onto
 :mod:`canaryd.simulate`, ``validate`` onto :mod:`canaryd.spec`, ``scenarios`` onto
 the simulator's scenario catalogue.  Errors a person can fix are printed as one
-``canaryd: error: …`` line (exit 2), never as a traceback.
+``canaryd: error: …`` line (exit 2), never as a traceback; so is any unexpected
+exception (``--debug`` adds its traceback).  The exit codes are in :data:`EXIT_CODES_HELP`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 from analysis.verdict import fmt_duration
+from canaryd.redact import MASK, redact
 from canaryd.simulate import Event, MonteCarlo, RunResult, Sample, simulate_many, simulate_once
 from canaryd.spec import (
     CanarySpec,
@@ -24,16 +31,133 @@ from canaryd.spec import (
     cluster_warnings,
     format_duration,
     load_spec_file,
+    parse_duration,
     parse_spec,
 )
 from canaryd.status import CanaryStatus
 from simulator import BUILTIN_SCENARIOS, Scenario, ScenarioError, get_scenario, load_scenario_file
 
 EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNFINISHED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+#: The exit codes of every command (``canaryd --help`` and README.md say the same).
+EXIT_CODES_HELP = """\
+exit codes (every command):
+  0    success: promoted, valid, command written, stopped cleanly
+  1    rolled back (simulate, promote --wait) or invalid (validate)
+  2    usage or runtime error: one 'canaryd…: error: …' line on stderr
+       (an unexpected one too; --debug adds its traceback)
+  3    timeout (promote --wait --timeout D)
+  4    simulate only: held or waiting for approval when the scenario ended
+  130  interrupted (Ctrl-C)
+"""
 
 
 class CliError(Exception):
     """An error the user can fix: printed as one line, exit code 2."""
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: every run of whitespace (newlines too) becomes one space."""
+    return " ".join(text.split())
+
+
+# -- flag values (argparse types: a bad value is a one-line usage error, exit 2) ----------
+
+
+def duration_arg(
+    *, minimum: float = 0.0, inclusive: bool = False, maximum: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a duration (``30s``, ``1m30s``, ``90``) in seconds, above
+    ``minimum`` (or at least it, if ``inclusive``) and at most ``maximum``."""
+    bound = f"{'at least' if inclusive else 'longer than'} {format_duration(minimum)}"
+    if maximum is not None:
+        bound += f" and at most {format_duration(maximum)}"
+
+    def duration(text: str) -> float:
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        low = seconds < minimum if inclusive else seconds <= minimum
+        if low or (maximum is not None and seconds > maximum):
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {text!r})")
+        return seconds
+
+    return duration
+
+
+def number_arg(
+    kind: type[int] | type[float],
+    *,
+    minimum: float = 0.0,
+    inclusive: bool = False,
+    maximum: float | None = None,
+) -> Callable[[str], float]:
+    """An argparse type: a finite number (a whole one if ``kind`` is int) above
+    ``minimum`` (or at least it, if ``inclusive``) and at most ``maximum``."""
+    what = "a whole number" if kind is int else "a number"
+    bound = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
+    if maximum is not None:
+        bound += f" and at most {maximum:g}"
+
+    def number(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, {bound} (got {text!r})") from None
+        low = value < minimum if inclusive else value <= minimum
+        if not math.isfinite(value) or low or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {what}, {bound} (got {text!r})")
+        return value
+
+    return number
+
+
+def shown_url(text: str) -> str:
+    """``text`` (a URL, or what should have been one) safe to print: credentials and
+    secret query parameters masked (:func:`canaryd.redact.redact`), and, should an
+    ``@`` remain (no scheme, a ``/`` in the password), all up to the last ``@`` too."""
+    shown = redact(text)
+    scheme, sep, rest = shown.partition("://")
+    if not sep:
+        scheme, rest = "", shown
+    if "@" in rest and not rest.startswith(f"{MASK}@"):
+        rest = f"{MASK}@{rest.rpartition('@')[2]}"
+    return f"{scheme}{sep}{rest}"
+
+
+def http_url_arg(example: str, env: str | None = None) -> Callable[[str], str]:
+    """An argparse type: an ``http(s)://HOST[:PORT][/PATH]`` base URL (no query, no
+    fragment); a bad one is echoed with its credentials masked (:func:`shown_url`)."""
+    source = f" (the flag or ${env})" if env else ""
+
+    def url(text: str) -> str:
+        value = text.strip()
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:  # its text may quote part of a password: not shown
+            problem = "a port that is not a number from 1 to 65535, or a malformed host"
+        else:
+            if parts.scheme not in ("http", "https"):
+                problem = "not an http:// or https:// URL"
+            elif not parts.hostname:
+                problem = "no host"
+            elif port == 0:
+                problem = "port 0"
+            elif any(c.isspace() for c in value):
+                problem = "spaces in it"
+            elif parts.query or parts.fragment:
+                problem = "a query or fragment: give the base URL only"
+            else:
+                return value
+        raise argparse.ArgumentTypeError(
+            f"{shown_url(value)!r}{source}: {problem}; "
+            f"expected http(s)://HOST[:PORT][/PATH], e.g. {example}"
+        )
+
+    return url
 
 
 def _version() -> str:
@@ -288,6 +412,11 @@ def cmd_scenarios(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:  # a file that cannot be read is a usage error (2), not an invalid spec (1)
+        with Path(args.file).open("rb"):
+            pass
+    except OSError as exc:
+        raise CliError(f"{args.file}: cannot read it: {exc.strerror or exc}") from None
     try:
         spec = load_spec_file(args.file)
     except SpecError as exc:
@@ -326,10 +455,15 @@ def cmd_crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # -- parser --------------------------------------------------------------------------------
 
 
+def _usage_line(prog: str, message: str) -> str:
+    return f"{prog}: error: {one_line(message)} (see '{prog} --help')\n"
+
+
 class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2."""
+
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\nTry '{self.prog} --help'.\n")
+        self.exit(EXIT_ERROR, _usage_line(self.prog, message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,9 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
             "statistics: it rolls back on evidence of harm, moves on when the evidence\n"
             "says the canary is fine, and holds when there is too little data."
         ),
-        epilog="Start with: canaryd simulate --scenario error-spike",
+        epilog=f"{EXIT_CODES_HELP}\nStart with: canaryd simulate --scenario error-spike",
     )
     parser.add_argument("--version", action="version", version=f"canaryd {_version()}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -370,7 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Canary spec or resource YAML; only steps and analysis matter here "
         "(default: built-in defaults)",
     )
-    sim.add_argument("--seed", type=int, default=1, metavar="N", help="random seed (default: 1)")
+    sim.add_argument(
+        "--seed",
+        type=number_arg(int, inclusive=True),
+        default=1,
+        metavar="N",
+        help="random seed, 0 or more (default: 1)",
+    )
     sim.add_argument(
         "--runs",
         type=int,
@@ -400,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scenarios",
         help="list built-in scenarios, or print one as YAML",
         description="List the built-in traffic scenarios, or print one as a YAML file to edit.",
+        epilog="exit codes: 0 listed or printed, 2 usage or runtime error (e.g. an unknown NAME)",
         formatter_class=fmt,
     )
     scen.add_argument("name", nargs="?", metavar="NAME", help="print this scenario as YAML")
@@ -412,8 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Check a YAML file holding a bare Canary spec or a whole Canary resource.\n"
             "Lists every problem with its field path.  Fields only a cluster needs\n"
-            "(service, stable, canary, trafficRouting) are warnings unless --strict.\n\n"
-            "exit codes: 0 valid, 1 invalid, 2 usage error"
+            "(service, stable, canary, trafficRouting) are warnings unless --strict."
+        ),
+        epilog=(
+            "exit codes: 0 valid, 1 invalid (with --strict: cluster fields missing too),\n"
+            "  2 usage or runtime error (e.g. FILE cannot be read)"
         ),
         formatter_class=fmt,
     )
@@ -430,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  canaryd crd | kubectl apply -f -\n"
             "manifests/crd.yaml holds the same output."
         ),
+        epilog="exit codes: 0 printed, 2 runtime error",
         formatter_class=fmt,
     )
     crd.set_defaults(handler=cmd_crd)
@@ -440,35 +586,78 @@ def build_parser() -> argparse.ArgumentParser:
     from canaryd import playground  # noqa: PLC0415
 
     playground.add_parser(sub, fmt)
+    for command in sub.choices.values():  # also after the command: canaryd status --debug
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+        )
     return parser
+
+
+_DEBUG_HELP = "on an unexpected error (exit 2), also print its traceback"
 
 
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Run the CLI; returns the exit code (the console script exits with it)."""
+    """Run the CLI; returns the exit code (the console script exits with it).
+
+    Whatever goes wrong ends as one ``canaryd…: error: …`` line on ``err`` and exit 2
+    (``--debug``: with the traceback of an unexpected exception first)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # until the flags are parsed
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        if hasattr(args, "cluster_handler"):
-            from canaryd.cluster_cli import ClusterError, handle  # noqa: PLC0415
-
+        parser = build_parser()
+        with contextlib.redirect_stderr(err):  # usage errors go where this call's errors go
             try:
-                return handle(args, out)
-            except ClusterError as exc:
-                raise CliError(str(exc)) from None
-        code: int = args.handler(args, out, err)
+                args = parser.parse_args(argv)
+            except SystemExit as exc:
+                if isinstance(exc.code, int):  # --help, --version: 0; a usage error: 2
+                    return exc.code
+                return EXIT_OK if exc.code is None else EXIT_ERROR
+        debug = bool(getattr(args, "debug", False))
+        check: Callable[[argparse.Namespace], str | None] | None = getattr(args, "check", None)
+        problem = check(args) if check is not None else None
+        if problem:  # flags that make no sense together: a usage error, like argparse's
+            err.write(_usage_line(f"canaryd {args.command}", problem))
+            return EXIT_ERROR
+        return _dispatch(args, out, err)
     except CliError as exc:
         err.write(f"canaryd: error: {exc}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         err.write("\ncanaryd: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:  # the one place where any bug becomes one line and exit 2
+        if debug:
+            err.write("".join(traceback.format_exception(exc)))
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        err.write(f"canaryd: error: unexpected {_describe(exc)}{hint}\n")
+        return EXIT_ERROR
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if hasattr(args, "cluster_handler"):
+        from canaryd.cluster_cli import ClusterError, handle  # noqa: PLC0415
+
+        try:
+            return handle(args, out)
+        except ClusterError as exc:
+            raise CliError(one_line(str(exc))) from None
+    code: int = args.handler(args, out, err)
     return code
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line; an exception group's first exception, the others
+    counted; credentials in URLs masked."""
+    more = 0
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        more += len(exc.exceptions) - 1
+        exc = exc.exceptions[0]
+    message = redact(one_line(str(exc)))
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{text} (and {more} more)" if more else text

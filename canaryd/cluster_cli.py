@@ -4,7 +4,8 @@ They find the cluster like kubectl (``--kubeconfig``, ``--context``, ``KUBECONFI
 ``~/.kube/config``, else the in-cluster service account) and write commands onto the
 Canary (the ``canaryd.io/commands`` annotation), which the daemon acknowledges in
 status.  ``promote --wait`` is the contract deploy pipelines rely on: exit 0 when
-promoted, 1 when rolled back, 3 on timeout, 2 on error.
+promoted, 1 when rolled back, 3 on timeout, 2 on error.  Flags that make no sense
+(a zero lease, a URL that is not one) are usage errors before any cluster is contacted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -20,11 +22,13 @@ from pathlib import Path
 from typing import TextIO
 
 import structlog
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
 from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
+from canaryd.cli import duration_arg, http_url_arg, number_arg, one_line
 from canaryd.kube import (
     Kube,
     KubeError,
@@ -33,7 +37,7 @@ from canaryd.kube import (
 )
 from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
 from canaryd.rollout import CommandKind
-from canaryd.spec import format_duration, parse_duration
+from canaryd.spec import format_duration
 from canaryd.status import Phase
 
 EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -70,17 +74,25 @@ def add_kube_flags(parser: argparse.ArgumentParser, *, namespaced: bool = True) 
         api.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     group.add_argument(
         "--request-timeout",
-        type=parse_duration,
+        type=duration_arg(maximum=MAX_REQUEST_TIMEOUT_S),
         default=10.0,
         metavar="D",
-        help="deadline of each API call (default 10s)",
+        help="deadline of each API call, above 0s and at most 10m (default 10s)",
     )
+
+
+#: The longest ``--request-timeout``: a deadline beyond this is a hang, not a deadline.
+MAX_REQUEST_TIMEOUT_S = 600.0
 
 
 def api_client(args: argparse.Namespace) -> tuple[k8s.ApiClient, str]:
     """A client and the default namespace, found the way kubectl finds them."""
     path = args.kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     first = path.split(os.pathsep)[0]
+    if args.kubeconfig or Path(first).exists():
+        problem = _kubeconfig_problem(first)
+        if problem:
+            raise ClusterError(f"no usable Kubernetes configuration in {first}: {problem}")
     try:
         if args.kubeconfig or Path(first).exists():
             client = k8s_config.new_client_from_config(config_file=first, context=args.context)
@@ -91,10 +103,56 @@ def api_client(args: argparse.Namespace) -> tuple[k8s.ApiClient, str]:
         k8s_config.load_incluster_config()
         ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
         return k8s.ApiClient(), ns_file.read_text().strip() if ns_file.exists() else "default"
-    except (ConfigException, OSError, ValueError, KeyError) as exc:
+    except (ConfigException, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # TypeError, AttributeError: the client trips over a kubeconfig of the wrong shape
+        detail = one_line(str(exc)) or type(exc).__name__
         raise ClusterError(
-            f"no usable Kubernetes configuration ({exc}); pass --kubeconfig FILE or set KUBECONFIG"
+            f"no usable Kubernetes configuration ({detail}); "
+            "pass --kubeconfig FILE or set KUBECONFIG"
         ) from None
+
+
+def _kubeconfig_problem(path: str) -> str | None:
+    """What makes the kubeconfig file at ``path`` unusable, in words, or None: read
+    here so that a broken file is one clear line, not the client's traceback."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read it: {getattr(exc, 'strerror', None) or exc}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or exc
+        return one_line(f"not valid YAML{where}: {what}")
+    if data is None:
+        return "the file is empty"
+    if not isinstance(data, dict):
+        return f"expected a kubeconfig (apiVersion, clusters, contexts, users), got a {_kind(data)}"
+    for key in ("clusters", "contexts", "users"):
+        entries = data.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            return f"'{key}' must be a list, got a {_kind(entries)}"
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                return f"{key}[{index}] must be a mapping with a 'name'"
+            if key[:-1] in entry and not isinstance(entry[key[:-1]], dict | None):
+                return (
+                    f"{key}[{index}].{key[:-1]} must be a mapping, got a {_kind(entry[key[:-1]])}"
+                )
+    if not isinstance(data.get("current-context"), str | None):
+        return f"'current-context' must be a name, got a {_kind(data['current-context'])}"
+    return None
+
+
+def _kind(value: object) -> str:
+    names = {dict: "mapping", list: "list", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _ref(args: argparse.Namespace, default_ns: str) -> CanaryRef:
@@ -138,10 +196,10 @@ async def _promote(args: argparse.Namespace, backend: Backend, ref: CanaryRef, o
             out.write(f"promoted: revision {revision}\n")
             return EXIT_OK
         if mine and st.phase is Phase.ROLLED_BACK:
-            out.write(f"rolled back: {st.message}\n")
+            out.write(_outcome("rolled back", st.message) + "\n")
             return EXIT_REJECTED
         if mine and st.phase is Phase.FAILED:
-            out.write(f"failed: {st.message}\n")
+            out.write(_outcome("failed", st.message) + "\n")
             return EXIT_ERROR
         if st.revision not in (None, revision) and mine is False and command.id in st.acknowledged:
             out.write(f"superseded by revision {st.revision}\n")
@@ -149,6 +207,14 @@ async def _promote(args: argparse.Namespace, backend: Backend, ref: CanaryRef, o
         await asyncio.sleep(args.poll)
     out.write(f"timed out after {format_duration(args.timeout)} waiting for {ref}\n")
     return EXIT_TIMEOUT
+
+
+def _outcome(word: str, message: str) -> str:
+    """``word: message``, but once: the daemon's message often starts with the word."""
+    message = message.strip()
+    if message.lower().startswith(word):
+        return message
+    return f"{word}: {message}" if message else word
 
 
 async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
@@ -255,7 +321,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         except (ValueError, OSError) as exc:
             raise ClusterError(str(exc)) from None
         if args.api_reads_need_token and not api_settings.tokens.entries:
-            raise ClusterError("--api-reads-need-token needs --api-token-file")
+            raise ClusterError("--api-reads-need-token: --api-token-file holds no tokens")
         app = api.create_app(
             daemon.hub,
             kube.add_command,
@@ -277,8 +343,6 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
 def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[MetricsSource, float]:
     """The metrics source the flags ask for, and the daemon's deadline for it (s)."""
     simulated = args.simulate or args.simulate_file
-    if args.prometheus_url and simulated:
-        raise ClusterError("give either --prometheus-url or --simulate/--simulate-file, not both")
     if simulated:
         from canaryd.simsource import SimulatedMetrics  # noqa: PLC0415
         from simulator import ScenarioError, get_scenario, load_scenario_file  # noqa: PLC0415
@@ -292,18 +356,11 @@ def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[Me
         except ScenarioError as exc:
             raise ClusterError(str(exc)) from None
         return SimulatedMetrics(scenario, router, speed=args.simulate_speed), 10.0
-    if not args.prometheus_url:
-        raise ClusterError(
-            "no metrics source: give --prometheus-url URL (or set CANARYD_PROMETHEUS_URL), "
-            "or --simulate SCENARIO for a dry run on simulated traffic"
-        )
     from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
 
     headers: dict[str, str] = {}
-    for header in args.prometheus_header or ():
-        name, sep, value = header.partition(":")
-        if not sep or not name.strip():
-            raise ClusterError(f"--prometheus-header {header!r}: expected 'Name: value'")
+    for header in args.prometheus_header or ():  # checked by _header
+        name, _, value = header.partition(":")
         headers[name.strip()] = value.strip()
     basic_auth = None
     if args.prometheus_basic_auth_file:
@@ -320,8 +377,6 @@ def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[Me
         if path and not Path(path).is_file():
             raise ClusterError(f"--{flag.replace('_', '-')}: no such file: {path}")
     cert = args.prometheus_client_cert
-    if bool(cert) != bool(args.prometheus_client_key):
-        raise ClusterError("--prometheus-client-cert and --prometheus-client-key go together")
     settings = PrometheusSettings(
         url=args.prometheus_url,
         headers=headers,
@@ -333,6 +388,69 @@ def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[Me
         timeout_s=args.prometheus_timeout,
     )
     return PrometheusMetrics(settings), settings.timeout_s + 2.0
+
+
+def check_run(args: argparse.Namespace) -> str | None:
+    """The first problem with ``canaryd run``'s flags taken together, or None; checked
+    as the flags are parsed (a usage error, exit 2), before any cluster is contacted."""
+    d = format_duration
+    if args.lease_renew >= args.lease_duration:
+        return (
+            f"--lease-renew {d(args.lease_renew)} must be shorter than --lease-duration "
+            f"{d(args.lease_duration)}: the leader must renew before its Lease runs out"
+        )
+    if args.lease_retry >= args.lease_duration:
+        return (
+            f"--lease-retry {d(args.lease_retry)} must be shorter than --lease-duration "
+            f"{d(args.lease_duration)}"
+        )
+    if args.simulate and args.simulate_file:
+        return "give --simulate or --simulate-file, not both"
+    simulated = args.simulate or args.simulate_file
+    if args.prometheus_url and simulated:
+        return (
+            "give either --prometheus-url (or $CANARYD_PROMETHEUS_URL) or "
+            "--simulate/--simulate-file, not both"
+        )
+    if not args.prometheus_url and not simulated:
+        return (
+            "no metrics source: give --prometheus-url URL (or set CANARYD_PROMETHEUS_URL), "
+            "or --simulate SCENARIO for a dry run on simulated traffic"
+        )
+    if bool(args.prometheus_client_cert) != bool(args.prometheus_client_key):
+        return "--prometheus-client-cert and --prometheus-client-key go together"
+    if args.api_reads_need_token and not args.api_token_file and args.listen != "off":
+        return "--api-reads-need-token needs --api-token-file (or $CANARYD_API_TOKEN_FILE)"
+    return None
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header(text: str) -> str:
+    """An argparse type: ``'Name: value'``; the value is never echoed (often a secret)."""
+    name, sep, _ = text.partition(":")
+    if not sep or not _HEADER_NAME.fullmatch(name.strip()):
+        raise argparse.ArgumentTypeError(
+            "expected 'NAME: VALUE' with NAME of letters, digits and '-', e.g. "
+            "'X-Scope-OrgID: team-a' (what was given is not shown: it may hold a secret)"
+        )
+    return text
+
+
+def _listen(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` (``[::1]:8080``; port 0: any free one) or ``off``."""
+    from canaryd.api import parse_listen  # noqa: PLC0415 - the web stack loads only for run
+
+    if text.strip() != "off":
+        try:
+            parse_listen(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} (the flag or $CANARYD_LISTEN): expected HOST:PORT with a port "
+                "from 0 to 65535, e.g. 127.0.0.1:8080 or [::1]:8080, or 'off'"
+            ) from None
+    return text.strip()
 
 
 def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:  # type: ignore[type-arg]
@@ -355,6 +473,10 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
             "  canaryd run --kubeconfig ~/.kube/config --simulate error-spike --no-leader-elect\n\n"
             "Stops cleanly on SIGTERM: the reconcile in progress finishes, the Lease is released."
         ),
+        epilog=(
+            "exit codes: 0 stopped cleanly (SIGTERM), 2 usage or runtime error (a bad flag,\n"
+            "  no kubeconfig, the status API's address taken); see 'canaryd --help'"
+        ),
         formatter_class=fmt,
     )
     add_kube_flags(run, namespaced=False)
@@ -367,9 +489,10 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     prom = run.add_argument_group("metrics: Prometheus")
     prom.add_argument(
         "--prometheus-url",
+        type=http_url_arg("http://prometheus.istio-system:9090", env="CANARYD_PROMETHEUS_URL"),
         default=os.environ.get("CANARYD_PROMETHEUS_URL"),
         metavar="URL",
-        help="Prometheus base URL (default: $CANARYD_PROMETHEUS_URL)",
+        help="Prometheus base URL, http(s)://HOST[:PORT][/PATH] (default: $CANARYD_PROMETHEUS_URL)",
     )
     prom.add_argument(
         "--prometheus-bearer-token-file",
@@ -384,6 +507,7 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     prom.add_argument(
         "--prometheus-header",
         action="append",
+        type=_header,
         metavar="'NAME: VALUE'",
         help="extra header on every query, e.g. 'X-Scope-OrgID: team-a' (repeatable)",
     )
@@ -397,10 +521,11 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     prom.add_argument("--prometheus-client-key", metavar="FILE", help="mutual TLS key")
     prom.add_argument(
         "--prometheus-timeout",
-        type=parse_duration,
+        type=duration_arg(maximum=MAX_REQUEST_TIMEOUT_S),
         default=5.0,
         metavar="D",
-        help="deadline for one round's queries, retries included (default 5s)",
+        help="deadline for one round's queries, retries included, above 0s and at most 10m "
+        "(default 5s)",
     )
     sim = run.add_argument_group("metrics: simulated (dry run)")
     sim.add_argument(
@@ -413,10 +538,10 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     )
     sim.add_argument(
         "--simulate-speed",
-        type=float,
+        type=number_arg(float),
         default=1.0,
         metavar="X",
-        help="virtual seconds per real second (default 1)",
+        help="virtual seconds per real second, above 0 (default 1)",
     )
     run.add_argument(
         "--leader-elect",
@@ -427,36 +552,51 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     run.add_argument("--lease-namespace", default="default", metavar="NS")
     run.add_argument("--lease-name", default="canaryd-leader", metavar="NAME")
     run.add_argument("--identity", metavar="ID", help="this replica's identity (default: hostname)")
+    at_least_1s = duration_arg(minimum=1.0, inclusive=True)
     run.add_argument(
-        "--lease-duration", type=parse_duration, default=15.0, metavar="D", help="default 15s"
+        "--lease-duration",
+        type=at_least_1s,
+        default=15.0,
+        metavar="D",
+        help="how long a Lease is valid after its last renewal, at least 1s (default 15s)",
     )
     run.add_argument(
-        "--lease-renew", type=parse_duration, default=10.0, metavar="D", help="default 10s"
+        "--lease-renew",
+        type=duration_arg(),
+        default=10.0,
+        metavar="D",
+        help="how often the leader renews, shorter than --lease-duration (default 10s)",
     )
     run.add_argument(
-        "--lease-retry", type=parse_duration, default=2.0, metavar="D", help="default 2s"
+        "--lease-retry",
+        type=duration_arg(),
+        default=2.0,
+        metavar="D",
+        help="how often a standby tries to take the Lease, shorter than --lease-duration "
+        "(default 2s)",
     )
     run.add_argument(
         "--resync",
-        type=parse_duration,
+        type=at_least_1s,
         default=30.0,
         metavar="D",
-        help="list Canaries this often (default 30s)",
+        help="list Canaries this often, at least 1s (default 30s)",
     )
     run.add_argument(
-        "--watch-timeout", type=parse_duration, default=60.0, metavar="D", help=argparse.SUPPRESS
+        "--watch-timeout", type=at_least_1s, default=60.0, metavar="D", help=argparse.SUPPRESS
     )
     run.add_argument(
         "--status-refresh",
-        type=parse_duration,
+        type=duration_arg(inclusive=True),
         default=30.0,
         metavar="D",
         help="write an unchanged verdict's numbers at most this often (default 30s; "
-        "decisions are always written at once)",
+        "0: every round; decisions are always written at once)",
     )
     web = run.add_argument_group("status API, dashboard and /metrics")
     web.add_argument(
         "--listen",
+        type=_listen,
         default=os.environ.get("CANARYD_LISTEN", "127.0.0.1:8080"),
         metavar="HOST:PORT",
         help="where the API, dashboard, /metrics and probes listen (default 127.0.0.1:8080; "
@@ -483,7 +623,7 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="json", choices=["json", "console"])
-    run.set_defaults(cluster_handler="run")
+    run.set_defaults(cluster_handler="run", check=check_run)
 
     promote = sub.add_parser(
         "promote",
@@ -493,6 +633,11 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
             "With --wait, follow the rollout and exit with its outcome:\n"
             "  0 promoted   1 rolled back   2 error   3 timeout"
         ),
+        epilog=(
+            "exit codes: 0 requested (with --wait: promoted), 1 rolled back (--wait),\n"
+            "  2 usage or runtime error (with --wait: also failed or superseded),\n"
+            "  3 timed out (--wait --timeout D); see 'canaryd --help'"
+        ),
         formatter_class=fmt,
     )
     promote.add_argument("name", metavar="NAME")
@@ -501,13 +646,13 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     promote.add_argument("--wait", action="store_true", help="follow the rollout to its end")
     promote.add_argument(
         "--timeout",
-        type=parse_duration,
+        type=duration_arg(),
         default=3600.0,
         metavar="D",
-        help="with --wait (default 1h)",
+        help="with --wait: give up (exit 3) after this long, above 0s (default 1h)",
     )
     promote.add_argument(
-        "--poll", type=parse_duration, default=1.0, metavar="D", help=argparse.SUPPRESS
+        "--poll", type=duration_arg(), default=1.0, metavar="D", help=argparse.SUPPRESS
     )
     promote.set_defaults(cluster_handler="promote")
 
@@ -520,7 +665,12 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         sub, fmt, "approve", "approve the step a Canary waits for",
         "Approve the next step of the Canary NAME (or, with --step, a step ahead of time).",
     )  # fmt: skip
-    approve.add_argument("--step", type=int, metavar="WEIGHT", help="the step's weight, e.g. 50")
+    approve.add_argument(
+        "--step",
+        type=number_arg(int, maximum=100),
+        metavar="WEIGHT",
+        help="the step's weight, 1 to 100, e.g. 50",
+    )
     _command_parser(
         sub, fmt, "skip", "treat a Canary's current step as passed",
         "Skip the current step of the Canary NAME.",
@@ -531,6 +681,8 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         help="show Canaries and their last verdicts",
         formatter_class=fmt,
         description="Show one Canary (with its last verdict's reasons) or all of a namespace.",
+        epilog="exit codes: 0 shown, 2 usage or runtime error (e.g. Canary not found); "
+        "see 'canaryd --help'",
     )
     status.add_argument("name", nargs="?", metavar="NAME")
     add_kube_flags(status)
@@ -549,7 +701,12 @@ def _command_parser(
 ) -> argparse.ArgumentParser:
     """A command that writes one command onto the Canary NAME."""
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_text, description=description, formatter_class=fmt
+        name,
+        help=help_text,
+        description=description,
+        epilog="exit codes: 0 command written on the Canary, 2 usage or runtime error\n"
+        "  (e.g. Canary not found); see 'canaryd --help'",
+        formatter_class=fmt,
     )
     parser.add_argument("name", metavar="NAME")
     add_kube_flags(parser)

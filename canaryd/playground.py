@@ -38,6 +38,7 @@ from canaryd.api import (
     parse_listen,
     serve_threaded,
 )
+from canaryd.cli import duration_arg, number_arg
 from canaryd.daemon import Daemon, DaemonSettings
 from canaryd.hub import StatusHub
 from canaryd.istio import IstioRouter
@@ -45,7 +46,6 @@ from canaryd.kube import Kube, KubeError, new_command
 from canaryd.ports import CanaryRef
 from canaryd.rollout import CommandKind
 from canaryd.simsource import SimulatedMetrics
-from canaryd.spec import parse_duration
 from canaryd.views import EventType, EventView
 from canaryd.workloads import Deployments
 from simulator import Scenario, get_scenario
@@ -319,24 +319,29 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
             "  canaryd playground --listen 127.0.0.1:9000 --speed 60\n\n"
             "Stop with Ctrl-C; nothing is kept."
         ),
+        epilog=(
+            "exit codes: 0 stopped (Ctrl-C or --duration), 2 usage or runtime error\n"
+            "  (e.g. the --listen address is taken); see 'canaryd --help'"
+        ),
         formatter_class=fmt,
     )
     parser.add_argument(
         "--listen",
+        type=_listen_arg,
         default="127.0.0.1:8080",
         metavar="HOST:PORT",
         help="where the API and dashboard listen (default 127.0.0.1:8080; port 0: any free)",
     )
     parser.add_argument(
         "--speed",
-        type=float,
+        type=number_arg(float, maximum=1000),
         default=30.0,
         metavar="X",
-        help="simulated seconds of traffic per real second (default 30)",
+        help="simulated seconds of traffic per real second, above 0, at most 1000 (default 30)",
     )
     parser.add_argument(
         "--duration",
-        type=parse_duration,
+        type=duration_arg(),
         default=None,
         metavar="D",
         help="stop after this long, e.g. 5m (default: run until Ctrl-C)",
@@ -348,6 +353,17 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         help="operator token to accept (default: a random one, printed at start)",
     )
     parser.set_defaults(handler=cmd_playground)
+
+
+def _listen_arg(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` (port 0: any free one)."""
+    try:
+        parse_listen(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:9000"
+        ) from None
+    return text
 
 
 def cmd_playground(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
