@@ -57,6 +57,31 @@ class ArmCounts:
         return ArmCounts(self.requests + other.requests, self.errors + other.errors, buckets)
 
     @property
+    def went_back(self) -> bool:
+        """True when a difference of counters is negative anywhere: a counter was reset
+        between the two readings (a pod restarted), so they are not comparable."""
+        return self.requests < 0 or self.errors < 0 or any(b < 0 for b in self.latency_buckets)
+
+    def coherent(self) -> ArmCounts:
+        """These counts with what cannot be true of one instant made true, as
+        Prometheus's ``histogram_quantile`` mends non-monotonic buckets: series read
+        a moment apart can show more errors than requests, or a bucket above the next
+        or above the requests.  Errors are capped at requests; buckets are made
+        non-decreasing and capped at requests.  Negative counts (see
+        :attr:`went_back`) are for the caller to handle; here they become 0."""
+        requests = max(0, self.requests)
+        errors = min(max(0, self.errors), requests)
+        buckets: list[int] = []
+        running = 0
+        for b in self.latency_buckets:
+            running = min(max(running, b), requests)
+            buckets.append(running)
+        if buckets:
+            buckets[-1] = requests  # +Inf counts every request
+        fixed = ArmCounts(requests, errors, tuple(buckets))
+        return self if fixed == self else fixed
+
+    @property
     def error_ratio(self) -> float:
         """Errors per request (0.0 with no requests)."""
         return self.errors / self.requests if self.requests else 0.0

@@ -356,7 +356,7 @@ class _Run:
             st.last_canary_requests is not None
             and metrics.canary.requests < st.last_canary_requests
         )
-        if went_back or min(stable.requests, stable.errors, canary.requests, canary.errors) < 0:
+        if went_back or stable.went_back or canary.went_back:
             self.restart_window(
                 metrics.stable,
                 metrics.canary,
@@ -367,7 +367,9 @@ class _Run:
             self.update(last_data_at=self.now, last_canary_requests=metrics.canary.requests)
         elif self.no_data_expired("no new canary requests"):
             return
-        verdict = self.evaluate(stable, canary)
+        # series read a moment apart may disagree (more errors than requests): mended
+        # as Prometheus mends histograms, so the statistics only ever see counts
+        verdict = self.evaluate(stable.coherent(), canary.coherent())
         self.record(verdict)
         decision = verdict.decision
         if self.status.phase is Phase.WAITING_APPROVAL:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.counts import ArmCounts, Observation
+from analysis.counts import N_BUCKETS, ArmCounts, Observation
 from canaryd.rollout import (
     Command,
     CommandKind,
@@ -486,3 +486,51 @@ def test_steps_shrinking_under_a_running_rollout_roll_back_instead_of_crashing()
     assert d.status.phase is Phase.ROLLED_BACK
     assert "spec.steps changed to [25, 100]" in d.status.message
     assert d.results[-1].actions[0] == SetWeights(0)
+
+
+def _arm(requests: int, errors: int, buckets: Sequence[int]) -> ArmCounts:
+    return ArmCounts(requests, errors, tuple(buckets))
+
+
+_COUNTS = st.integers(min_value=0, max_value=10**7)
+_ARMS = st.builds(_arm, _COUNTS, _COUNTS, st.lists(_COUNTS, min_size=N_BUCKETS, max_size=N_BUCKETS))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(stable=_ARMS, canary=_ARMS)
+def test_counters_that_disagree_or_go_back_never_crash_the_judge(
+    stable: ArmCounts, canary: ArmCounts
+) -> None:
+    """Series read a moment apart (more errors than requests, a bucket above the
+    requests or above the next bucket) or reset on their own (one bucket's counter
+    back to zero) reach the state machine; it restarts the window or judges, never
+    raises (``event counts must be non-negative`` crashed every reconcile)."""
+    spec = parse_spec(
+        {"analysis": {"interval": "1m", "earlyPassRatio": None, "latency": [{"percentile": 99}]}}
+    )
+    d = Driver(spec)
+    d.command(PROMOTE)
+    base_s, base_c = d.stable, d.canary
+    d.stable = _arm(base_s.requests + 500, base_s.errors, [base_s.requests + 500] * N_BUCKETS)
+    d.canary = _arm(base_c.requests + 100, base_c.errors, [base_c.requests + 100] * N_BUCKETS)
+    d.t += 60
+    d.reconcile()  # a window with buckets starts
+    for _ in range(2):
+        d.stable, d.canary = d.stable + stable, d.canary + canary
+        d.t += 60
+        d.reconcile()
+    d.stable, d.canary = stable, canary  # and everything reset at once
+    d.t += 60
+    d.reconcile()
+    assert d.status.phase in set(Phase)
+
+
+def test_counts_are_mended_as_prometheus_mends_histograms() -> None:
+    arm = ArmCounts(100, 130, (10, 5, 200) + (90,) * (N_BUCKETS - 3))
+    fixed = arm.coherent()
+    assert fixed.errors == 100
+    assert list(fixed.latency_buckets) == sorted(fixed.latency_buckets)
+    assert max(fixed.latency_buckets) == fixed.latency_buckets[-1] == 100
+    assert not arm.went_back and ArmCounts(5, 0, (-1,) * N_BUCKETS).went_back
+    fine = ArmCounts(100, 3, (50,) * (N_BUCKETS - 1) + (100,))
+    assert fine.coherent() is fine
