@@ -1,20 +1,28 @@
 """Leader election with a ``coordination.k8s.io/v1`` Lease: one replica acts at a time.
 
-The leader renews the Lease every ``renew_s``; a standby retries every ``retry_s`` and
-takes the Lease over once its ``renewTime`` is older than ``lease_duration_s``.  Every
-write carries the Lease's resourceVersion, so of two replicas racing for an expired
-Lease exactly one wins (the other gets 409 and stays standby).  A leader that cannot
-renew for ``lease_duration_s`` stops acting *before* a standby may take over: it
-counts from its last successful renewal, the standby from the renewTime it reads,
-which is no later.
+The leader renews the Lease every ``renew_s``; a standby retries every ``retry_s``.
+Liveness is judged as client-go judges it: by when *this* process saw the Lease's
+record change, on its own monotonic clock, never by comparing the holder's
+``renewTime`` with the local wall clock (clocks of two nodes disagree; a standby whose
+clock ran ahead would take a live leader's Lease, one whose clock lagged would leave a
+dead leader's Lease alone for as long as the skew).  A standby takes the Lease over
+once its record has not changed for ``lease_duration_s`` as it watched it, or at once
+when the holder released it (no holder).  Every write carries the Lease's
+resourceVersion, so of two replicas racing for an expired Lease exactly one wins (the
+other gets 409 and stays standby).  A leader that cannot renew stops acting
+``lease_duration_s`` after its last successful renewal began, on its own monotonic
+clock, which is before any standby, counting from when it saw that renewal, may take
+over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import structlog
 from kubernetes import client as k8s
@@ -46,26 +54,39 @@ class LeaseSettings:
 
 
 class LeaderElector:
-    """Holds or waits for the Lease; ``is_leader`` says whether to act now."""
+    """Holds or waits for the Lease; ``is_leader`` says whether to act now.
 
-    def __init__(self, kube: Kube, settings: LeaseSettings) -> None:
+    ``wall`` stamps the times written into the Lease (for people reading it);
+    ``monotonic`` is the only clock decisions are made by.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: LeaseSettings,
+        *,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.kube = kube
         self.settings = settings
-        self._leader_since_renewal: datetime | None = None
+        self.wall = wall
+        self.monotonic = monotonic
+        #: monotonic time our last successful renewal began
+        self._renewed_at: float | None = None
+        #: the Lease record last read (its resourceVersion) and when we first saw it
+        self._observed: tuple[str, float] | None = None
         self.changed = asyncio.Event()
 
     @property
     def is_leader(self) -> bool:
         """True while our last successful renewal is younger than the lease duration."""
-        last = self._leader_since_renewal
-        if last is None:
-            return False
-        age_s = (datetime.now(UTC) - last).total_seconds()
-        return age_s < self.settings.lease_duration_s
+        last = self._renewed_at
+        return last is not None and self.monotonic() - last < self.settings.lease_duration_s
 
-    def _set(self, renewed_at: datetime | None) -> None:
+    def _set(self, renewed_at: float | None) -> None:
         was = self.is_leader
-        self._leader_since_renewal = renewed_at
+        self._renewed_at = renewed_at
         if was != self.is_leader:
             self.changed.set()
             log.info(
@@ -78,16 +99,24 @@ class LeaderElector:
     def _spec(self, now: datetime, transitions: int, acquired: datetime) -> k8s.V1LeaseSpec:
         return k8s.V1LeaseSpec(
             holder_identity=self.settings.identity,
-            lease_duration_seconds=round(self.settings.lease_duration_s),
+            lease_duration_seconds=max(1, round(self.settings.lease_duration_s)),
             acquire_time=acquired,
             renew_time=now,
             lease_transitions=transitions,
         )
 
+    def _observe(self, lease: k8s.V1Lease, started: float) -> float:
+        """Seconds the Lease's record has stood unchanged, as this process saw it."""
+        record = str((lease.metadata and lease.metadata.resource_version) or "")
+        if self._observed is None or self._observed[0] != record:
+            self._observed = (record, started)
+        return self.monotonic() - self._observed[1]
+
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; returns whether we hold the Lease afterwards."""
         s = self.settings
-        now = datetime.now(UTC)
+        started = self.monotonic()
+        now = self.wall()
         try:
             lease = await self.kube.call(
                 self.kube.coordination.read_namespaced_lease, s.name, s.namespace
@@ -103,14 +132,14 @@ class LeaderElector:
                 )
             except ConflictError:
                 return False  # another replica created it first
-            self._set(now)
+            self._set(started)
             return True
         spec = lease.spec or k8s.V1LeaseSpec()
-        holder = spec.holder_identity
-        renewed = spec.renew_time or spec.acquire_time
-        duration = timedelta(seconds=spec.lease_duration_seconds or s.lease_duration_s)
+        holder = spec.holder_identity or ""
+        duration_s = float(spec.lease_duration_seconds or s.lease_duration_s)
+        unchanged_s = self._observe(lease, started)
         ours = holder == s.identity
-        expired = renewed is None or renewed + duration <= now
+        expired = not holder or unchanged_s >= duration_s
         if not ours and not expired:
             self._set(None)
             return False
@@ -118,13 +147,14 @@ class LeaderElector:
         acquired = spec.acquire_time if ours and spec.acquire_time else now
         lease.spec = self._spec(now, transitions, acquired)
         try:
-            await self.kube.call(
+            written = await self.kube.call(
                 self.kube.coordination.replace_namespaced_lease, s.name, s.namespace, lease
             )
         except ConflictError:
             self._set(None)
             return False  # someone else renewed or took it in between
-        self._set(now)
+        self._observe(written, started)
+        self._set(started)
         return True
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -139,7 +169,8 @@ class LeaderElector:
             await asyncio.sleep(self.settings.renew_s if held else self.settings.retry_s)
 
     async def release(self) -> None:
-        """Give the Lease up on a clean shutdown, so a standby takes over at once."""
+        """Give the Lease up on a clean shutdown (no holder), so a standby takes over at
+        its next retry."""
         if not self.is_leader:
             return
         s = self.settings
@@ -148,9 +179,8 @@ class LeaderElector:
                 self.kube.coordination.read_namespaced_lease, s.name, s.namespace
             )
             if lease.spec and lease.spec.holder_identity == s.identity:
-                lease.spec.renew_time = datetime.now(UTC) - timedelta(
-                    seconds=s.lease_duration_s + 1
-                )
+                lease.spec.holder_identity = None
+                lease.spec.lease_duration_seconds = 1
                 await self.kube.call(
                     self.kube.coordination.replace_namespaced_lease, s.name, s.namespace, lease
                 )
