@@ -38,7 +38,6 @@ import structlog
 from kubernetes import watch
 
 from canaryd.hub import StatusHub
-from canaryd.istio import RoutingError
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
     PLURAL,
@@ -52,7 +51,15 @@ from canaryd.kube import (
 )
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.metrics import METRIC_QUERIES, RECONCILE_SECONDS, ROLLOUT_SECONDS
-from canaryd.ports import CanaryRef, MetricsError, MetricsSource, TrafficRouter, Workloads
+from canaryd.ports import (
+    CanaryRef,
+    MetricsError,
+    MetricsSource,
+    RoutingError,
+    TrafficRouter,
+    WorkloadError,
+    Workloads,
+)
 from canaryd.rollout import (
     Command,
     CommandKind,
@@ -65,7 +72,6 @@ from canaryd.rollout import (
 )
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase
-from canaryd.workloads import WorkloadError
 
 log = structlog.get_logger("canaryd.daemon")
 

@@ -21,15 +21,11 @@ import copy
 from typing import Any
 
 from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, RoutingError
 from canaryd.spec import CanarySpec
 
 GROUP = "networking.istio.io"
 VERSION = "v1"
-
-
-class RoutingError(Exception):
-    """The VirtualService cannot carry this Canary's traffic split; says what is wrong."""
 
 
 def _names(spec: CanarySpec) -> tuple[str, list[str]]:

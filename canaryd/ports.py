@@ -1,7 +1,9 @@
 """The ports (design §2): what the core needs from the world, as small Protocols.
 
-Each integration lives in one module behind one of these, with its own error types;
-the simulator provides fakes of the metrics source, the router and the workloads.
+Each integration lives in one module behind one of these; the errors the ports raise
+(``MetricsError``, ``RoutingError``, ``WorkloadError``) live here, so the daemon
+handles them without importing any integration.  The simulator provides fakes of
+the metrics source, the router and the workloads.
 ``canaryd simulate`` drives the simulator directly in virtual time; the daemon
 (``canaryd run``) drives these ports on the wall clock.
 """
@@ -12,9 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from analysis.counts import Observation
-from canaryd.rollout import Command, Notify
 from canaryd.spec import CanarySpec
-from canaryd.status import CanaryStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,15 @@ class CanaryRef:
 
 class MetricsError(Exception):
     """Metrics could not be had (source down, slow, empty, NaN): the core holds."""
+
+
+class RoutingError(Exception):
+    """The traffic router cannot carry this Canary's split (a VirtualService, route or
+    subset missing or unusable); says what is wrong."""
+
+
+class WorkloadError(Exception):
+    """A Deployment the Canary names is missing or unusable; says which."""
 
 
 class QueryRejectedError(MetricsError):
@@ -81,23 +90,3 @@ class Workloads(Protocol):
     async def canary_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
         """The canary's revision when it differs from stable's (``trigger: auto``)."""
         ...
-
-
-class StatusStore(Protocol):
-    """Where status lives (the Canary's status subresource; memory in simulation)."""
-
-    async def read(self, ref: CanaryRef) -> tuple[CanarySpec, CanaryStatus, list[Command]]: ...
-
-    async def write(self, ref: CanaryRef, status: CanaryStatus) -> None: ...
-
-
-class Notifier(Protocol):
-    """Tells people and systems what happened (Kubernetes Events, MQTT, Slack, logs)."""
-
-    async def notify(self, ref: CanaryRef, status: CanaryStatus, event: Notify) -> None: ...
-
-
-class Approvals(Protocol):
-    """Asks for approvals (Slack); approvals come back as commands on the resource."""
-
-    async def request(self, ref: CanaryRef, status: CanaryStatus, weight: int) -> None: ...

@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from analysis.counts import Observation
-from canaryd.istio import RoutingError
 from canaryd.kube import KubeError
-from canaryd.ports import CanaryRef, MetricsError, TrafficRouter
+from canaryd.ports import CanaryRef, MetricsError, RoutingError, TrafficRouter
 from canaryd.spec import CanarySpec
 from simulator import Scenario, Simulation
 

@@ -18,16 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, WorkloadError
 from canaryd.spec import API_GROUP, CanarySpec
 
 REVISION_ANNOTATION = f"{API_GROUP}/revision"
 #: Replicas the canary had when canaryd scaled it to 0; restored before the next rollout.
 REPLICAS_ANNOTATION = f"{API_GROUP}/replicas-before-scale-down"
-
-
-class WorkloadError(Exception):
-    """A Deployment the Canary names is missing or unusable; says which."""
 
 
 def _names(spec: CanarySpec) -> tuple[str, str]:

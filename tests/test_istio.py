@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from canaryd.istio import RoutingError, weights_of, with_weights
+from canaryd.istio import weights_of, with_weights
+from canaryd.ports import RoutingError
 from canaryd.spec import parse_spec
 from simulator.kubeapi import KubeApiServer
 from tests.conftest import NS, VIRTUAL_SERVICE
