@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 from kubernetes import watch
 
+from canaryd.converger import Converger, Stage
 from canaryd.hub import StatusHub
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
@@ -157,6 +158,15 @@ def _version(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
 
 
+#: the TrafficVerified condition's reason when a convergence stops at a stage
+_STOPPED_REASONS = {
+    Stage.PODS: "CanaryNotReady",
+    Stage.WEIGHTS: "WeightsNotSet",
+    Stage.SCALE_DOWN: "ScaleDownFailed",
+    Stage.DONE: "Verified",
+}
+
+
 def _listed_is_newer(listed: dict[str, Any], cached: dict[str, Any]) -> bool:
     """Whether a Canary from a list is newer than the cached copy.
 
@@ -190,6 +200,7 @@ class Daemon:
         self.settings = settings or DaemonSettings()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.elector = LeaderElector(kube, self.settings.lease) if self.settings.lease else None
+        self.converger = Converger(router, workloads)
         self.workers: dict[CanaryRef, _Worker] = {}
         #: counts of reconciles, status writes, conflicts and failures (for tests, metrics)
         self.stats: Counter[str] = Counter()
@@ -595,8 +606,7 @@ class Daemon:
             checked = await self._check_idle(canary, spec, now)
             if checked is not canary:
                 return checked
-            await self._converge(canary.ref, spec, status)
-            return canary
+            return await self._converge(canary, spec)
         observed = await self._observe(canary.ref, spec, status)
         result = reconcile(spec, status, observed, commands, now)
         if self.acting:
@@ -620,11 +630,10 @@ class Daemon:
         new_status = result.status.model_copy(update={"observed_generation": canary.generation})
         new_status = new_status.with_condition("Ready", True, "Ready", "", now)
         if new_status == status and not result.actions:
-            await self._converge(canary.ref, spec, status)
-            return canary
+            return await self._converge(canary, spec)
         if not result.actions and self._progress_only(canary.ref, status, new_status, now):
-            await self._converge(canary.ref, spec, status)
-            return canary  # numbers of an unchanged decision: written at the next refresh
+            # numbers of an unchanged decision: written at the next refresh
+            return await self._converge(canary, spec)
         if not self.acting:
             return canary  # leadership lapsed during this round: the new leader decides
         written = await self.kube.write_status(canary, new_status)
@@ -633,8 +642,7 @@ class Daemon:
         if new_status.phase.terminal and not status.phase.terminal:
             self._ended(canary.ref, new_status, now)
         await self._apply(written, spec, result.actions)
-        await self._converge(canary.ref, spec, new_status)
-        return written
+        return await self._converge(written, spec, force=True)
 
     def _ended(self, ref: CanaryRef, status: CanaryStatus, now: datetime) -> None:
         """Count a rollout that has just ended (metrics)."""
@@ -788,15 +796,10 @@ class Daemon:
                 log.warning("lost leadership: leaving the remaining actions to the new leader")
                 return
             try:
-                if isinstance(action, SetWeights):
-                    await self.router.set_weights(ref, spec, action.canary_pct)
-                    log.info(
-                        "weights set", canary_pct=action.canary_pct, stable_pct=action.stable_pct
-                    )
-                elif isinstance(action, PromoteStable):
+                if isinstance(action, SetWeights | ScaleCanary):
+                    continue  # derived from the status: the Converger's, in its order
+                if isinstance(action, PromoteStable):
                     await self.workloads.promote_stable(ref, spec, action.revision)
-                elif isinstance(action, ScaleCanary):
-                    await self.workloads.scale_canary(ref, spec, action.replicas)
                 elif isinstance(action, Notify):
                     verdict = canary.status.last_verdict
                     log.info(
@@ -814,40 +817,59 @@ class Daemon:
                 self.stats["failures"] += 1
                 log.error("action failed", action=repr(action), error=str(exc))
 
-    async def _converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> None:
-        """Level-triggered: make the VirtualService route what the status says, and keep
-        a rolled-back (or promoted) canary scaled down.
+    async def _converge(
+        self, canary: CanaryObject, spec: CanarySpec, *, force: bool = False
+    ) -> CanaryObject:
+        """Level-triggered, the one road from status to traffic: the
+        :class:`~canaryd.converger.Converger` makes pods, routes and replicas match the
+        status in its fixed order (pods before traffic, weights verified on every
+        route, scale-down last); ``trafficVerified`` and the ``TrafficVerified``
+        condition record the result when it changes.
 
-        Checked when the phase or weight changes, and otherwise once per ``resync_s``
-        (someone edited the VirtualService by hand): not on every round, which would
-        cost a read per Canary per interval.
+        Run after every status write (``force``), and otherwise when the phase or
+        weight differs from the last success or once per ``resync_s`` (someone edited
+        the VirtualService by hand): not on every round, which would cost a read per
+        Canary per interval.  A failure is retried at the next round.
         """
+        ref, status = canary.ref, canary.status
         if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
-            return
+            return canary
         key = (status.phase, status.canary_weight)
         last = self._converged.get(ref)
         recent = last is not None and time.monotonic() - last[1] < self.settings.resync_s
-        if last is not None and last[0] == key and recent:
-            return
+        if not force and last is not None and last[0] == key and recent:
+            return canary
         self._converged.pop(ref, None)
-        converged = True
-        scaled_down = status.phase is Phase.ROLLED_BACK or (
-            status.phase is Phase.SUCCEEDED and spec.promotion.mode == "copy-to-stable"
-        )
-        if scaled_down:
-            try:
-                if await self.workloads.canary_replicas(ref, spec) != 0:
-                    await self.workloads.scale_canary(ref, spec, 0)
-            except (WorkloadError, KubeError) as exc:
-                converged = False
-                log.warning("cannot scale the canary down", error=str(exc))
-        try:
-            current = await self.router.get_canary_weight(ref, spec)
-            if current != status.canary_weight:
-                log.info("converging weights", found=current, want=status.canary_weight)
-                await self.router.set_weights(ref, spec, status.canary_weight)
-        except (RoutingError, KubeError) as exc:
-            converged = False
-            log.warning("cannot converge weights", error=str(exc))
-        if converged:
+        result = await self.converger.converge(ref, spec, status)
+        if result.wrote_weights:
+            log.info(
+                "weights set",
+                canary_pct=result.want_pct,
+                stable_pct=100 - result.want_pct,
+                routes_pct=list(result.route_weights_pct),
+                verified=result.verified,
+            )
+        if result.scaled_down:
+            log.info("canary scaled down: every route reads 0%")
+        if result.ok:
             self._converged[ref] = (key, time.monotonic())
+            new_status = status.with_condition(
+                "TrafficVerified", True, "Verified",
+                f"every managed route reads {result.want_pct}% canary", self.clock(),
+            )  # fmt: skip
+        else:
+            self.stats["failures"] += 1
+            log.warning("convergence stopped", stage=str(result.stopped_at), error=result.problem)
+            new_status = status.with_condition(
+                "TrafficVerified", False, _STOPPED_REASONS[result.stopped_at],
+                result.problem or "", self.clock(),
+            )  # fmt: skip
+        new_status = new_status.model_copy(update={"traffic_verified": result.verified})
+        if new_status == status:
+            return canary
+        try:
+            written = await self.kube.write_status(canary, new_status)
+        except ConflictError:
+            return canary  # someone wrote meanwhile: the next round records it
+        self._wrote()
+        return written

@@ -90,10 +90,9 @@ def _destinations(route: dict[str, Any], spec: CanarySpec) -> tuple[dict[str, An
     return found[stable], found[canary]
 
 
-def weights_of(vs: dict[str, Any], spec: CanarySpec) -> int:
-    """The canary weight the VirtualService routes now (the first route's)."""
-    _, canary = _destinations(_routes(vs, spec)[0], spec)
-    return int(canary.get("weight") or 0)
+def route_weights_of(vs: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+    """The canary weight of every route this Canary manages, in order."""
+    return tuple(int(_destinations(r, spec)[1].get("weight") or 0) for r in _routes(vs, spec))
 
 
 def with_weights(vs: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
@@ -156,31 +155,37 @@ class IstioRouter:
                     f" (subsets: {', '.join(sorted(map(str, subsets))) or 'none'})"
                 )
 
-    async def get_canary_weight(self, ref: CanaryRef, spec: CanarySpec) -> int:
+    async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        """The canary weight of every managed route, in spec order (one read)."""
         name, _ = _names(spec)
-        return weights_of(await self._get(ref.namespace, name), spec)
+        return route_weights_of(await self._get(ref.namespace, name), spec)
 
-    async def set_weights(self, ref: CanaryRef, spec: CanarySpec, canary_pct: int) -> None:
-        """Route ``canary_pct`` % to the canary on every named route; read back; retry
-        on conflicts.  The same check skips a write already done and confirms one made."""
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+    ) -> tuple[int, ...]:
+        """Route ``canary_pct`` % to the canary on every managed route; returns every
+        route's weight as the API server stored it (the write's answer: no read back).
+        A conflict reads afresh and retries; a write already done is not repeated."""
         name, _ = _names(spec)
         for attempt in range(self.attempts + 1):
             vs = await self._get(ref.namespace, name)
-            if all(
-                int(_destinations(r, spec)[1].get("weight") or 0) == canary_pct
-                for r in _routes(vs, spec)
-            ):
-                return
+            weights = route_weights_of(vs, spec)
+            if all(w == canary_pct for w in weights):
+                return weights
             if attempt == self.attempts:
                 break
             try:
-                await self.kube.call(
+                stored = await self.kube.call(
                     self.kube.custom.replace_namespaced_custom_object,
                     GROUP, VERSION, ref.namespace, "virtualservices", name,
                     with_weights(vs, spec, canary_pct),
                 )  # fmt: skip
             except ConflictError:
                 await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            if not isinstance(stored, dict):
+                raise RoutingError(f"VirtualService {ref.namespace}/{name}: unexpected answer")
+            return route_weights_of(stored, spec)
         raise KubeError(
             f"VirtualService {ref.namespace}/{name}: could not set canary weight to "
             f"{canary_pct}% after {self.attempts} attempts (conflicting writers?)"

@@ -63,9 +63,17 @@ class TrafficRouter(Protocol):
         """Raise an error naming what is missing before any traffic moves."""
         ...
 
-    async def set_weights(self, ref: CanaryRef, spec: CanarySpec, canary_pct: int) -> None: ...
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+    ) -> tuple[int, ...]:
+        """Route ``canary_pct`` % to the canary on every managed route; return each
+        route's canary weight as stored (the :class:`~canaryd.converger.Converger`
+        verifies them)."""
+        ...
 
-    async def get_canary_weight(self, ref: CanaryRef, spec: CanarySpec) -> int: ...
+    async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        """The canary weight of every managed route now."""
+        ...
 
 
 class Workloads(Protocol):

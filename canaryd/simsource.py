@@ -73,7 +73,7 @@ class SimulatedMetrics:
         if target_s > sim.now_s:
             sim.advance(target_s - sim.now_s)  # at the weight routed since the last look
         try:
-            weight = await self.router.get_canary_weight(ref, spec)
+            weight = min(await self.router.route_weights(ref, spec), default=0)
         except (RoutingError, KubeError) as exc:
             raise MetricsError(f"cannot read the mesh's weights: {exc}") from exc
         sim.set_canary_weight(weight)

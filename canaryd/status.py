@@ -131,7 +131,10 @@ class CanaryStatus(_Model):
         phase: see :class:`Phase`.
         revision: the revision being rolled out.
         step_index: index into ``spec.steps`` of the current step.
-        canary_weight: canary traffic now, percent; stable carries the rest.
+        canary_weight: canary traffic now, percent; stable carries the rest (what the
+            routes should read; the Converger makes them).
+        traffic_verified: every managed route was last read at ``canary_weight``
+            (None before the first convergence).
         step_started_at: when the current step's window began.
         phase_since: when the current phase began (timers for approval and promotion).
         pending_step_index: the step to enter on approval (WaitingApproval only).
@@ -157,6 +160,7 @@ class CanaryStatus(_Model):
     revision: str | None = None
     step_index: int = 0
     canary_weight: int = 0
+    traffic_verified: bool | None = None
     step_started_at: datetime | None = None
     phase_since: datetime | None = None
     pending_step_index: int | None = None
@@ -189,8 +193,11 @@ class CanaryStatus(_Model):
         new = Condition(
             type=type_, status=value, reason=reason, message=message, last_transition_time=since
         )
-        rest = [c for c in self.conditions if c.type != type_]
-        return self.model_copy(update={"conditions": [*rest, new]})
+        if old is None:
+            return self.model_copy(update={"conditions": [*self.conditions, new]})
+        # in place: conditions set in turn by two writers must not swap places forever
+        conditions = [new if c.type == type_ else c for c in self.conditions]
+        return self.model_copy(update={"conditions": conditions})
 
     def to_json(self) -> dict[str, Any]:
         """The status as Kubernetes stores it (camelCase, ISO timestamps)."""

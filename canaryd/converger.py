@@ -1,0 +1,128 @@
+"""The Converger: the one road from a Canary's status to its traffic and workloads.
+
+The state machine decides what the world should look like and writes it to status
+(phase and canary weight).  The Converger makes the world match, every time it is
+asked, in a fixed order that keeps users off a canary with no pods:
+
+1. **pods before traffic**: when the status routes traffic to the canary, the canary
+   Deployment has ready pods first (scaled back up if a previous rollout scaled it
+   down); until it has, no weight moves;
+2. **weights**: every managed route is read; if any differs, all are written, and the
+   object the API server stored is read back from the write's answer and checked on
+   every route (``verified``);
+3. **scale down last**: a rolled-back or promoted canary is scaled to 0 only once every
+   route reads 0% canary.
+
+A failed step stops the sequence (the later ones never run on a world the earlier
+one did not reach) and is reported in the result; the caller retries next round and
+shows it as a condition.  Reads: one of the VirtualService per call, and none more
+when the weights are already right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from canaryd.kube import KubeError
+from canaryd.ports import CanaryRef, RoutingError, TrafficRouter, WorkloadError, Workloads
+from canaryd.spec import CanarySpec
+from canaryd.status import CanaryStatus, Phase
+
+
+class Stage(StrEnum):
+    """Where a convergence stopped (or ``DONE``)."""
+
+    PODS = "pods"
+    WEIGHTS = "weights"
+    SCALE_DOWN = "scale-down"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """What one convergence found and did.
+
+    Attributes:
+        want_pct: the canary weight the status asks for.
+        route_weights_pct: the canary weight of every managed route as last read or
+            written (empty when they could not be read).
+        wrote_weights: whether the weights were written this time.
+        verified: every managed route reads ``want_pct``.
+        scaled_down: the canary was scaled to 0 this time.
+        stopped_at: the stage that failed, or ``Stage.DONE``.
+        problem: why it stopped (one line), or None.
+    """
+
+    want_pct: int
+    route_weights_pct: tuple[int, ...]
+    wrote_weights: bool
+    verified: bool
+    scaled_down: bool
+    stopped_at: Stage
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped_at is Stage.DONE
+
+
+def wants_scaled_down(spec: CanarySpec, status: CanaryStatus) -> bool:
+    """A rolled-back canary, and a promoted one whose template now runs as stable, keep
+    no pods."""
+    return status.phase is Phase.ROLLED_BACK or (
+        status.phase is Phase.SUCCEEDED and spec.promotion.mode == "copy-to-stable"
+    )
+
+
+class Converger:
+    """Makes the routes and the canary's replicas match a Canary's status."""
+
+    def __init__(self, router: TrafficRouter, workloads: Workloads) -> None:
+        self.router = router
+        self.workloads = workloads
+
+    async def converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> Convergence:
+        want = status.canary_weight
+        weights: tuple[int, ...] = ()
+
+        def stop(stage: Stage, problem: str, *, wrote: bool = False) -> Convergence:
+            verified = bool(weights) and all(w == want for w in weights)
+            return Convergence(want, weights, wrote, verified, False, stage, problem)
+
+        if want > 0:
+            try:
+                waiting = await self.workloads.ensure_canary_ready(ref, spec)
+            except (WorkloadError, KubeError) as exc:
+                return stop(Stage.PODS, f"cannot ready the canary: {exc}")
+            if waiting is not None:
+                return stop(Stage.PODS, waiting)
+        try:
+            weights = await self.router.route_weights(ref, spec)
+        except (RoutingError, KubeError) as exc:
+            return stop(Stage.WEIGHTS, f"cannot read the routes: {exc}")
+        wrote = False
+        if any(w != want for w in weights):
+            try:
+                weights = await self.router.set_weights(ref, spec, want)
+                wrote = True
+            except (RoutingError, KubeError) as exc:
+                return stop(Stage.WEIGHTS, f"cannot set the canary weight to {want}%: {exc}")
+        if any(w != want for w in weights):
+            return stop(
+                Stage.WEIGHTS,
+                f"routes read {list(weights)}% canary after the write, not {want}%",
+                wrote=wrote,
+            )
+        scaled = False
+        if wants_scaled_down(spec, status):
+            try:
+                if await self.workloads.canary_replicas(ref, spec) != 0:
+                    await self.workloads.scale_canary(ref, spec, 0)
+                    scaled = True
+            except (WorkloadError, KubeError) as exc:
+                return Convergence(
+                    want, weights, wrote, True, False, Stage.SCALE_DOWN,
+                    f"cannot scale the canary down: {exc}",
+                )  # fmt: skip
+        return Convergence(want, weights, wrote, True, scaled, Stage.DONE)
