@@ -642,7 +642,7 @@ class Daemon:
         if new_status.phase.terminal and not status.phase.terminal:
             self._ended(canary.ref, new_status, now)
         await self._apply(written, spec, result.actions)
-        return await self._converge(written, spec, force=True)
+        return await self._converge(written, spec)
 
     def _ended(self, ref: CanaryRef, status: CanaryStatus, now: datetime) -> None:
         """Count a rollout that has just ended (metrics)."""
@@ -817,19 +817,17 @@ class Daemon:
                 self.stats["failures"] += 1
                 log.error("action failed", action=repr(action), error=str(exc))
 
-    async def _converge(
-        self, canary: CanaryObject, spec: CanarySpec, *, force: bool = False
-    ) -> CanaryObject:
+    async def _converge(self, canary: CanaryObject, spec: CanarySpec) -> CanaryObject:
         """Level-triggered, the one road from status to traffic: the
         :class:`~canaryd.converger.Converger` makes pods, routes and replicas match the
         status in its fixed order (pods before traffic, weights verified on every
         route, scale-down last); ``trafficVerified`` and the ``TrafficVerified``
         condition record the result when it changes.
 
-        Run after every status write (``force``), and otherwise when the phase or
-        weight differs from the last success or once per ``resync_s`` (someone edited
-        the VirtualService by hand): not on every round, which would cost a read per
-        Canary per interval.  A failure is retried at the next round.
+        Run when the phase or weight differs from the last success (right after the
+        status write that changed it), and otherwise once per ``resync_s`` (someone
+        edited the VirtualService by hand): not on every round, which would cost a
+        read per Canary per interval.  A failure is retried at the next round.
         """
         ref, status = canary.ref, canary.status
         if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
@@ -837,7 +835,7 @@ class Daemon:
         key = (status.phase, status.canary_weight)
         last = self._converged.get(ref)
         recent = last is not None and time.monotonic() - last[1] < self.settings.resync_s
-        if not force and last is not None and last[0] == key and recent:
+        if last is not None and last[0] == key and recent:
             return canary
         self._converged.pop(ref, None)
         result = await self.converger.converge(ref, spec, status)

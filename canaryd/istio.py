@@ -116,6 +116,9 @@ class IstioRouter:
     def __init__(self, kube: Kube, attempts: int = 5) -> None:
         self.kube = kube
         self.attempts = attempts
+        #: the VirtualService each (namespace, name) was last read as by route_weights,
+        #: until set_weights uses it
+        self._read: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def _get(self, namespace: str, name: str) -> dict[str, Any]:
         try:
@@ -158,7 +161,9 @@ class IstioRouter:
     async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
         """The canary weight of every managed route, in spec order (one read)."""
         name, _ = _names(spec)
-        return route_weights_of(await self._get(ref.namespace, name), spec)
+        vs = await self._get(ref.namespace, name)
+        self._read[(ref.namespace, name)] = vs  # the next set_weights writes on it
+        return route_weights_of(vs, spec)
 
     async def set_weights(
         self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
@@ -168,7 +173,9 @@ class IstioRouter:
         A conflict reads afresh and retries; a write already done is not repeated."""
         name, _ = _names(spec)
         for attempt in range(self.attempts + 1):
-            vs = await self._get(ref.namespace, name)
+            # the copy route_weights just read, once: no second read of the same object
+            # (if it is stale the write gets 409 and the next attempt reads afresh)
+            vs = self._read.pop((ref.namespace, name), None) or await self._get(ref.namespace, name)
             weights = route_weights_of(vs, spec)
             if all(w == canary_pct for w in weights):
                 return weights

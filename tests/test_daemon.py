@@ -799,3 +799,44 @@ def test_a_rollback_whose_weight_write_fails_never_scales_the_canary_below_its_t
     assert "WeightsNotSet" in reasons  # the failure showed as a condition meanwhile
     verified = next(c for c in obj["status"]["conditions"] if c["type"] == "TrafficVerified")
     assert verified["status"] == "True"
+
+
+def test_a_rollout_reads_the_virtual_service_at_most_twice_per_weight_change(
+    cluster: KubeApiServer,
+) -> None:
+    """One road: per change of phase or weight, the preflight check and the Converger
+    read the VirtualService once each; the write verifies from its answer."""
+    import dataclasses
+
+    from canaryd.istio import IstioRouter
+
+    counts = {"read": 0, "write": 0}
+
+    async def scenario() -> Obj:
+        h = Harness(cluster, get_scenario("healthy"))
+        h.daemon.settings = dataclasses.replace(h.daemon.settings, resync_s=120.0)
+        h.metrics.router = IstioRouter(h.kube)  # the simulated mesh's reads are not ours
+        router = h.router
+        real_get, real_call = router._get, router.kube.call
+
+        async def get(namespace: str, name: str) -> dict[str, Any]:
+            counts["read"] += 1
+            return await real_get(namespace, name)
+
+        async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") == "replace_namespaced_custom_object":
+                counts["write"] += "virtualservices" in args
+            return await real_call(fn, *args, **kwargs)
+
+        router._get = get  # type: ignore[method-assign]
+        router.kube = copy.copy(router.kube)
+        router.kube.call = call  # type: ignore[method-assign]
+        async with h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            return await h.until(lambda o: phase(o) == "Succeeded")
+
+    obj = asyncio.run(scenario())
+    assert [s["weight"] for s in obj["status"]["history"]] == [10, 50, 100]
+    # 10, 50, 100, Promoting at 100, Succeeded at 0: five changes, four weight writes
+    assert counts["write"] == 4, counts
+    assert counts["read"] <= 2 * 5, counts
