@@ -41,6 +41,7 @@ from canaryd.converger import Converger, Stage
 from canaryd.hub import StatusHub
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
+    FINALIZER,
     PLURAL,
     VERSION,
     CanaryObject,
@@ -104,6 +105,8 @@ class DaemonSettings:
         status_refresh_s: a round whose verdict is an unchanged "continue" writes its
             numbers to status at most this often, seconds (every decision is written
             at once); with the default 1-minute interval, every round is written.
+        finalize_timeout_s: how long a deleted Canary's traffic is tried to be restored
+            before its finalizer is dropped anyway (with a warning Event), seconds.
         readiness_recheck_s: how often an idle, ready Canary's routes and workloads are
             looked at again, seconds (at once when its spec changes; every round while
             they are missing).
@@ -118,6 +121,7 @@ class DaemonSettings:
     drain_s: float = 10.0
     status_refresh_s: float = 30.0
     readiness_recheck_s: float = 300.0
+    finalize_timeout_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -148,9 +152,10 @@ class RoundStats:
 class _Worker:
     task: asyncio.Task[None]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: (generation, commands annotation) last seen: only a change of these wakes the
-    #: worker early; its own status writes must not (they would loop it)
-    seen: tuple[object, object] | None = None
+    #: (generation, commands annotation, deletionTimestamp) last seen: only a change
+    #: of these wakes the worker early; its own status writes must not (they would
+    #: loop it)
+    seen: tuple[object, object, object] | None = None
 
 
 def _version(obj: dict[str, Any]) -> str:
@@ -165,6 +170,15 @@ _STOPPED_REASONS = {
     Stage.SCALE_DOWN: "ScaleDownFailed",
     Stage.DONE: "Verified",
 }
+
+
+def _parse_time(value: str) -> datetime | None:
+    """An RFC 3339 timestamp from the API (``...Z``), or None."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _listed_is_newer(listed: dict[str, Any], cached: dict[str, Any]) -> bool:
@@ -376,6 +390,7 @@ class Daemon:
             key = (
                 meta.get("generation"),
                 (meta.get("annotations") or {}).get(COMMANDS_ANNOTATION),
+                meta.get("deletionTimestamp"),
             )
             if key != worker.seen:
                 worker.seen = key
@@ -579,7 +594,13 @@ class Daemon:
                 namespace=ref.namespace, name=ref.name, step=canary.status.step_index
             ):
                 try:
-                    done = await self._reconcile(canary)
+                    if (canary.raw.get("metadata") or {}).get("deletionTimestamp"):
+                        finalized = await self._finalize(canary)
+                        if finalized is None:
+                            return None
+                        done = finalized
+                    else:
+                        done = await self._reconcile(canary)
                 except ConflictError:
                     self.stats["conflicts"] += 1
                     continue
@@ -590,9 +611,58 @@ class Daemon:
             return done
         raise ConflictError(f"{ref}: gave up after {self.settings.conflict_attempts} conflicts")
 
+    async def _finalize(self, canary: CanaryObject) -> CanaryObject | None:
+        """A Canary being deleted: all traffic back to stable (and a canary that was
+        under rollout scaled down, weights first), then our finalizer removed; None once
+        it is gone.  Whatever stands in the way (the VirtualService deleted, Istio's CRD
+        gone, the API refusing) is retried each round for ``finalize_timeout_s`` from
+        the deletion, then the finalizer is dropped with a warning Event, so that a
+        deletion never hangs."""
+        meta = canary.raw.get("metadata") or {}
+        finalizers = list(meta.get("finalizers") or [])
+        if FINALIZER not in finalizers or not self.acting:
+            return canary
+        problem: str | None = None
+        spec = canary.spec
+        if spec is not None and spec.traffic_routing is not None:
+            status = canary.status
+            target = status.model_copy(
+                update={
+                    "canary_weight": 0,
+                    "phase": Phase.ROLLED_BACK if status.phase.active else status.phase,
+                }
+            )
+            result = await self.converger.converge(canary.ref, spec, target)
+            problem = result.problem
+        if problem is not None:
+            since = _parse_time(str(meta.get("deletionTimestamp")))
+            waited_s = (self.clock() - since).total_seconds() if since else 0.0
+            if waited_s < self.settings.finalize_timeout_s:
+                log.warning("cannot restore traffic before deletion; retrying", error=problem)
+                return canary
+            with contextlib.suppress(KubeError):
+                await self.kube.emit_event(
+                    canary, "FinalizerTimeout",
+                    f"deleted without restoring traffic after {waited_s:.0f}s: {problem}",
+                    warning=True,
+                )  # fmt: skip
+        else:
+            with contextlib.suppress(KubeError):
+                await self.kube.emit_event(
+                    canary, "TrafficRestored", "Canary deleted: all traffic back on stable"
+                )
+        await self.kube.set_finalizers(canary, [f for f in finalizers if f != FINALIZER])
+        log.info("finalizer removed", traffic_restored=problem is None)
+        return None
+
     async def _reconcile(self, canary: CanaryObject) -> CanaryObject:
         now = self.clock()
         status = canary.status
+        meta = canary.raw.get("metadata") or {}
+        finalizers = list(meta.get("finalizers") or [])
+        if FINALIZER not in finalizers and self.acting:
+            # before any traffic moves: a deletion from now on restores it first
+            canary = await self.kube.set_finalizers(canary, [*finalizers, FINALIZER])
         if canary.spec is None:
             why = canary.spec_error or "invalid spec"
             return await self._not_ready(canary, "InvalidSpec", why, now)

@@ -43,6 +43,8 @@ from canaryd.status import CanaryStatus
 VERSION = "v1alpha1"
 PLURAL = "canaries"
 COMMANDS_ANNOTATION = f"{API_GROUP}/commands"
+#: canaryd's finalizer: a Canary deleted mid-rollout has its traffic restored first
+FINALIZER = f"{API_GROUP}/restore-traffic"
 #: Handled commands are pruned from the annotation when a new one is added.
 MAX_PENDING_COMMANDS = 20
 
@@ -333,6 +335,21 @@ class Kube:
         raw = await self.call(
             self.custom.replace_namespaced_custom_object_status,
             API_GROUP, VERSION, canary.ref.namespace, PLURAL, canary.ref.name, body,
+        )  # fmt: skip
+        return to_canary(_as_dict(raw))
+
+    async def set_finalizers(self, canary: CanaryObject, finalizers: list[str]) -> CanaryObject:
+        """Replace the Canary's finalizers (a merge patch carrying the resourceVersion
+        read: a concurrent change is a 409, never lost).
+
+        Raises:
+            ConflictError: the Canary changed since it was read.
+        """
+        body = {"metadata": {"resourceVersion": canary.resource_version, "finalizers": finalizers}}
+        raw = await self.call(
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP, VERSION, canary.ref.namespace, PLURAL, canary.ref.name, body,
+            _content_type="application/merge-patch+json",
         )  # fmt: skip
         return to_canary(_as_dict(raw))
 

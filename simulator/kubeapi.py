@@ -59,8 +59,11 @@ What it does NOT implement (a client relying on these will not be tested by the 
   honoured), every other list is replaced; Kubernetes' other merge keys (``containerPort``,
   ``mountPath``, ``ip``...) and ``$retainKeys`` / ``$setElementOrder`` are not known.  As
   on a real server, custom resources refuse strategic merge patch with 415.
-* Finalizers, ``deletionTimestamp``, graceful deletion, owner references and garbage
-  collection, namespace termination: delete removes the object at once.
+* Graceful deletion periods, owner references and garbage collection, namespace
+  termination, finalizers on ``deletecollection``: delete removes an object without
+  finalizers at once.  (Finalizers on a single delete are honoured: the object gets a
+  ``deletionTimestamp`` and stays until an update removes the last one, and no new
+  finalizer may be added meanwhile.)
 * Pagination: ``limit`` / ``continue`` are ignored and every match is returned (which the
   API allows a server to do).  ``resourceVersion`` / ``resourceVersionMatch`` on a list
   are ignored (the list is always the latest state).  Watch bookmarks,
@@ -141,7 +144,10 @@ KUBECONFIG_NAME: Final = "kubeapi-double"
 
 _WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _ALL_VERBS: Final = ("create", "delete", "deletecollection", "get", "list", "patch", "update")
-_SERVER_METADATA: Final = ("name", "namespace", "uid", "creationTimestamp", "generation")
+_SERVER_METADATA: Final = (
+    "name", "namespace", "uid", "creationTimestamp", "generation",
+    "deletionTimestamp", "deletionGracePeriodSeconds",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -1563,6 +1569,21 @@ class KubeApiServer:
                 new_meta["generation"] = int(current_meta.get("generation", 0)) + 1
         if new == current:  # a no-op: the real server writes nothing either
             return current
+        if "deletionTimestamp" in current_meta and sub is None:
+            added = set(new["metadata"].get("finalizers") or []) - set(
+                current_meta.get("finalizers") or []
+            )
+            if added:
+                raise _invalid(
+                    rt, name,
+                    f'{rt.kind}.{rt.group} "{name}" is invalid: metadata.finalizers: '
+                    f"Forbidden: no new finalizers can be added if the object is being deleted, "
+                    f"found new finalizers {sorted(added)}",
+                    [{"reason": "FieldValueForbidden", "field": "metadata.finalizers"}],
+                )  # fmt: skip
+            if not new["metadata"].get("finalizers"):  # the last finalizer went: gone
+                new["metadata"].pop("finalizers", None)
+                return self._commit(rt, ns, name, new, "DELETED")
         committed = self._commit(rt, ns, name, new, "MODIFIED")
         if committed["metadata"].get("generation") != current_meta.get("generation"):
             self._roll_out(rt, ns, name)
@@ -1629,6 +1650,13 @@ class KubeApiServer:
                     f"ResourceVersion in record ({meta['resourceVersion']}). The object might "
                     "have been modified",
                 )  # fmt: skip
+            if meta.get("finalizers"):  # marked for deletion; gone once they are removed
+                if "deletionTimestamp" in meta:
+                    return _present(rt, current, version)
+                marked = copy.deepcopy(current)
+                marked["metadata"]["deletionTimestamp"] = self._timestamp()
+                marked["metadata"]["deletionGracePeriodSeconds"] = 0
+                return _present(rt, self._commit(rt, ns, name, marked, "MODIFIED"), version)
             deleted = self._commit(rt, ns, name, copy.deepcopy(current), "DELETED")
         if rt.delete_returns_object:
             return _present(rt, deleted, version)

@@ -840,3 +840,60 @@ def test_a_rollout_reads_the_virtual_service_at_most_twice_per_weight_change(
     # 10, 50, 100, Promoting at 100, Succeeded at 0: five changes, four weight writes
     assert counts["write"] == 4, counts
     assert counts["read"] <= 2 * 5, counts
+
+
+def test_a_canary_deleted_mid_rollout_sends_all_traffic_back_to_stable_first(
+    cluster: KubeApiServer,
+) -> None:
+    from kubernetes import client as k8s
+
+    async def scenario() -> None:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            obj = await h.until(lambda o: phase(o) == "Progressing" and canary_weight(cluster) > 0)
+            assert "canaryd.io/restore-traffic" in obj["metadata"]["finalizers"]
+            await asyncio.to_thread(
+                k8s.CustomObjectsApi(h.api).delete_namespaced_custom_object,
+                "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout") is not None:
+                assert loop.time() < deadline, "the Canary was never let go"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert canary_weight(cluster) == 0
+    canary = cluster.get("apps", "v1", "deployments", NS, "checkout-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 0
+    reasons = {e["reason"] for e in cluster.list_objects("", "v1", "events", NS)}
+    assert "TrafficRestored" in reasons
+
+
+def test_a_deletion_is_never_wedged_by_a_missing_virtual_service(cluster: KubeApiServer) -> None:
+    import dataclasses
+
+    from kubernetes import client as k8s
+
+    async def scenario() -> float:
+        h = Harness(cluster, get_scenario("healthy"))
+        h.daemon.settings = dataclasses.replace(h.daemon.settings, finalize_timeout_s=2.0)
+        async with h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: phase(o) == "Progressing" and canary_weight(cluster) > 0)
+            cluster.delete_raw("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+            await asyncio.to_thread(
+                k8s.CustomObjectsApi(h.api).delete_namespaced_custom_object,
+                "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout") is not None:
+                assert loop.time() - started < 15, "the deletion hung"
+                await asyncio.sleep(0.05)
+            return loop.time() - started
+
+    took_s = asyncio.run(scenario())
+    assert took_s >= 1.5  # it tried for the timeout first
+    reasons = {e["reason"] for e in cluster.list_objects("", "v1", "events", NS)}
+    assert "FinalizerTimeout" in reasons

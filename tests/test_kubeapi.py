@@ -1058,3 +1058,37 @@ def test_the_canary_entry_matches_the_crd_manifest(crs: CustomApi) -> None:
         "apiextensions.k8s.io", "v1", "customresourcedefinitions", "canaries.canaryd.io"
     )
     assert got["spec"]["group"] == G
+
+
+def test_finalizers_hold_a_deleted_object_until_the_last_is_removed(
+    server: KubeApiServer, api: client.ApiClient
+) -> None:
+    leases: Any = client.CoordinationV1Api(api)
+    body = client.V1Lease(
+        metadata=client.V1ObjectMeta(name="held", finalizers=["a.io/x", "b.io/y"])
+    )
+    leases.create_namespaced_lease(NS, body)
+    stream = watch.Watch()
+    version = leases.read_namespaced_lease("held", NS).metadata.resource_version
+    leases.delete_namespaced_lease("held", NS)
+    held = leases.read_namespaced_lease("held", NS)  # still there, marked
+    assert held.metadata.deletion_timestamp is not None
+    leases.delete_namespaced_lease("held", NS)  # again: nothing changes
+    assert leases.read_namespaced_lease("held", NS).metadata.resource_version == (
+        held.metadata.resource_version
+    )
+    held.metadata.finalizers = ["a.io/x", "b.io/y", "c.io/z"]
+    error, problem = failure(lambda: leases.replace_namespaced_lease("held", NS, held))
+    assert error.status == 422 and "no new finalizers can be added" in problem["message"]
+    one = leases.patch_namespaced_lease("held", NS, {"metadata": {"finalizers": ["b.io/y"]}})
+    assert one.metadata.finalizers == ["b.io/y"] and one.metadata.deletion_timestamp
+    leases.patch_namespaced_lease("held", NS, {"metadata": {"finalizers": []}})
+    error, _ = failure(lambda: leases.read_namespaced_lease("held", NS))
+    assert error.status == 404
+    kinds = [
+        e["type"]
+        for e in stream.stream(
+            leases.list_namespaced_lease, NS, resource_version=version, timeout_seconds=1
+        )
+    ]
+    assert kinds == ["MODIFIED", "MODIFIED", "DELETED"]
