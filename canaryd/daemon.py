@@ -676,7 +676,7 @@ class Daemon:
             checked = await self._check_idle(canary, spec, now)
             if checked is not canary:
                 return checked
-            return await self._converge(canary, spec)
+            return await self._remove_acknowledged(await self._converge(canary, spec))
         observed = await self._observe(canary.ref, spec, status)
         result = reconcile(spec, status, observed, commands, now)
         if self.acting:
@@ -712,7 +712,23 @@ class Daemon:
         if new_status.phase.terminal and not status.phase.terminal:
             self._ended(canary.ref, new_status, now)
         await self._apply(written, spec, result.actions)
-        return await self._converge(written, spec)
+        written = await self._converge(written, spec)
+        return await self._remove_acknowledged(written)
+
+    async def _remove_acknowledged(self, canary: CanaryObject) -> CanaryObject:
+        """Commands acted on or rejected (acknowledged in the status just written) come
+        off the annotation, so it never grows and an old command can never come back
+        once its id has aged out of the bounded acknowledgement list."""
+        done = {c.id for c in canary.commands if c.id in canary.status.acknowledged}
+        if not done or not self.acting:
+            return canary
+        try:
+            pruned = await self.kube.remove_commands(canary, done)
+        except KubeError as exc:  # a 409 included: the next round tries again
+            log.info("acknowledged commands stay on the annotation for now", error=str(exc))
+            return canary
+        self._wrote()
+        return pruned
 
     def _ended(self, ref: CanaryRef, status: CanaryStatus, now: datetime) -> None:
         """Count a rollout that has just ended (metrics)."""

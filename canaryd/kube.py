@@ -353,6 +353,39 @@ class Kube:
         )  # fmt: skip
         return to_canary(_as_dict(raw))
 
+    async def remove_commands(self, canary: CanaryObject, ids: set[str]) -> CanaryObject:
+        """Take the commands ``ids`` (acknowledged in status already) off the annotation,
+        leaving the others exactly as written; the annotation goes when none is left.
+
+        The status write that acknowledged them comes first, so a crash between the two
+        leaves an acknowledged command on the annotation, which is skipped, never
+        applied twice.
+
+        Raises:
+            ConflictError: the Canary changed since it was read (try next round).
+        """
+        annotations = (canary.raw.get("metadata") or {}).get("annotations") or {}
+        try:
+            items = json.loads(annotations.get(COMMANDS_ANNOTATION) or "[]")
+        except ValueError:
+            items = []
+        kept = [
+            i for i in (items if isinstance(items, list) else [])
+            if not (isinstance(i, dict) and i.get("id") in ids)
+        ]  # fmt: skip
+        body = {
+            "metadata": {
+                "resourceVersion": canary.resource_version,
+                "annotations": {COMMANDS_ANNOTATION: json.dumps(kept) if kept else None},
+            }
+        }
+        raw = await self.call(
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP, VERSION, canary.ref.namespace, PLURAL, canary.ref.name, body,
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
+        return to_canary(_as_dict(raw))
+
     async def add_command(self, ref: CanaryRef, command: Command, attempts: int = 8) -> None:
         """Append a command to the annotation (read, modify, write with resourceVersion).
 

@@ -897,3 +897,36 @@ def test_a_deletion_is_never_wedged_by_a_missing_virtual_service(cluster: KubeAp
     assert took_s >= 1.5  # it tried for the timeout first
     reasons = {e["reason"] for e in cluster.list_objects("", "v1", "events", NS)}
     assert "FinalizerTimeout" in reasons
+
+
+def test_commands_leave_the_annotation_once_acknowledged_and_never_apply_twice(
+    cluster: KubeApiServer,
+) -> None:
+    """The first removal fails (as if the daemon crashed between acknowledging in status
+    and pruning the annotation): the command stays, acknowledged, and is not applied
+    again; the next round removes it."""
+
+    def annotation() -> str | None:
+        return (canary_obj(cluster)["metadata"].get("annotations") or {}).get("canaryd.io/commands")
+
+    async def scenario() -> None:
+        async with by_hand(cluster) as h:
+            daemon = h.daemon
+            assert await daemon.reconcile(REF) is not None  # idle: adds the finalizer
+            daemon._cache.pop(REF, None)
+            command = await h.command(CommandKind.PROMOTE, revision="v2")
+            cluster.inject(verb="patch", path_contains="/canaries/checkout", status=500, times=1)
+            first = await daemon.reconcile(REF)
+            assert first is not None and command.id in first.status.acknowledged
+            daemon._cache.pop(REF, None)
+            assert annotation() is not None and command.id in (annotation() or "")
+            daemon._cache.pop(REF, None)
+            second = await daemon.reconcile(REF)
+            assert second is not None and second.status.step_index == 0
+            assert annotation() is None
+
+    asyncio.run(scenario())
+    started = [
+        e for e in cluster.list_objects("", "v1", "events", NS) if e["reason"] == "RolloutStarted"
+    ]
+    assert len(started) == 1  # applied once
