@@ -9,7 +9,10 @@ asked, in a fixed order that keeps users off a canary with no pods:
    down); until it has, no weight moves;
 2. **weights**: every managed route is read; if any differs, all are written, and the
    object the API server stored is read back from the write's answer and checked on
-   every route (``verified``);
+   every route (``verified``).  Routes that differ from a weight canaryd had already
+   verified were changed by someone else (*drift*): they are left as they are and
+   reported (``Stage.DRIFT``) unless ``trafficRouting.onDrift`` is ``reassert`` and the
+   rollout is under way; a finished rollout never rewrites weights it wrote;
 3. **scale down last**: a rolled-back or promoted canary is scaled to 0 only once every
    route reads 0% canary.
 
@@ -35,6 +38,7 @@ class Stage(StrEnum):
 
     PODS = "pods"
     WEIGHTS = "weights"
+    DRIFT = "drift"
     SCALE_DOWN = "scale-down"
     DONE = "done"
 
@@ -52,6 +56,9 @@ class Convergence:
         scaled_down: the canary was scaled to 0 this time.
         stopped_at: the stage that failed, or ``Stage.DONE``.
         problem: why it stopped (one line), or None.
+        drifted_pct: what the routes read when they differed from the weight canaryd
+            had verified at this same status (someone else changed them), else empty:
+            left alone (``Stage.DRIFT``) or reasserted (then ``wrote_weights``).
     """
 
     want_pct: int
@@ -61,10 +68,15 @@ class Convergence:
     scaled_down: bool
     stopped_at: Stage
     problem: str | None = None
+    drifted_pct: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.stopped_at is Stage.DONE
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.drifted_pct)
 
 
 def wants_scaled_down(spec: CanarySpec, status: CanaryStatus) -> bool:
@@ -82,7 +94,11 @@ class Converger:
         self.router = router
         self.workloads = workloads
 
-    async def converge(self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus) -> Convergence:
+    async def converge(
+        self, ref: CanaryRef, spec: CanarySpec, status: CanaryStatus, *, force: bool = False
+    ) -> Convergence:
+        """Make the world match ``status``; ``force`` writes the weights over any drift
+        (a deleted Canary's traffic goes back to stable whoever moved it)."""
         want = status.canary_weight
         weights: tuple[int, ...] = ()
 
@@ -102,6 +118,20 @@ class Converger:
         except (RoutingError, KubeError) as exc:
             return stop(Stage.WEIGHTS, f"cannot read the routes: {exc}")
         wrote = False
+        drift = status.verified_canary_pct == want and any(w != want for w in weights)
+        drifted = weights if drift else ()
+        if drift and not force:
+            routing = spec.traffic_routing
+            reassert = routing is not None and routing.on_drift == "reassert"
+            if status.phase.terminal or not reassert:
+                return Convergence(
+                    want, weights, False, False, False, Stage.DRIFT,
+                    f"routes read {route_pcts(weights)} canary, not the {want}% canaryd set: "
+                    f"changed by someone else; left as they are "
+                    + ("(the rollout has finished)" if status.phase.terminal
+                       else "(onDrift: hold)"),
+                    drifted_pct=weights,
+                )  # fmt: skip
         if any(w != want for w in weights):
             try:
                 weights = await self.router.set_weights(ref, spec, want)
@@ -111,7 +141,7 @@ class Converger:
         if any(w != want for w in weights):
             return stop(
                 Stage.WEIGHTS,
-                f"routes read {list(weights)}% canary after the write, not {want}%",
+                f"routes read {route_pcts(weights)} canary after the write, not {want}%",
                 wrote=wrote,
             )
         scaled = False
@@ -123,6 +153,11 @@ class Converger:
             except (WorkloadError, KubeError) as exc:
                 return Convergence(
                     want, weights, wrote, True, False, Stage.SCALE_DOWN,
-                    f"cannot scale the canary down: {exc}",
+                    f"cannot scale the canary down: {exc}", drifted_pct=drifted,
                 )  # fmt: skip
-        return Convergence(want, weights, wrote, True, scaled, Stage.DONE)
+        return Convergence(want, weights, wrote, True, scaled, Stage.DONE, drifted_pct=drifted)
+
+
+def route_pcts(weights: tuple[int, ...]) -> str:
+    """``30%`` for one route, ``[30, 10]%`` for several."""
+    return f"{weights[0]}%" if len(weights) == 1 else f"{list(weights)}%"

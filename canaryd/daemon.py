@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from kubernetes import watch
 
-from canaryd.converger import Converger, Stage
+from canaryd.converger import Converger, Stage, route_pcts
 from canaryd.hub import StatusHub
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
@@ -168,6 +168,7 @@ _STOPPED_REASONS = {
     Stage.PODS: "CanaryNotReady",
     Stage.WEIGHTS: "WeightsNotSet",
     Stage.SCALE_DOWN: "ScaleDownFailed",
+    Stage.DRIFT: "TrafficDrift",
     Stage.DONE: "Verified",
 }
 
@@ -632,7 +633,7 @@ class Daemon:
                     "phase": Phase.ROLLED_BACK if status.phase.active else status.phase,
                 }
             )
-            result = await self.converger.converge(canary.ref, spec, target)
+            result = await self.converger.converge(canary.ref, spec, target, force=True)
             problem = result.problem
         if problem is not None:
             since = _parse_time(str(meta.get("deletionTimestamp")))
@@ -796,7 +797,18 @@ class Daemon:
                 stable_revision = await self.workloads.stable_revision(ref, spec)
             except (WorkloadError, KubeError) as exc:
                 log.warning("cannot read the stable workload", error=str(exc))
-        return Observed(metrics=metrics, metrics_error=error, stable_revision=stable_revision)
+        drift = next(
+            (c for c in status.conditions if c.type == "TrafficDrift" and c.status == "True"), None
+        )
+        hold_for_drift = drift is not None and (
+            spec.traffic_routing is None or spec.traffic_routing.on_drift == "hold"
+        )
+        return Observed(
+            metrics=metrics,
+            metrics_error=error,
+            stable_revision=stable_revision,
+            traffic_drift=drift.message if hold_for_drift and drift is not None else None,
+        )
 
     async def _preflight(self, ref: CanaryRef, spec: CanarySpec) -> tuple[str, str] | None:
         """(reason, message) when the routes or workloads this Canary names are missing."""
@@ -935,19 +947,57 @@ class Daemon:
             )
         if result.scaled_down:
             log.info("canary scaled down: every route reads 0%")
+        now = self.clock()
+        drift_before = next((c for c in status.conditions if c.type == "TrafficDrift"), None)
+        drifting_before = drift_before is not None and drift_before.status == "True"
+        event: tuple[str, bool] | None = None  # (message, warning)
         if result.ok:
             self._converged[ref] = (key, time.monotonic())
             new_status = status.with_condition(
                 "TrafficVerified", True, "Verified",
-                f"every managed route reads {result.want_pct}% canary", self.clock(),
+                f"every managed route reads {result.want_pct}% canary", now,
             )  # fmt: skip
+            new_status = new_status.model_copy(update={"verified_canary_pct": result.want_pct})
+            if result.drift:
+                message = (
+                    f"routes read {route_pcts(result.drifted_pct)} canary, not the "
+                    f"{result.want_pct}% canaryd set: reasserted (onDrift: reassert)"
+                )
+                event = (message, True)
+                new_status = new_status.with_condition(
+                    "TrafficDrift", False, "Reasserted", message, now
+                )
+            elif drifting_before:
+                message = f"every managed route reads {result.want_pct}% canary again"
+                event = (message, False)
+                new_status = new_status.with_condition(
+                    "TrafficDrift", False, "RoutesMatch", message, now
+                )
+        elif result.stopped_at is Stage.DRIFT:
+            # someone else's weights: looked at again once per resync, never overwritten
+            self._converged[ref] = (key, time.monotonic())
+            message = result.problem or ""
+            new_status = status.with_condition(
+                "TrafficVerified", False, "TrafficDrift", message, now
+            ).with_condition("TrafficDrift", True, "RoutesChanged", message, now)
+            if not drifting_before or (drift_before and drift_before.message != message):
+                event = (message, True)
+                log.warning(
+                    "traffic drift", routes_pct=list(result.drifted_pct),
+                    canary_pct=result.want_pct, error=message,
+                )  # fmt: skip
+                if status.phase.active and ref in self.workers:
+                    self.workers[ref].wake.set()  # the state machine holds at once
         else:
             self.stats["failures"] += 1
             log.warning("convergence stopped", stage=str(result.stopped_at), error=result.problem)
             new_status = status.with_condition(
                 "TrafficVerified", False, _STOPPED_REASONS[result.stopped_at],
-                result.problem or "", self.clock(),
+                result.problem or "", now,
             )  # fmt: skip
+        if event is not None:
+            with contextlib.suppress(KubeError):
+                await self.kube.emit_event(canary, "TrafficDrift", event[0], warning=event[1])
         new_status = new_status.model_copy(update={"traffic_verified": result.verified})
         if new_status == status:
             return canary

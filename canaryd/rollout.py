@@ -39,6 +39,7 @@ from canaryd.status import (
 
 #: How many handled command ids the status remembers (older ones are dropped).
 ACK_MEMORY = 50
+DRIFT_VERDICT = "traffic-drift"  # last_verdict.decision of a hold for traffic drift
 
 
 class CommandKind(StrEnum):
@@ -80,11 +81,14 @@ class Observed:
         metrics: both arms' cumulative counters, or None when the metrics source failed.
         metrics_error: why metrics are missing (shown in the hold reason).
         stable_revision: the revision the stable workload has fully rolled out, if known.
+        traffic_drift: someone else changed the weights canaryd set (what the routes
+            read, and what canaryd set), or None: the step is not judged meanwhile.
     """
 
     metrics: Observation | None = None
     metrics_error: str | None = None
     stable_revision: str | None = None
+    traffic_drift: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +345,8 @@ class _Run:
         """Evaluate the current step and act on the verdict."""
         st = self.status
         metrics = self.observed.metrics
+        if self.traffic_drift():
+            return
         if st.step_started_at is None or self.now <= st.step_started_at:
             return  # the step began now: no data from it yet
         if metrics is None or metrics.stable is None or metrics.canary is None:
@@ -393,6 +399,43 @@ class _Run:
             if self.status.phase is Phase.HOLDING:
                 self.emit("Resumed", verdict.reasons[0])
             self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
+
+    def traffic_drift(self) -> bool:
+        """Hold while the routes read other than the weight canaryd set (True: the step
+        is not judged now).  Once they read it again the step's window restarts, so the
+        step is judged on traffic at its own weight."""
+        st, drift = self.status, self.observed.traffic_drift
+        held = (
+            st.phase is Phase.HOLDING
+            and st.last_verdict is not None
+            and st.last_verdict.decision == DRIFT_VERDICT
+        )
+        if drift is not None:
+            if st.phase is Phase.PROGRESSING or (st.phase is Phase.HOLDING and not held):
+                reason = f"traffic drift: {drift}"
+                self.emit("Holding", reason, warning=True)
+                self.update(
+                    phase=Phase.HOLDING,
+                    message=f"holding: {reason}",
+                    last_verdict=VerdictRecord(
+                        decision=DRIFT_VERDICT, at=self.now, reasons=[reason]
+                    ),
+                )
+            return True
+        if held:
+            reason = (
+                f"the routes read {st.canary_weight}% canary again: the step's analysis "
+                "window restarts now"
+            )
+            self.emit("Resumed", reason)
+            metrics = self.observed.metrics
+            if metrics is not None and metrics.stable is not None and metrics.canary is not None:
+                self.restart_window(metrics.stable, metrics.canary)
+            else:
+                self.update(baseline=None, step_started_at=self.now, last_data_at=self.now)
+            self.update(phase=Phase.PROGRESSING, message=reason)
+            return True
+        return False
 
     def restart_window(
         self,

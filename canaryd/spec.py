@@ -171,6 +171,15 @@ class TrafficRouting(_Model):
     """How traffic is shifted between stable and canary."""
 
     istio: IstioRouting
+    on_drift: Literal["hold", "reassert"] = Field(
+        default="hold",
+        description=(
+            "when someone else changes the weights canaryd set: 'hold' reports it "
+            "(TrafficDrift condition and Event) and holds the rollout until the routes "
+            "read canaryd's weight again or a command moves it; 'reassert' writes "
+            "canaryd's weight back. A finished rollout never rewrites its weights"
+        ),
+    )
 
 
 class ErrorRateCheck(_Model):

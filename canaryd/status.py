@@ -135,6 +135,9 @@ class CanaryStatus(_Model):
             routes should read; the Converger makes them).
         traffic_verified: every managed route was last read at ``canary_weight``
             (None before the first convergence).
+        verified_canary_pct: the canary weight canaryd last wrote or read on every
+            managed route; routes that later read otherwise at this same weight were
+            changed by someone else (drift).
         step_started_at: when the current step's window began.
         phase_since: when the current phase began (timers for approval and promotion).
         pending_step_index: the step to enter on approval (WaitingApproval only).
@@ -161,6 +164,7 @@ class CanaryStatus(_Model):
     step_index: int = 0
     canary_weight: int = 0
     traffic_verified: bool | None = None
+    verified_canary_pct: int | None = Field(default=None, ge=0, le=100)
     step_started_at: datetime | None = None
     phase_since: datetime | None = None
     pending_step_index: int | None = None

@@ -930,3 +930,117 @@ def test_commands_leave_the_annotation_once_acknowledged_and_never_apply_twice(
         e for e in cluster.list_objects("", "v1", "events", NS) if e["reason"] == "RolloutStarted"
     ]
     assert len(started) == 1  # applied once
+
+
+def set_canary_weight_by_hand(server: KubeApiServer, canary_pct: int) -> None:
+    """What a person with kubectl does: edit the route's weights behind canaryd's back."""
+    obj = vs(server)
+    for dest in obj["spec"]["http"][0]["route"]:
+        sub = dest["destination"]["subset"]
+        dest["weight"] = canary_pct if sub == "canary" else 100 - canary_pct
+    server.put_raw("networking.istio.io", "v1", "virtualservices", obj)
+
+
+def with_spec(server: KubeApiServer, **routing: Any) -> None:
+    """The cluster's Canary with long steps (a step never ends during the test) and
+    ``trafficRouting`` fields added."""
+    obj = canary_obj(server)
+    obj["spec"]["analysis"]["stepDuration"] = "10m"
+    obj["spec"]["trafficRouting"] |= routing
+    server.put_raw("canaryd.io", "v1alpha1", "canaries", obj)
+
+
+def condition(obj: Obj, type_: str) -> Obj:
+    found = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_]
+    return found[0] if found else {}
+
+
+def drift_events(server: KubeApiServer) -> list[str]:
+    events = server.list_objects("", "v1", "events", NS)
+    return [str(e["message"]) for e in events if e["reason"] == "TrafficDrift"]
+
+
+def test_weights_changed_by_someone_else_hold_the_rollout_and_are_left_alone(
+    cluster: KubeApiServer,
+) -> None:
+    """onDrift: hold (the default): a hand edit of the routes is reported with both
+    values (condition and Event), the rollout holds and canaryd does not overwrite it;
+    once the routes read canaryd's weight again the step resumes on a fresh window."""
+
+    async def scenario() -> tuple[Obj, Obj, int, Obj]:
+        with_spec(cluster)
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: (o.get("status") or {}).get("verifiedCanaryPct") == 10)
+            set_canary_weight_by_hand(cluster, 30)
+            held = await h.until(
+                lambda o: phase(o) == "Holding" and condition(o, "TrafficDrift") != {}
+            )
+            await asyncio.sleep(3.0)  # three resyncs and rounds: still the person's weights
+            later = canary_obj(cluster)
+            weight_later = canary_weight(cluster)
+            set_canary_weight_by_hand(cluster, 10)
+            resumed = await h.until(
+                lambda o: (
+                    phase(o) == "Progressing"
+                    and condition(o, "TrafficDrift").get("status") == "False"
+                )
+            )
+            await h.command(CommandKind.ABORT)
+            await h.until(lambda o: phase(o) == "RolledBack")
+            return held, later, weight_later, resumed
+
+    held, later, weight_later, resumed = asyncio.run(scenario())
+    drift = condition(held, "TrafficDrift")
+    assert drift["status"] == "True" and drift["reason"] == "RoutesChanged"
+    assert "30%" in drift["message"] and "10%" in drift["message"]
+    assert "traffic drift" in held["status"]["message"]
+    assert condition(held, "TrafficVerified")["status"] == "False"
+    assert weight_later == 30, "canaryd overwrote a person's weights under onDrift: hold"
+    assert phase(later) == "Holding" and later["status"]["stepIndex"] == 0
+    assert condition(resumed, "TrafficDrift")["reason"] == "RoutesMatch"
+    assert "window restarts" in resumed["status"]["message"]
+    messages = drift_events(cluster)
+    assert any("30%" in m and "10%" in m for m in messages), messages
+    assert len([m for m in messages if "30%" in m]) == 1, "one Event per drift, not per round"
+
+
+def test_on_drift_reassert_rewrites_during_a_rollout_but_a_finished_one_never_does(
+    cluster: KubeApiServer,
+) -> None:
+    """onDrift: reassert puts canaryd's weight back while a rollout is under way (with an
+    Event naming both values); after the rollout has ended its weights are never
+    rewritten, only reported."""
+
+    async def scenario() -> tuple[int, int, Obj]:
+        with_spec(cluster, onDrift="reassert")
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda o: (o.get("status") or {}).get("verifiedCanaryPct") == 10)
+            set_canary_weight_by_hand(cluster, 30)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while canary_weight(cluster) != 10 and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            reasserted = canary_weight(cluster)
+            await h.command(CommandKind.ABORT)
+            await h.until(
+                lambda o: (
+                    phase(o) == "RolledBack"
+                    and (o.get("status") or {}).get("verifiedCanaryPct") == 0
+                )
+            )
+            set_canary_weight_by_hand(cluster, 20)
+            ended = await h.until(
+                lambda o: condition(o, "TrafficDrift").get("status") == "True", timeout_s=10
+            )
+            await asyncio.sleep(3.0)
+            return reasserted, canary_weight(cluster), ended
+
+    reasserted, after_end, ended = asyncio.run(scenario())
+    assert reasserted == 10
+    messages = drift_events(cluster)
+    assert any("30%" in m and "reasserted" in m for m in messages), messages
+    assert after_end == 20, "a finished rollout rewrote the weights it had written"
+    assert "20%" in condition(ended, "TrafficDrift")["message"]
+    assert phase(ended) == "RolledBack"

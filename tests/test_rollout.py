@@ -55,6 +55,7 @@ class Driver:
         self.t = 0.0
         self.commands: list[Command] = []
         self.stable_revision: str | None = None
+        self.drift: str | None = None  # what the daemon reports when routes were changed
         self.results: list[Result] = []
 
     def traffic(self, seconds: float) -> None:
@@ -71,6 +72,7 @@ class Driver:
             metrics=obs,
             metrics_error=None if metrics else "prometheus: connection refused",
             stable_revision=self.stable_revision,
+            traffic_drift=self.drift,
         )
 
     def reconcile(self, *, metrics: bool = True) -> Result:
@@ -534,3 +536,39 @@ def test_counts_are_mended_as_prometheus_mends_histograms() -> None:
     assert not arm.went_back and ArmCounts(5, 0, (-1,) * N_BUCKETS).went_back
     fine = ArmCounts(100, 3, (50,) * (N_BUCKETS - 1) + (100,))
     assert fine.coherent() is fine
+
+
+def test_traffic_drift_holds_the_step_unjudged_and_restarts_its_window_when_cleared() -> None:
+    d = Driver()
+    d.command(PROMOTE)
+    d.run(300)
+    d.drift = "routes read 40% canary, not the 10% canaryd set"
+    d.run(1200)  # twice the step's duration: would have passed the step without the drift
+    assert (d.status.phase, d.status.step_index, d.status.canary_weight) == (
+        Phase.HOLDING,
+        0,
+        10,
+    )
+    assert d.status.last_verdict is not None
+    assert d.status.last_verdict.decision == "traffic-drift"
+    assert "40% canary" in d.status.message
+    holds = [
+        a
+        for r in d.results
+        for a in r.actions
+        if isinstance(a, Notify) and a.reason == "Holding" and "traffic drift" in a.message
+    ]
+    assert len(holds) == 1  # said once, not every round
+    moved = [a for r in d.results[2:] for a in r.actions if isinstance(a, SetWeights)]
+    assert moved == []  # the state machine never fights the edit
+
+    d.drift = None
+    d.traffic(60)
+    d.reconcile()
+    assert d.status.phase is Phase.PROGRESSING
+    assert d.status.step_started_at == at(d.t)  # the window starts again at the right weight
+    assert "window restarts" in d.status.message
+    d.run(540)
+    assert d.status.step_index == 0  # a full step's duration is needed after the drift
+    d.run(120)
+    assert (d.status.step_index, d.status.canary_weight) == (1, 50)
