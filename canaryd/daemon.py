@@ -7,6 +7,9 @@ Named tasks, supervised in one task group:
 * ``discover`` — lists Canaries every ``resync_s`` and keeps one worker per Canary;
 * ``watch`` — streams Canary changes and wakes the affected worker at once (a command
   written by ``canaryd promote`` is acted on within a second, not an interval);
+* ``watch-deployments`` — streams Deployment changes: a Canary whose canary
+  Deployment's spec changed is woken at once (``trigger: auto``, a template changed
+  mid-rollout);
 * ``canary:<namespace>/<name>`` — reconciles its Canary on its spec's interval.
 
 One reconcile: read the Canary → observe metrics (and the stable's rollout while
@@ -87,6 +90,7 @@ _PROGRESS_FIELDS = (
 )
 
 #: status writes of the reconcile running in this task (for :class:`RoundStats`)
+CANARIES, DEPLOYMENTS = "canaries", "deployments"  # what a watch streams
 _WRITES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("writes", default=None)
 
 
@@ -105,6 +109,8 @@ class DaemonSettings:
         status_refresh_s: a round whose verdict is an unchanged "continue" writes its
             numbers to status at most this often, seconds (every decision is written
             at once); with the default 1-minute interval, every round is written.
+        watch_deployments: watch Deployments too, so that a changed canary pod template
+            wakes its Canary at once instead of at the next resync.
         finalize_timeout_s: how long a deleted Canary's traffic is tried to be restored
             before its finalizer is dropped anyway (with a warning Event), seconds.
         readiness_recheck_s: how often an idle, ready Canary's routes and workloads are
@@ -122,6 +128,7 @@ class DaemonSettings:
     status_refresh_s: float = 30.0
     readiness_recheck_s: float = 300.0
     finalize_timeout_s: float = 300.0
+    watch_deployments: bool = True
 
 
 @dataclass(slots=True)
@@ -242,6 +249,8 @@ class Daemon:
         self._readiness_checked: dict[CanaryRef, tuple[int | None, float]] = {}
         #: per Canary being reconciled, the resourceVersions the watch delivered meanwhile
         self._delivered: dict[CanaryRef, list[str]] = {}
+        #: the generation of every Deployment the Deployment watch has seen
+        self._deployment_generations: dict[tuple[str, str], int | None] = {}
         self._stop = asyncio.Event()
         #: what the status API reads: snapshots, events and series of every Canary
         self.hub = hub if hub is not None else StatusHub()
@@ -282,6 +291,10 @@ class Daemon:
                 background.append(group.create_task(self.elector.run(stop), name="leader"))
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
+            if self.settings.watch_deployments:
+                background.append(
+                    group.create_task(self._watch_deployments(), name="watch-deployments")
+                )
             await stop.wait()
             log.info("stopping", workers=len(self.workers))
             for task in background:
@@ -337,13 +350,25 @@ class Daemon:
 
     async def _watch(self) -> None:
         """Stream Canary changes (in a thread: the client blocks) and wake workers."""
+        await self._stream(CANARIES, self._on_watch_event)
+
+    async def _watch_deployments(self) -> None:
+        """Stream Deployment changes: a new canary pod template wakes its Canary at once
+        (``trigger: auto`` starts within a second, a template changed mid-rollout is
+        seen before the next step is judged), not at the next resync."""
+        await self._stream(DEPLOYMENTS, self._on_deployment_event)
+
+    async def _stream(self, resource: str, handle: Callable[[str, Any], None]) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         halt = threading.Event()
         scopes: list[str | None] = list(self.settings.namespaces) or [None]
         threads = [
             threading.Thread(
-                target=self._pump, args=(scope, loop, queue, halt), name="watch", daemon=True
+                target=self._pump,
+                args=(resource, scope, loop, queue, halt),
+                name=f"watch-{resource}",
+                daemon=True,
             )
             for scope in scopes
         ]
@@ -352,9 +377,39 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 kind, obj = await queue.get()
-                self._on_watch_event(kind, obj)
+                handle(kind, obj)
         finally:
             halt.set()
+
+    def _on_deployment_event(self, kind: str, deployment: Any) -> None:
+        """Wake the Canaries whose canary Deployment's spec changed (its generation)."""
+        meta = getattr(deployment, "metadata", None)
+        if meta is None or not meta.name:
+            return
+        key = (str(meta.namespace or ""), str(meta.name))
+        before = self._deployment_generations.get(key)
+        if kind == "DELETED":
+            self._deployment_generations.pop(key, None)
+            return
+        self._deployment_generations[key] = meta.generation
+        if before is None or before == meta.generation:
+            return  # first seen (the initial list), or only its status changed
+        for ref, raw in self._cache.items():
+            if ref.namespace != key[0]:
+                continue
+            parsed = self._parsed.get(ref)
+            if parsed is not None and parsed.resource_version == _version(raw):
+                spec = parsed.spec
+                canary = spec.canary.deployment if spec and spec.canary else None
+            else:
+                canary = ((raw.get("spec") or {}).get("canary") or {}).get("deployment")
+            worker = self.workers.get(ref)
+            if canary == key[1] and worker is not None:
+                log.info(
+                    "canary template changed",
+                    namespace=ref.namespace, name=ref.name, deployment=key[1],
+                )  # fmt: skip
+                worker.wake.set()
 
     def _on_watch_event(self, kind: str, obj: dict[str, Any]) -> None:
         """One watch event: update the cache and wake the Canary's worker if it changed.
@@ -412,12 +467,13 @@ class Daemon:
 
     def _pump(
         self,
+        resource: str,
         namespace: str | None,
         loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]],
+        queue: asyncio.Queue[tuple[str, Any]],
         halt: threading.Event,
     ) -> None:
-        custom = self.kube.custom
+        custom, apps = self.kube.custom, self.kube.apps
         resource_version: str | None = None
         while not halt.is_set():
             stream = watch.Watch()
@@ -430,7 +486,11 @@ class Daemon:
             else:  # a fresh list: tell the loop, before its first event
                 loop.call_soon_threadsafe(queue.put_nowait, ("RESYNC", {}))
             try:
-                if namespace:
+                if resource == DEPLOYMENTS and namespace:
+                    events = stream.stream(apps.list_namespaced_deployment, namespace, **kwargs)
+                elif resource == DEPLOYMENTS:
+                    events = stream.stream(apps.list_deployment_for_all_namespaces, **kwargs)
+                elif namespace:
                     events = stream.stream(
                         custom.list_namespaced_custom_object,
                         API_GROUP, VERSION, namespace, PLURAL, **kwargs,
@@ -444,10 +504,13 @@ class Daemon:
                         stream.stop()
                         break
                     obj = event.get("object")
-                    if event.get("type") == "ERROR" or not isinstance(obj, dict):
+                    if event.get("type") == "ERROR" or obj is None or isinstance(obj, str):
                         resource_version = None  # too old: start again from a fresh list
                         break
-                    resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+                    if isinstance(obj, dict):
+                        resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+                    else:  # a typed object (Deployments)
+                        resource_version = obj.metadata.resource_version
                     loop.call_soon_threadsafe(queue.put_nowait, (str(event["type"]), obj))
             except Exception as exc:  # the API is down or the loop is closing: back off
                 resource_version = None
@@ -797,6 +860,12 @@ class Daemon:
                 stable_revision = await self.workloads.stable_revision(ref, spec)
             except (WorkloadError, KubeError) as exc:
                 log.warning("cannot read the stable workload", error=str(exc))
+        template = None
+        if spec.canary is not None:  # the analysed template is the one promoted
+            try:
+                template = await self.workloads.template_hash(ref, spec)
+            except (WorkloadError, KubeError) as exc:
+                log.warning("cannot read the canary workload", error=str(exc))
         drift = next(
             (c for c in status.conditions if c.type == "TrafficDrift" and c.status == "True"), None
         )
@@ -808,6 +877,7 @@ class Daemon:
             metrics_error=error,
             stable_revision=stable_revision,
             traffic_drift=drift.message if hold_for_drift and drift is not None else None,
+            canary_template=template,
         )
 
     async def _preflight(self, ref: CanaryRef, spec: CanarySpec) -> tuple[str, str] | None:
@@ -897,7 +967,9 @@ class Daemon:
                 if isinstance(action, SetWeights | ScaleCanary):
                     continue  # derived from the status: the Converger's, in its order
                 if isinstance(action, PromoteStable):
-                    await self.workloads.promote_stable(ref, spec, action.revision)
+                    await self.workloads.promote_stable(
+                        ref, spec, action.revision, action.template_hash
+                    )
                 elif isinstance(action, Notify):
                     verdict = canary.status.last_verdict
                     log.info(

@@ -83,7 +83,16 @@ class Workloads(Protocol):
         """Raise an error naming a missing workload."""
         ...
 
-    async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None: ...
+    async def promote_stable(
+        self, ref: CanaryRef, spec: CanarySpec, revision: str, template_hash: str | None = None
+    ) -> None:
+        """Copy the canary's template to stable; refuse when ``template_hash`` is given
+        and the canary no longer runs it."""
+        ...
+
+    async def template_hash(self, ref: CanaryRef, spec: CanarySpec) -> str:
+        """A hash of the canary's pod template (what a rollout analyses)."""
+        ...
 
     async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None: ...
 

@@ -83,12 +83,16 @@ class Observed:
         stable_revision: the revision the stable workload has fully rolled out, if known.
         traffic_drift: someone else changed the weights canaryd set (what the routes
             read, and what canaryd set), or None: the step is not judged meanwhile.
+        canary_template: a hash of the canary's pod template now, or None when unknown;
+            recorded when a rollout starts, and a rollout whose template changes
+            restarts from its first step.
     """
 
     metrics: Observation | None = None
     metrics_error: str | None = None
     stable_revision: str | None = None
     traffic_drift: str | None = None
+    canary_template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +108,11 @@ class SetWeights:
 
 @dataclass(frozen=True, slots=True)
 class PromoteStable:
-    """Copy the canary's pod template into the stable workload (idempotent)."""
+    """Copy the canary's pod template into the stable workload (idempotent); with
+    ``template_hash``, only if the canary still runs that analysed template."""
 
     revision: str
+    template_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,7 @@ class _Run:
         """A new rollout of ``revision`` from step 0."""
         fresh = CanaryStatus(
             revision=revision,
+            template_hash=self.observed.canary_template,
             acknowledged=self.status.acknowledged,
             observed_generation=self.status.observed_generation,
         )
@@ -275,7 +282,7 @@ class _Run:
             phase_since=self.now,
             message=f"promoting revision {revision}: rolling it out to the stable workload",
         )
-        self.actions.append(PromoteStable(revision))
+        self.actions.append(PromoteStable(revision, self.status.template_hash))
         self.emit("Promoting", f"copying revision {revision} to the stable workload")
 
     def rollback(self, reasons: Sequence[str], verdict: str = "rollback") -> None:
@@ -399,6 +406,28 @@ class _Run:
             if self.status.phase is Phase.HOLDING:
                 self.emit("Resumed", verdict.reasons[0])
             self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
+
+    def template_changed(self) -> None:
+        """The analysed template is the promoted one: a rollout whose canary pod
+        template changed starts again from its first step, for the new template."""
+        st, now_hash = self.status, self.observed.canary_template
+        if not st.phase.active or now_hash is None:
+            return
+        if st.template_hash is None:  # a rollout begun before hashes were recorded
+            self.update(template_hash=now_hash)
+            return
+        if now_hash == st.template_hash:
+            return
+        revision = st.revision or "unversioned"
+        self.emit(
+            "RolloutRestarted",
+            f"the canary's pod template changed during the rollout of {revision} "
+            f"(template {st.template_hash} → {now_hash}, at {st.canary_weight}%): the "
+            "rollout restarts from the first step, so that what is promoted is what was "
+            "analysed",
+            warning=True,
+        )
+        self.start(revision, "a template change")
 
     def traffic_drift(self) -> bool:
         """Hold while the routes read other than the weight canaryd set (True: the step
@@ -571,7 +600,7 @@ class _Run:
                 )
                 self.emit("PromotionFailed", self.status.message, warning=True)
             else:
-                self.actions.append(PromoteStable(revision))
+                self.actions.append(PromoteStable(revision, self.status.template_hash))
 
 
 def reconcile(
@@ -606,6 +635,7 @@ def reconcile(
             continue
         run.command(cmd)
         run.update(acknowledged=[*run.status.acknowledged, cmd.id][-ACK_MEMORY:])
+    run.template_changed()
     phase = run.status.phase
     if phase in (Phase.PROGRESSING, Phase.HOLDING, Phase.WAITING_APPROVAL):
         run.judge()

@@ -138,6 +138,8 @@ class CanaryStatus(_Model):
         verified_canary_pct: the canary weight canaryd last wrote or read on every
             managed route; routes that later read otherwise at this same weight were
             changed by someone else (drift).
+        template_hash: a hash of the canary pod template this rollout analyses
+            (recorded when it starts); promotion copies only that template.
         step_started_at: when the current step's window began.
         phase_since: when the current phase began (timers for approval and promotion).
         pending_step_index: the step to enter on approval (WaitingApproval only).
@@ -165,6 +167,7 @@ class CanaryStatus(_Model):
     canary_weight: int = 0
     traffic_verified: bool | None = None
     verified_canary_pct: int | None = Field(default=None, ge=0, le=100)
+    template_hash: str | None = None
     step_started_at: datetime | None = None
     phase_since: datetime | None = None
     pending_step_index: int | None = None

@@ -24,6 +24,7 @@ from canaryd.spec import API_GROUP, CanarySpec
 REVISION_ANNOTATION = f"{API_GROUP}/revision"
 #: Replicas the canary had when canaryd scaled it to 0; restored before the next rollout.
 REPLICAS_ANNOTATION = f"{API_GROUP}/replicas-before-scale-down"
+TEMPLATE_HASH_LEN = 16  # hex digits of sha256 kept in status.templateHash
 
 
 def _names(spec: CanarySpec) -> tuple[str, str]:
@@ -86,10 +87,31 @@ class Deployments:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise KubeError(f"Deployment {namespace}/{name}: too many conflicting writers")
 
-    async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None:
-        """Copy the canary's pod template into stable (idempotent)."""
+    def _digest(self, deployment: Any) -> str:
+        """sha256 (hex) of a Deployment's pod spec: what the pods run."""
+        serialised = self.kube.api_client.sanitize_for_serialization(deployment.spec.template.spec)
+        return hashlib.sha256(json.dumps(serialised, sort_keys=True).encode()).hexdigest()
+
+    async def template_hash(self, ref: CanaryRef, spec: CanarySpec) -> str:
+        """A short hash of the canary's pod spec (one read), recorded when a rollout
+        starts; a different hash later means the analysed template was changed."""
+        _, canary_name = _names(spec)
+        return self._digest(await self._read(ref.namespace, canary_name))[:TEMPLATE_HASH_LEN]
+
+    async def promote_stable(
+        self, ref: CanaryRef, spec: CanarySpec, revision: str, template_hash: str | None = None
+    ) -> None:
+        """Copy the canary's pod template into stable (idempotent).  With
+        ``template_hash``, refuse (WorkloadError) when the canary no longer runs the
+        template that was analysed."""
         stable_name, canary_name = _names(spec)
         canary = await self._read(ref.namespace, canary_name)
+        now_hash = self._digest(canary)[:TEMPLATE_HASH_LEN]
+        if template_hash is not None and now_hash != template_hash:
+            raise WorkloadError(
+                f"not promoting: the canary's pod template is {now_hash}, not the "
+                f"{template_hash} that was analysed"
+            )
 
         def copy_template(stable: Any) -> bool:
             annotations = dict(stable.metadata.annotations or {})
@@ -124,9 +146,7 @@ class Deployments:
         stable = await self._read(ref.namespace, stable_name)
         if _same_containers(canary.spec.template, stable.spec.template):
             return None
-        serialised = self.kube.api_client.sanitize_for_serialization(canary.spec.template.spec)
-        digest = hashlib.sha256(json.dumps(serialised, sort_keys=True).encode()).hexdigest()
-        return f"auto-{digest[:12]}"
+        return f"auto-{self._digest(canary)[:12]}"
 
     async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
         """Scale the canary Deployment (idempotent); scaling to 0 remembers the count."""

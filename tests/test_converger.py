@@ -83,7 +83,12 @@ class Workloads:
     async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
         self.world.call("check")
 
-    async def promote_stable(self, ref: CanaryRef, spec: CanarySpec, revision: str) -> None:
+    async def promote_stable(
+        self, ref: CanaryRef, spec: CanarySpec, revision: str, template_hash: str | None = None
+    ) -> None:
+        raise AssertionError("not the Converger's")
+
+    async def template_hash(self, ref: CanaryRef, spec: CanarySpec) -> str:
         raise AssertionError("not the Converger's")
 
     async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:

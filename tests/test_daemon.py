@@ -64,6 +64,7 @@ class Harness:
         lease: LeaseSettings | None = None,
         speed: float = 60.0,
         status_refresh_s: float = 30.0,
+        resync_s: float = 1.0,
     ) -> None:
         self.server = server
         self.api = server.api_client()
@@ -71,7 +72,7 @@ class Harness:
         self.router = IstioRouter(self.kube)
         self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
         settings = DaemonSettings(
-            resync_s=1.0,
+            resync_s=resync_s,
             watch_timeout_s=1.0,
             lease=lease,
             drain_s=5.0,
@@ -443,11 +444,13 @@ def test_trigger_auto_starts_a_rollout_when_the_canary_template_changes(
     apps.patch_namespaced_deployment("checkout-canary", NS, image)
 
     async def scenario() -> Obj:
-        async with Harness(cluster, get_scenario("healthy")) as h:
+        # a 30 s resync: only the Deployment watch can start the rollout within a second
+        async with Harness(cluster, get_scenario("healthy"), resync_s=30.0) as h:
             await asyncio.sleep(2.5)
             assert phase(canary_obj(cluster)) in ("", "Idle")
             image["spec"]["template"]["spec"]["containers"][0]["image"] = "shop/checkout:3"
             await asyncio.to_thread(apps.patch_namespaced_deployment, "checkout-canary", NS, image)
+            await h.until(lambda o: phase(o) == "Progressing", timeout_s=1.0)
             done = await h.until(lambda o: phase(o) == "Succeeded")
             await asyncio.sleep(2.5)  # the promoted template must not start another rollout
             return done
@@ -1044,3 +1047,71 @@ def test_on_drift_reassert_rewrites_during_a_rollout_but_a_finished_one_never_do
     assert after_end == 20, "a finished rollout rewrote the weights it had written"
     assert "20%" in condition(ended, "TrafficDrift")["message"]
     assert phase(ended) == "RolledBack"
+
+
+def set_canary_image(server: KubeApiServer, image: str) -> None:
+    from kubernetes import client as k8s
+
+    api = server.api_client()
+    try:
+        k8s.AppsV1Api(api).patch_namespaced_deployment(
+            "checkout-canary",
+            NS,
+            {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": image}]}}}},
+        )
+    finally:
+        api.close()
+
+
+def test_a_template_changed_mid_rollout_restarts_it_and_stable_gets_the_analysed_one(
+    cluster: KubeApiServer,
+) -> None:
+    """trigger: manual: the canary Deployment's image changes at 50%; the rollout starts
+    again from 10% for the new template (an Event says why), and the template promoted
+    is the one analysed from the first step."""
+
+    async def scenario() -> tuple[Obj, Obj]:
+        async with Harness(cluster, get_scenario("healthy")) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            before = await h.until(lambda o: (o.get("status") or {}).get("canaryWeight") == 50)
+            await asyncio.to_thread(set_canary_image, cluster, "shop/checkout:4")
+            done = await h.until(lambda o: phase(o) == "Succeeded", timeout_s=60)
+            return before, done
+
+    before, done = asyncio.run(scenario())
+    first, last = before["status"]["templateHash"], done["status"]["templateHash"]
+    assert first and last and first != last
+    assert done["status"]["revision"] == "v2"
+    assert [s["weight"] for s in done["status"]["history"]] == [10, 50, 100]  # all anew
+    events = cluster.list_objects("", "v1", "events", NS)
+    restarted = [str(e["message"]) for e in events if e["reason"] == "RolloutRestarted"]
+    assert len(restarted) == 1 and f"{first} → {last}" in restarted[0]
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    assert stable is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "shop/checkout:4"
+
+
+def test_promotion_refuses_a_template_other_than_the_analysed_one(cluster: KubeApiServer) -> None:
+    from canaryd.ports import WorkloadError
+    from canaryd.spec import parse_spec
+
+    obj = canary_obj(cluster)
+    spec = parse_spec(obj["spec"])
+
+    async def scenario() -> tuple[str, str]:
+        api = cluster.api_client()
+        try:
+            workloads = Deployments(Kube(api, timeout_s=5.0))
+            analysed = await workloads.template_hash(REF, spec)
+            await asyncio.to_thread(set_canary_image, cluster, "shop/checkout:5")
+            with pytest.raises(WorkloadError, match=r"not the .* that was analysed"):
+                await workloads.promote_stable(REF, spec, "v2", analysed)
+            return analysed, await workloads.template_hash(REF, spec)
+        finally:
+            api.close()
+
+    analysed, now = asyncio.run(scenario())
+    assert analysed != now
+    stable = cluster.get("apps", "v1", "deployments", NS, "checkout")
+    assert stable is not None
+    assert stable["spec"]["template"]["spec"]["containers"][0]["image"] != "shop/checkout:5"

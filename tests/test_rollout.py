@@ -56,6 +56,7 @@ class Driver:
         self.commands: list[Command] = []
         self.stable_revision: str | None = None
         self.drift: str | None = None  # what the daemon reports when routes were changed
+        self.template: str | None = None  # the canary pod template's hash, when known
         self.results: list[Result] = []
 
     def traffic(self, seconds: float) -> None:
@@ -73,6 +74,7 @@ class Driver:
             metrics_error=None if metrics else "prometheus: connection refused",
             stable_revision=self.stable_revision,
             traffic_drift=self.drift,
+            canary_template=self.template,
         )
 
     def reconcile(self, *, metrics: bool = True) -> Result:
@@ -572,3 +574,47 @@ def test_traffic_drift_holds_the_step_unjudged_and_restarts_its_window_when_clea
     assert d.status.step_index == 0  # a full step's duration is needed after the drift
     d.run(120)
     assert (d.status.step_index, d.status.canary_weight) == (1, 50)
+
+
+def test_a_template_changed_mid_rollout_restarts_it_and_only_the_analysed_one_is_promoted() -> None:
+    d = Driver()
+    d.template = "aaaa"
+    d.command(PROMOTE)
+    assert d.status.template_hash == "aaaa"
+    d.run(600)
+    assert (d.status.step_index, d.status.canary_weight) == (1, 50)
+    d.template = "bbbb"  # someone pushed a new image to the canary Deployment
+    d.traffic(60)
+    result = d.reconcile()
+    assert (d.status.phase, d.status.step_index, d.status.canary_weight) == (
+        Phase.PROGRESSING,
+        0,
+        10,
+    )
+    assert d.status.template_hash == "bbbb"
+    assert d.status.revision == "v2"
+    assert [h.weight for h in d.status.history] == [10]  # the new template's own steps
+    restarted = [a for a in result.actions if isinstance(a, Notify)]
+    assert restarted[0].reason == "RolloutRestarted" and restarted[0].warning
+    assert "aaaa → bbbb" in restarted[0].message and "first step" in restarted[0].message
+    assert SetWeights(10) in result.actions
+    d.run(1800)
+    promoted = [a for r in d.results for a in r.actions if isinstance(a, PromoteStable)]
+    assert promoted and all(a.template_hash == "bbbb" for a in promoted)
+
+
+def test_an_unknown_template_neither_restarts_nor_blocks_a_rollout() -> None:
+    d = Driver()
+    d.command(PROMOTE)  # the workload could not be read: no hash recorded
+    assert d.status.template_hash is None
+    d.run(300)
+    d.template = "cccc"  # readable again: adopted, not taken for a change
+    d.run(300)
+    assert d.status.template_hash == "cccc"
+    assert (d.status.step_index, d.status.canary_weight) == (1, 50)
+    assert not any(
+        a.reason == "RolloutRestarted"
+        for r in d.results
+        for a in r.actions
+        if isinstance(a, Notify)
+    )
