@@ -71,8 +71,6 @@ from canaryd.rollout import (
     Notify,
     Observed,
     PromoteStable,
-    ScaleCanary,
-    SetWeights,
     reconcile,
 )
 from canaryd.spec import API_GROUP, CanarySpec
@@ -753,9 +751,11 @@ class Daemon:
                 observation=observed.metrics,
                 verdict=result.status.last_verdict,
             )
-        moves_traffic = any(
-            (isinstance(a, SetWeights) and a.canary_pct > 0) or isinstance(a, PromoteStable)
-            for a in result.actions
+        after = result.status
+        moves_traffic = any(isinstance(a, PromoteStable) for a in result.actions) or (
+            after.canary_weight > 0
+            and (after.canary_weight, after.step_index, after.revision)
+            != (status.canary_weight, status.step_index, status.revision)
         )
         if moves_traffic:
             problem = await self._preflight(canary.ref, spec)
@@ -775,7 +775,7 @@ class Daemon:
         self._written_at[canary.ref] = time.monotonic()
         if new_status.phase.terminal and not status.phase.terminal:
             self._ended(canary.ref, new_status, now)
-        await self._apply(written, spec, result.actions)
+        await self._promote_and_notify(written, spec, result.actions)
         written = await self._converge(written, spec)
         return await self._remove_acknowledged(written)
 
@@ -955,17 +955,17 @@ class Daemon:
             await self.kube.emit_event(written, reason, message, warning=True)
         return written
 
-    async def _apply(
+    async def _promote_and_notify(
         self, canary: CanaryObject, spec: CanarySpec, actions: tuple[Any, ...]
     ) -> None:
+        """The one-off actions of a reconcile: copy the template to stable, and tell
+        the world (log line and Event).  Traffic and replicas are the Converger's."""
         ref = canary.ref
         for action in actions:
             if not self.acting:
                 log.warning("lost leadership: leaving the remaining actions to the new leader")
                 return
             try:
-                if isinstance(action, SetWeights | ScaleCanary):
-                    continue  # derived from the status: the Converger's, in its order
                 if isinstance(action, PromoteStable):
                     await self.workloads.promote_stable(
                         ref, spec, action.revision, action.template_hash

@@ -1,14 +1,17 @@
 """The rollout state machine (design §4): pure, so every driver shares it.
 
 :func:`reconcile` takes the spec, the current status, what was observed, the
-commands written on the resource and the time, and returns the new status and the
-actions to carry out.  It never sleeps, reads a clock, logs or calls out; the daemon,
-``canaryd simulate`` and the tests are drivers around it.
+commands written on the resource and the time, and returns the new status and the few
+one-off actions that cannot be derived from it (promote the template, notify).  Traffic
+and replicas are not actions: the status says what they should be (``canaryWeight``,
+the phase) and the :class:`~canaryd.converger.Converger` makes the world match it.
+It never sleeps, reads a clock, logs or calls out; the daemon, ``canaryd simulate``
+and the tests are drivers around it.
 
 Invariants it keeps (and the tests check):
 
-* weights always sum to 100 (``SetWeights`` carries the canary's share only);
-* a rollback's first action sets the canary weight to 0;
+* weights always sum to 100 (the status carries the canary's share only);
+* a rollback sets ``canaryWeight`` to 0 in the same status that says RolledBack;
 * no step advances without a verdict on data from that step;
 * re-running with the same inputs changes nothing: commands are acknowledged by id,
   and a step that began at ``now`` is not judged before data arrives.
@@ -96,30 +99,12 @@ class Observed:
 
 
 @dataclass(frozen=True, slots=True)
-class SetWeights:
-    """Route ``canary_pct`` % of traffic to the canary and the rest to stable."""
-
-    canary_pct: int
-
-    @property
-    def stable_pct(self) -> int:
-        return 100 - self.canary_pct
-
-
-@dataclass(frozen=True, slots=True)
 class PromoteStable:
     """Copy the canary's pod template into the stable workload (idempotent); with
     ``template_hash``, only if the canary still runs that analysed template."""
 
     revision: str
     template_hash: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleCanary:
-    """Scale the canary workload to ``replicas``."""
-
-    replicas: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +116,7 @@ class Notify:
     warning: bool = False
 
 
-Action = SetWeights | PromoteStable | ScaleCanary | Notify
+Action = PromoteStable | Notify
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +220,6 @@ class _Run:
             history=history,
             message=f"step {index + 1}/{len(self.spec.steps)}: {weight}% of traffic on the canary",
         )
-        self.actions.append(SetWeights(weight))
         self.emit("StepStarted", f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%")
 
     def finish_history(self, verdict: str, reasons: Sequence[str]) -> None:
@@ -296,8 +280,6 @@ class _Run:
             pending_step_index=None,
             message=f"rolled back: {first}",
         )
-        self.actions.append(SetWeights(0))
-        self.actions.append(ScaleCanary(0))
         self.emit("RolledBack", f"rolled back: {first}", warning=True)
 
     # -- commands ----------------------------------------------------------------------
@@ -586,8 +568,6 @@ class _Run:
                     canary_weight=0,
                     message=f"revision {revision} promoted: stable runs it and carries all traffic",
                 )
-                self.actions.append(SetWeights(0))
-                self.actions.append(ScaleCanary(0))
                 self.emit("Promoted", f"revision {revision} promoted")
             elif waited_s >= self.spec.promotion.timeout:
                 self.update(

@@ -1,30 +1,33 @@
 """``canaryd simulate``: the real state machine and analysis, on simulated traffic.
 
 A driver like the daemon, but on the simulator's virtual clock: each interval it
-observes the simulator's counters, calls :func:`canaryd.rollout.reconcile`, and
-applies the actions to the simulated mesh and workloads.  A 30-minute rollout runs
-in milliseconds, so ``--runs N`` can measure a config's false-rollback rate and its
-detection speed before it meets production.
+observes the simulator's counters, calls :func:`canaryd.rollout.reconcile`, carries
+out its one-off actions (promote, notify), and lets the same
+:class:`~canaryd.converger.Converger` the daemon uses make the simulated mesh and
+canary replicas match the status, in the same order (pods, weights, scale-down).
+A 30-minute rollout runs in milliseconds, so ``--runs N`` can measure a config's
+false-rollback rate and its detection speed before it meets production.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from analysis.counts import ArmCounts, Observation
 from analysis.histogram import histogram_quantile
+from canaryd.converger import Converger
+from canaryd.ports import CanaryRef
 from canaryd.rollout import (
     Command,
     CommandKind,
     Notify,
     Observed,
     PromoteStable,
-    SetWeights,
     reconcile,
 )
 from canaryd.spec import CanarySpec
@@ -37,6 +40,76 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 EXIT_CODES = {"promoted": 0, "rolled_back": 1, "held": 4, "waiting_approval": 4, "failed": 2}
 #: Reconciles at one instant before the driver gives up (actions must settle).
 _MAX_SETTLE = 10
+_REF = CanaryRef("simulate", "canary")
+T = TypeVar("T")
+
+
+class _SimRoutes:
+    """The ``TrafficRouter`` port on the simulated mesh (one route, never failing)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        return None
+
+    async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        return (self.sim.mesh.canary_weight_pct,)
+
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+    ) -> tuple[int, ...]:
+        self.sim.set_canary_weight(canary_pct)
+        return (self.sim.mesh.canary_weight_pct,)
+
+
+class _SimWorkloads:
+    """The ``Workloads`` port on the simulation: a canary whose pods are ready at once,
+    and a stable that rolls a promoted template out instantly."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.replicas = 1
+        self.promoted: str | None = None
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        return None
+
+    async def promote_stable(
+        self, ref: CanaryRef, spec: CanarySpec, revision: str, template_hash: str | None = None
+    ) -> None:
+        self.sim.promote_stable()
+        self.promoted = revision
+
+    async def stable_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        return self.promoted
+
+    async def template_hash(self, ref: CanaryRef, spec: CanarySpec) -> str:
+        return "simulated"
+
+    async def scale_canary(self, ref: CanaryRef, spec: CanarySpec, replicas: int) -> None:
+        self.replicas = replicas
+
+    async def canary_replicas(self, ref: CanaryRef, spec: CanarySpec) -> int:
+        return self.replicas
+
+    async def ensure_canary_ready(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        self.replicas = max(self.replicas, 1)
+        return None
+
+    async def canary_revision(self, ref: CanaryRef, spec: CanarySpec) -> str | None:
+        return None
+
+
+def _now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits (the simulated ports answer at once) to its
+    end, without an event loop: thousands of runs stay fast."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("a simulated port waited; it must answer at once")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +239,8 @@ def simulate_once(
     commands = [
         Command(id="simulate-promote", kind=CommandKind.PROMOTE, revision="canary", by="simulate")
     ]
-    stable_revision: str | None = None
+    workloads = _SimWorkloads(sim)
+    converger = Converger(_SimRoutes(sim), workloads)
     samples: list[Sample] = []
     events: list[Event] = []
     previous = sim.observe()
@@ -175,20 +249,25 @@ def simulate_once(
         now_s = sim.now_s
         observation = sim.observe()
         for _ in range(_MAX_SETTLE):
-            observed = Observed(metrics=observation, stable_revision=stable_revision)
+            observed = Observed(
+                metrics=observation,
+                stable_revision=workloads.promoted if status.phase is Phase.PROMOTING else None,
+            )
             result = reconcile(spec, status, observed, commands, EPOCH + timedelta(seconds=now_s))
             status = result.status
             for action in result.actions:
-                if isinstance(action, SetWeights):
-                    sim.set_canary_weight(action.canary_pct)
-                elif isinstance(action, PromoteStable):
-                    sim.promote_stable()
-                    stable_revision = action.revision
+                if isinstance(action, PromoteStable):
+                    _now(workloads.promote_stable(_REF, spec, action.revision))
                 elif isinstance(action, Notify):
                     event = Event(now_s, action.reason, action.message, action.warning)
                     events.append(event)
                     if on_event is not None:
                         on_event(event)
+            converged = _now(converger.converge(_REF, spec, status))
+            if converged.ok:  # as the daemon records it
+                status = status.model_copy(
+                    update={"traffic_verified": True, "verified_canary_pct": status.canary_weight}
+                )
             if not any(isinstance(a, PromoteStable) for a in result.actions):
                 break
         sample = _sample(now_s, status, observation, previous)
