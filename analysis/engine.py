@@ -56,9 +56,9 @@ from analysis.verdict import (
     CheckStatus,
     Decision,
     Verdict,
-    fmt_duration,
     fmt_e,
     fmt_pct,
+    format_duration,
 )
 
 #: Prior strength of the mixtures (a + b of the Beta prior).  Measured at a 10% step,
@@ -569,7 +569,7 @@ def _decide(
     breaches = [c for c in checks if c.status is CheckStatus.BREACH]
     shared = [c for c in checks if c.status is CheckStatus.SHARED]
     others = [c.reason for c in checks if c.status not in (CheckStatus.BREACH, CheckStatus.SHARED)]
-    elapsed = fmt_duration(data.elapsed_s)
+    elapsed = format_duration(data.elapsed_s)
     if breaches:
         return Decision.ROLLBACK, [c.reason for c in breaches + shared] + others
     if shared:
@@ -598,7 +598,7 @@ def _decide(
         )
         return Decision.PASS, [head, *others]
     waiting = [c.name for c in applicable if not c.pass_ok]
-    passes_at = fmt_duration(settings.step_duration_s)
+    passes_at = format_duration(settings.step_duration_s)
     head = f"no evidence of regression after {elapsed} (step passes at {passes_at}"
     if ratio is not None and waiting:
         verb = "is" if len(waiting) == 1 else "are"

@@ -97,14 +97,20 @@ def fmt_pct(ratio: float) -> str:
     return f"{100 * ratio:.2f}%"
 
 
-def fmt_duration(seconds: float) -> str:
-    """Seconds as ``1h2m3s`` / ``10m`` / ``45s``."""
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [
-        f"{hours}h" if hours else "",
-        f"{minutes}m" if minutes else "",
-        f"{secs}s" if secs else "",
-    ]
-    return "".join(parts) or "0s"
+def format_duration(seconds: float) -> str:
+    """Seconds as the shortest Go-style duration: ``600`` → ``10m``, ``3725`` →
+    ``1h2m5s``, ``90.5`` → ``1m30.5s``, ``0`` → ``0s`` (to the millisecond).
+
+    The one duration formatter: spec values (parsed back exactly by
+    ``canaryd.spec.parse_duration``), messages and reports all use it.
+    """
+    total = round(seconds, 3)
+    sign = "-" if total < 0 else ""
+    total = abs(total)
+    hours, rest = divmod(int(total), 3600)
+    minutes = rest // 60
+    secs = round(total - 3600 * hours - 60 * minutes, 3)
+    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if secs or not out:
+        out += f"{secs:g}s"
+    return sign + out

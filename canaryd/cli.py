@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-from analysis.verdict import fmt_duration
+from analysis.verdict import format_duration
 from canaryd.redact import MASK, redact
 from canaryd.simulate import Event, MonteCarlo, RunResult, Sample, simulate_many, simulate_once
 from canaryd.spec import (
     CanarySpec,
     SpecError,
     cluster_warnings,
-    format_duration,
     load_spec_file,
     parse_duration,
     parse_spec,
@@ -269,7 +268,7 @@ def _print_run(out: TextIO, result: RunResult) -> None:
         "waiting_approval": "WAITING FOR APPROVAL when the scenario ended",
         "failed": "FAILED",
     }
-    out.write(f"\n{titles[result.outcome]} after {fmt_duration(result.duration_s)}\n")
+    out.write(f"\n{titles[result.outcome]} after {format_duration(result.duration_s)}\n")
     out.write(
         f"  canary served {result.canary_requests:,} requests, {result.canary_errors:,} errors\n"
     )
@@ -291,7 +290,7 @@ def _print_monte_carlo(out: TextIO, mc: MonteCarlo) -> None:
     out.write(f"\n{runs} runs of scenario {mc.scenario}\n")
     for outcome, count in data["outcomes"].items():
         out.write(f"  {outcome:<17} {count:>6}  ({100 * count / runs:5.1f}%)\n")
-    out.write(f"  median duration        {fmt_duration(data['median_duration_s'])}\n")
+    out.write(f"  median duration        {format_duration(data['median_duration_s'])}\n")
     out.write(f"  median canary errors   {data['median_canary_errors']:g}\n")
 
 

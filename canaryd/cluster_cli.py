@@ -27,6 +27,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
+from analysis.verdict import format_duration
 from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
 from canaryd.cli import duration_arg, http_url_arg, number_arg, one_line
 from canaryd.kube import (
@@ -37,7 +38,6 @@ from canaryd.kube import (
 )
 from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
 from canaryd.rollout import CommandKind
-from canaryd.spec import format_duration
 from canaryd.status import Phase
 
 EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_TIMEOUT = 0, 1, 2, 3

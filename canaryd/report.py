@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.verdict import fmt_duration
+from analysis.verdict import format_duration
 from canaryd.simulate import Event, MonteCarlo, RunResult, Sample
-from canaryd.spec import CanarySpec, format_duration
+from canaryd.spec import CanarySpec
 
 __all__ = ["CANARY_COLOR", "STABLE_COLOR", "decision_kind", "render_report", "write_report"]
 
@@ -90,7 +90,7 @@ def _num(value: float) -> str:
 
 
 def _at(t_s: float) -> str:
-    return f"t={fmt_duration(t_s)}"
+    return f"t={format_duration(t_s)}"
 
 
 def _pct(part: float, whole: float) -> str:
@@ -479,7 +479,7 @@ def _header(result: RunResult) -> str:
     facts = [
         ("scenario", f"<code>{_e(result.scenario)}</code>"),
         ("seed", _e(result.seed)),
-        ("duration", _e(fmt_duration(result.duration_s))),
+        ("duration", _e(format_duration(result.duration_s))),
         ("canary requests", _e(f"{result.canary_requests:,}")),
         (
             "canary errors",
@@ -509,7 +509,7 @@ def _monte_carlo(mc: MonteCarlo, result: RunResult) -> str:
             f'style="width:{100 * share:.1f}%;background:{color}"></span></td></tr>'
         )
     if runs:
-        median_duration = fmt_duration(statistics.median(r.duration_s for r in mc.runs))
+        median_duration = format_duration(statistics.median(r.duration_s for r in mc.runs))
         median_errors = f"{statistics.median(r.canary_errors for r in mc.runs):g}"
         seeds = sorted(r.seed for r in mc.runs)
         seed_text = f"{seeds[0]}" if runs == 1 else f"{seeds[0]}–{seeds[-1]}"
@@ -564,7 +564,7 @@ def _charts(result: RunResult, spec: CanarySpec) -> str:
 def _steps(result: RunResult) -> str:
     rows = []
     for i, step in enumerate(result.steps, 1):
-        ended = fmt_duration(step.ended_s) if step.ended_s is not None else "—"
+        ended = format_duration(step.ended_s) if step.ended_s is not None else "—"
         reasons = (
             "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in step.reasons) + "</ul>"
             if step.reasons
@@ -572,7 +572,7 @@ def _steps(result: RunResult) -> str:
         )
         rows.append(
             f'<tr class="step"><td class="num">{i}</td><td class="num">{step.weight}%</td>'
-            f'<td class="num">{_e(fmt_duration(step.started_s))}</td>'
+            f'<td class="num">{_e(format_duration(step.started_s))}</td>'
             f'<td class="num">{_e(ended)}</td><td>{_e(step.verdict or "—")}</td>'
             f"<td>{reasons}</td></tr>"
         )
@@ -587,7 +587,7 @@ def _steps(result: RunResult) -> str:
 def _events(result: RunResult) -> str:
     rows = "".join(
         f'<tr class="event" data-reason="{_e(ev.reason)}"><td class="num">'
-        f'{_e(fmt_duration(ev.t_s))}</td><td><span class="dot" '
+        f'{_e(format_duration(ev.t_s))}</td><td><span class="dot" '
         f'style="background:{_KIND_COLORS[decision_kind(ev.reason)]}"></span>{_e(ev.reason)}'
         f"</td><td>{_e(ev.message)}</td></tr>"
         for ev in result.events

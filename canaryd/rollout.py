@@ -27,7 +27,7 @@ from enum import StrEnum
 
 from analysis.counts import ArmCounts, Observation
 from analysis.engine import LatencySettings, Settings, StepData, evaluate
-from analysis.verdict import CheckStatus, Decision, Verdict, fmt_duration
+from analysis.verdict import CheckStatus, Decision, Verdict, format_duration
 from canaryd.spec import CanarySpec
 from canaryd.status import (
     ApprovalRecord,
@@ -522,7 +522,7 @@ class _Run:
         policy = self.spec.analysis.no_data
         if missing_s < policy.hold_for:
             return False
-        reason = f"no data for {fmt_duration(missing_s)} ({why}); noData.then is {policy.then}"
+        reason = f"no data for {format_duration(missing_s)} ({why}); noData.then is {policy.then}"
         if policy.then == "rollback":
             self.rollback([reason], verdict="no-data")
         elif self.status.phase is not Phase.WAITING_APPROVAL:
@@ -554,7 +554,7 @@ class _Run:
             if approvals.on_timeout == "abort" and waited_s >= approvals.timeout:
                 self.rollback(
                     [
-                        f"no approval within {fmt_duration(approvals.timeout)}: "
+                        f"no approval within {format_duration(approvals.timeout)}: "
                         "approvals.onTimeout is abort"
                     ],
                     verdict="approval-timeout",
@@ -575,7 +575,8 @@ class _Run:
                     phase_since=self.now,
                     message=(
                         f"stable did not roll out revision {revision} within "
-                        f"{fmt_duration(self.spec.promotion.timeout)}; the canary keeps all traffic"
+                        f"{format_duration(self.spec.promotion.timeout)}; "
+                        "the canary keeps all traffic"
                     ),
                 )
                 self.emit("PromotionFailed", self.status.message, warning=True)

@@ -35,6 +35,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from analysis.verdict import format_duration
 from simulator.yamlload import YAMLInputError, load_yaml
 
 API_GROUP = "canaryd.io"
@@ -93,18 +94,6 @@ def parse_duration(value: object) -> float:
     if seconds > MAX_DURATION_S:
         raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}")
     return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as the shortest Go-style duration string (``600`` → ``10m``)."""
-    if seconds != int(seconds):
-        return f"{seconds:g}s"
-    total = int(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
-    out += f"{secs}s" if secs or not out else ""
-    return out
 
 
 #: A duration: float seconds in Python, ``"10m"``-style strings in YAML/JSON.

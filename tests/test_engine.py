@@ -19,7 +19,7 @@ from analysis.engine import (
     latency_edge_index,
     plan_checks,
 )
-from analysis.verdict import CheckResult, CheckStatus, Decision, fmt_duration, fmt_e
+from analysis.verdict import CheckResult, CheckStatus, Decision, fmt_e, format_duration
 
 SETTINGS = Settings()  # errors comparison + errors.limit (maxPct 5%)
 FULL = Settings(
@@ -282,8 +282,11 @@ def test_batch_and_single_evaluation_agree() -> None:
 
 
 def test_formatting_helpers() -> None:
-    assert fmt_duration(3725) == "1h2m5s"
-    assert fmt_duration(0) == "0s"
+    assert format_duration(3725) == "1h2m5s"
+    assert format_duration(0) == "0s"
+    assert format_duration(90.5) == "1m30.5s"  # exact: spec values parse back to the same
+    assert format_duration(299.9999) == "5m"  # to the millisecond: never "4m60s"
+    assert format_duration(0.25) == "0.25s"
     assert fmt_e(152.4) == "152"
     assert fmt_e(3.2e9) == "3.20e+09"
 

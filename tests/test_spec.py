@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from analysis.verdict import format_duration
 from canaryd.spec import (
     CanarySpec,
     SpecError,
     cluster_warnings,
-    format_duration,
     load_spec_file,
     load_spec_text,
     parse_duration,
@@ -99,6 +101,13 @@ def test_duration_formatting() -> None:
     assert [format_duration(s) for s in (600, 90, 3600, 5400, 0.5, 0)] == [
         "10m", "1m30s", "1h", "1h30m", "0.5s", "0s",
     ]  # fmt: skip
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.integers(0, 7 * 86400 * 1000))
+def test_every_formatted_duration_parses_back_to_the_same_seconds(ms: int) -> None:
+    seconds = ms / 1000
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)
 
 
 @pytest.mark.parametrize(
