@@ -74,7 +74,7 @@ from canaryd.rollout import (
     reconcile,
 )
 from canaryd.spec import API_GROUP, CanarySpec
-from canaryd.status import CanaryStatus, Phase
+from canaryd.status import CanaryStatus, Phase, VerdictDecision
 
 log = structlog.get_logger("canaryd.daemon")
 
@@ -817,9 +817,13 @@ class Daemon:
         if written is None or time.monotonic() - written >= self.settings.status_refresh_s:
             return False
         verdict, before = new.last_verdict, old.last_verdict
-        if new.last_data_at != now or verdict is None or verdict.decision != "continue":
+        if (
+            new.last_data_at != now
+            or verdict is None
+            or verdict.decision != VerdictDecision.CONTINUE
+        ):
             return False
-        if before is None or before.decision != "continue":
+        if before is None or before.decision != VerdictDecision.CONTINUE:
             return False
         blank = dict.fromkeys(_PROGRESS_FIELDS)
         return old.model_copy(update=blank) == new.model_copy(update=blank)

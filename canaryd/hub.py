@@ -38,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 from analysis.counts import ArmCounts, Observation
 from canaryd.kube import CanaryObject
 from canaryd.ports import CanaryRef
-from canaryd.status import Phase, VerdictRecord
+from canaryd.status import Phase, VerdictDecision, VerdictRecord
 from canaryd.views import (
     CanaryDetail,
     CanarySummary,
@@ -432,7 +432,7 @@ def _with(head: str, tail: str) -> str:
 def _new_verdict(before: VerdictRecord | None, after: VerdictRecord | None, moved: bool) -> bool:
     """A verdict worth an event: not "continue", and not the same decision repeated in
     the same step and phase (a step waiting for approval passes every round)."""
-    if after is None or after.decision == "continue":
+    if after is None or after.decision == VerdictDecision.CONTINUE:
         return False
     if before is None or before.decision != after.decision:
         return True
@@ -442,10 +442,10 @@ def _new_verdict(before: VerdictRecord | None, after: VerdictRecord | None, move
 def _deciding_checks(verdict: VerdictRecord) -> list[str]:
     """The checks a decision is counted under: for a rollback the breached checks, for
     a hold the shared-incident checks (``data`` when no check could run), else ``all``."""
-    if verdict.decision == "rollback":
+    if verdict.decision == VerdictDecision.ROLLBACK:
         names = [c.name for c in verdict.checks if c.status == "breach"]
         return names or ["command"]
-    if verdict.decision == "hold":
+    if verdict.decision == VerdictDecision.HOLD:
         names = [c.name for c in verdict.checks if c.status == "shared"]
         return names or ["data"]
     return ["all"]

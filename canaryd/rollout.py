@@ -36,13 +36,14 @@ from canaryd.status import (
     CheckRecord,
     Counts,
     Phase,
+    StepOutcome,
     StepRecord,
+    VerdictDecision,
     VerdictRecord,
 )
 
 #: How many handled command ids the status remembers (older ones are dropped).
 ACK_MEMORY = 50
-DRIFT_VERDICT = "traffic-drift"  # last_verdict.decision of a hold for traffic drift
 
 
 class CommandKind(StrEnum):
@@ -222,7 +223,7 @@ class _Run:
         )
         self.emit("StepStarted", f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%")
 
-    def finish_history(self, verdict: str, reasons: Sequence[str]) -> None:
+    def finish_history(self, verdict: StepOutcome, reasons: Sequence[str]) -> None:
         """Record the current step's outcome in the audit trail."""
         history = list(self.status.history)
         if history and history[-1].ended_at is None:
@@ -238,7 +239,7 @@ class _Run:
             evidence.setdefault(name, []).append(log_e)
         self.update(evidence=evidence, step_evidence={}, window_carry={})
 
-    def advance(self, reasons: Sequence[str], verdict: str = "pass") -> None:
+    def advance(self, reasons: Sequence[str], verdict: StepOutcome = StepOutcome.PASS) -> None:
         """The current step is done: next step, or promotion after the last.
 
         A step that waits for approval keeps its window (and evidence) open: the canary
@@ -269,7 +270,7 @@ class _Run:
         self.actions.append(PromoteStable(revision, self.status.template_hash))
         self.emit("Promoting", f"copying revision {revision} to the stable workload")
 
-    def rollback(self, reasons: Sequence[str], verdict: str = "rollback") -> None:
+    def rollback(self, reasons: Sequence[str], verdict: StepOutcome = StepOutcome.ROLLBACK) -> None:
         """Canary weight 0 first, then scale the canary down."""
         self.finish_history(verdict, reasons)
         first = reasons[0] if reasons else verdict
@@ -302,12 +303,12 @@ class _Run:
             if phase.active and phase is not Phase.PROMOTING:
                 who = f" by {cmd.by}" if cmd.by else ""
                 why = f": {cmd.reason}" if cmd.reason else ""
-                self.rollback([f"aborted{who}{why}"], verdict="aborted")
+                self.rollback([f"aborted{who}{why}"], verdict=StepOutcome.ABORTED)
         elif cmd.kind is CommandKind.APPROVE:
             self.approve(cmd)
         elif cmd.kind is CommandKind.SKIP and phase in (Phase.PROGRESSING, Phase.HOLDING):
             who = f" by {cmd.by}" if cmd.by else ""
-            self.advance([f"step skipped{who}"], verdict="skipped")
+            self.advance([f"step skipped{who}"], verdict=StepOutcome.SKIPPED)
 
     def approve(self, cmd: Command) -> None:
         if not self.status.phase.active:
@@ -419,7 +420,7 @@ class _Run:
         held = (
             st.phase is Phase.HOLDING
             and st.last_verdict is not None
-            and st.last_verdict.decision == DRIFT_VERDICT
+            and st.last_verdict.decision == VerdictDecision.TRAFFIC_DRIFT
         )
         if drift is not None:
             if st.phase is Phase.PROGRESSING or (st.phase is Phase.HOLDING and not held):
@@ -429,7 +430,7 @@ class _Run:
                     phase=Phase.HOLDING,
                     message=f"holding: {reason}",
                     last_verdict=VerdictRecord(
-                        decision=DRIFT_VERDICT, at=self.now, reasons=[reason]
+                        decision=VerdictDecision.TRAFFIC_DRIFT, at=self.now, reasons=[reason]
                     ),
                 )
             return True
@@ -506,7 +507,7 @@ class _Run:
         ]
         self.update(
             last_verdict=VerdictRecord(
-                decision=str(verdict.decision),
+                decision=VerdictDecision(verdict.decision),
                 at=self.now,
                 reasons=list(verdict.reasons),
                 checks=checks,
@@ -524,7 +525,7 @@ class _Run:
             return False
         reason = f"no data for {format_duration(missing_s)} ({why}); noData.then is {policy.then}"
         if policy.then == "rollback":
-            self.rollback([reason], verdict="no-data")
+            self.rollback([reason], verdict=StepOutcome.NO_DATA)
         elif self.status.phase is not Phase.WAITING_APPROVAL:
             self.update(
                 phase=Phase.WAITING_APPROVAL,
@@ -539,7 +540,7 @@ class _Run:
         if self.no_data_expired(why):
             return
         reason = f"no metrics: {why}"
-        record = VerdictRecord(decision=str(Decision.HOLD), at=self.now, reasons=[reason])
+        record = VerdictRecord(decision=VerdictDecision.HOLD, at=self.now, reasons=[reason])
         if self.status.phase is Phase.PROGRESSING:
             self.emit("Holding", reason, warning=True)
             self.update(phase=Phase.HOLDING, message=f"holding: {reason}", last_verdict=record)
@@ -557,7 +558,7 @@ class _Run:
                         f"no approval within {format_duration(approvals.timeout)}: "
                         "approvals.onTimeout is abort"
                     ],
-                    verdict="approval-timeout",
+                    verdict=StepOutcome.APPROVAL_TIMEOUT,
                 )
         elif st.phase is Phase.PROMOTING:
             revision = st.revision or ""
@@ -608,7 +609,7 @@ def reconcile(
         run.rollback(
             [f"spec.steps changed to {spec.steps} during the rollout (was at step "
              f"{status.step_index + 1}); rolled back to be safe"],
-            verdict="spec-changed",
+            verdict=StepOutcome.SPEC_CHANGED,
         )  # fmt: skip
         return Result(run.status, tuple(run.actions))
     for cmd in commands:

@@ -18,6 +18,29 @@ from pydantic.alias_generators import to_camel
 from analysis.counts import ArmCounts
 
 
+class VerdictDecision(StrEnum):
+    """What the latest verdict decided (``status.lastVerdict.decision``): the four
+    decisions of analysis, and a hold for traffic someone else moved."""
+
+    CONTINUE = "continue"  #: nothing wrong so far; the step keeps collecting evidence
+    PASS = "pass"  #: the step is done
+    HOLD = "hold"  #: cannot judge (too little data, a shared incident)
+    ROLLBACK = "rollback"  #: evidence of harm
+    TRAFFIC_DRIFT = "traffic-drift"  #: the routes read other than canaryd set: not judged
+
+
+class StepOutcome(StrEnum):
+    """How a step ended (``status.history[].verdict``)."""
+
+    PASS = "pass"  #: analysis passed it
+    SKIPPED = "skipped"  #: a skip command
+    ROLLBACK = "rollback"  #: analysis found harm
+    ABORTED = "aborted"  #: an abort command
+    NO_DATA = "no-data"  #: no data for noData.holdFor, and noData.then is rollback
+    APPROVAL_TIMEOUT = "approval-timeout"  #: no approval in time, onTimeout abort
+    SPEC_CHANGED = "spec-changed"  #: spec.steps changed so that the step is gone
+
+
 class Phase(StrEnum):
     """Where a rollout stands (design §4)."""
 
@@ -89,7 +112,7 @@ class CheckRecord(_Model):
 class VerdictRecord(_Model):
     """The latest analysis verdict: decision, reasons, and the checks behind them."""
 
-    decision: str
+    decision: VerdictDecision
     at: datetime
     reasons: list[str] = Field(default_factory=list)
     checks: list[CheckRecord] = Field(default_factory=list)
@@ -102,7 +125,7 @@ class StepRecord(_Model):
     weight: int
     started_at: datetime
     ended_at: datetime | None = None
-    verdict: str | None = None
+    verdict: StepOutcome | None = None
     reasons: list[str] = Field(default_factory=list)
 
 

@@ -18,7 +18,14 @@ from pydantic.alias_generators import to_camel
 from analysis.counts import ArmCounts
 from analysis.histogram import histogram_quantile
 from canaryd.kube import CanaryObject
-from canaryd.status import ApprovalRecord, Condition, Phase, StepRecord, VerdictRecord
+from canaryd.status import (
+    ApprovalRecord,
+    Condition,
+    Phase,
+    StepRecord,
+    VerdictDecision,
+    VerdictRecord,
+)
 
 
 class _View(BaseModel):
@@ -49,7 +56,9 @@ class CanarySummary(_View):
     created_at: datetime | None
     phase_since: datetime | None
     message: str
-    last_decision: str | None = Field(description="rollback, pass, hold or continue")
+    last_decision: VerdictDecision | None = Field(
+        description="rollback, pass, hold, continue or traffic-drift"
+    )
     last_decision_at: datetime | None
     last_reason: str | None = Field(description="the first reason of the last verdict")
     waiting_approval_for: int | None = Field(description="the step weight awaiting approval")
@@ -115,7 +124,7 @@ class SeriesPoint(_View):
     step_index: int
     canary: ArmPoint
     stable: ArmPoint
-    decision: str | None = Field(default=None, description="the decision of this round")
+    decision: VerdictDecision | None = Field(default=None, description="the decision of this round")
 
 
 class Series(_View):

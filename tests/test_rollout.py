@@ -24,7 +24,7 @@ from canaryd.rollout import (
     reconcile,
 )
 from canaryd.spec import CanarySpec, parse_spec
-from canaryd.status import CanaryStatus, Phase
+from canaryd.status import CanaryStatus, Phase, StepOutcome, VerdictDecision
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 # Fixed step timing: early pass is tested on its own below.
@@ -455,7 +455,10 @@ def test_steps_only_advance_on_a_verdict_or_command(
     script: list[tuple[str, float, float, bool]],
 ) -> None:
     d = _play(SPEC, script)
+    if d.status.last_verdict is not None:
+        assert isinstance(d.status.last_verdict.decision, VerdictDecision)
     for record in d.status.history:
+        assert record.verdict is None or isinstance(record.verdict, StepOutcome)
         if record.ended_at is not None:
             assert record.verdict in {
                 "pass", "skipped", "rollback", "aborted", "no-data", "approval-timeout"
@@ -615,3 +618,15 @@ def test_an_unknown_template_neither_restarts_nor_blocks_a_rollout() -> None:
         for a in r.actions
         if isinstance(a, Notify)
     )
+
+
+def test_a_status_with_an_unknown_decision_or_outcome_is_refused() -> None:
+    import pydantic
+
+    good = {"decision": "pass", "at": T0.isoformat()}
+    assert CanaryStatus.model_validate({"lastVerdict": good}).last_verdict is not None
+    with pytest.raises(pydantic.ValidationError):
+        CanaryStatus.model_validate({"lastVerdict": {**good, "decision": "maybe"}})
+    step = {"index": 0, "weight": 10, "startedAt": T0.isoformat(), "verdict": "meh"}
+    with pytest.raises(pydantic.ValidationError):
+        CanaryStatus.model_validate({"history": [step]})
