@@ -13,6 +13,7 @@ COPY pyproject.toml requirements.lock README.md ./
 COPY analysis/ analysis/
 COPY canaryd/ canaryd/
 COPY simulator/ simulator/
+COPY kubedouble/ kubedouble/
 RUN pip install -c requirements.lock .
 
 # -- runtime: the virtualenv only, as a non-root user ------------------------------------

@@ -35,7 +35,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed-dev
-	$(BIN)/mypy --strict canaryd analysis simulator tests bench
+	$(BIN)/mypy --strict canaryd analysis simulator kubedouble tests bench
 
 unit: $(VENV)/.installed-dev services
 	$(BIN)/pytest -n 2

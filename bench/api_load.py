@@ -130,7 +130,7 @@ KUBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from canaryd.playground import Sample, seed
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 n, interval_s = int(sys.argv[2]), float(sys.argv[3])
 samples = tuple(Sample(f"svc-{i:03d}", "healthy", "") for i in range(n))
 server = KubeApiServer().start()

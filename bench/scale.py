@@ -106,7 +106,7 @@ def _objects(i: int) -> list[tuple[str, str, str, dict[str, Any]]]:
 
 def serve_kubeapi(n: int, interval: str, workdir: Path) -> None:
     """Child mode: the API double with N canaries; serves until stdin closes."""
-    from simulator.kubeapi import KubeApiServer
+    from kubedouble.apiserver import KubeApiServer
 
     with KubeApiServer() as server:
         for i in range(n):

@@ -1,7 +1,7 @@
 """``canaryd playground``: the whole product on one laptop, with no cluster.
 
 The real daemon, status API and dashboard run against the project's Kubernetes API
-double (:class:`simulator.kubeapi.KubeApiServer`, real HTTP) with simulated traffic on
+double (:class:`kubedouble.apiserver.KubeApiServer`, real HTTP) with simulated traffic on
 accelerated time.  Four sample Canaries in namespace ``shop`` show what canaryd does:
 
 * ``checkout`` — healthy: 10% → 50% → 100%, promoted;
@@ -48,8 +48,8 @@ from canaryd.rollout import CommandKind
 from canaryd.simsource import SimulatedMetrics
 from canaryd.views import EventType, EventView
 from canaryd.workloads import Deployments
+from kubedouble.apiserver import KubeApiServer
 from simulator import Scenario, get_scenario
-from simulator.kubeapi import KubeApiServer
 
 NAMESPACE = "shop"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 
 NS = "shop"
 

@@ -30,7 +30,7 @@ from canaryd.kube import Kube, parse_commands, to_canary
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command
 from canaryd.status import CanaryStatus, CheckRecord, Phase, VerdictRecord
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS, canary
 
 OPERATOR = "op-token-0123456789abcdef"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from canaryd.cli import main
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS
 
 

@@ -22,8 +22,8 @@ from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
 from canaryd.simsource import SimulatedMetrics
 from canaryd.workloads import Deployments
+from kubedouble.apiserver import KubeApiServer
 from simulator import Scenario, get_scenario
-from simulator.kubeapi import KubeApiServer
 from tests.conftest import NS
 
 REF = CanaryRef(NS, "checkout")

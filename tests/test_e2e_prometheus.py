@@ -23,7 +23,7 @@ from typing import IO, Any
 import pytest
 from kubernetes import client as k8s
 
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS
 from tests.services import PrometheusServer, require_prometheus
 

@@ -10,7 +10,7 @@ import pytest
 from canaryd.istio import route_weights_of, with_weights
 from canaryd.ports import RoutingError
 from canaryd.spec import parse_spec
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS, VIRTUAL_SERVICE
 
 SUBSETS = parse_spec(

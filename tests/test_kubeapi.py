@@ -16,7 +16,7 @@ import yaml
 from kubernetes import client, config, dynamic, watch
 from kubernetes.client.exceptions import ApiException
 
-from simulator.kubeapi import (
+from kubedouble.apiserver import (
     CANARIES,
     JSON_PATCH,
     KUBECONFIG_NAME,

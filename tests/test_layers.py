@@ -1,4 +1,5 @@
-"""The layers hold: analysis is pure, the simulator knows nothing of the controller."""
+"""The layers hold: analysis is pure, the simulator knows nothing of the controller, and
+the Kubernetes API double is apart from both."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_the_state_machine_does_no_io_and_reads_no_clock() -> None:
     source = (ROOT / "canaryd" / "rollout.py").read_text()
     for call in ("datetime.now", "time.time", "time.monotonic", "utcnow"):
         assert call not in source
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "canaryd").glob("*.py") if p.name != "playground.py"),
+    ids=lambda p: p.name,
+)
+def test_the_controller_does_not_use_the_api_double(path: Path) -> None:
+    """The Kubernetes API double serves the tests and the playground only."""
+    assert "kubedouble" not in imports(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "kubedouble").glob("*.py")), ids=lambda p: p.name)
+def test_the_api_double_knows_nothing_of_the_controller(path: Path) -> None:
+    assert not imports(path) & {"canaryd", "simulator", "analysis"}, imports(path)

@@ -11,7 +11,7 @@ import pytest
 
 from canaryd.kube import Kube
 from canaryd.leader import LeaderElector, LeaseSettings
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 
 
 class Clock:

@@ -24,8 +24,8 @@ import yaml
 from canaryd.cli import build_parser
 from canaryd.leader import LeaseSettings
 from canaryd.rollout import CommandKind
+from kubedouble.apiserver import KubeApiServer, RequestRecord
 from simulator import get_scenario
-from simulator.kubeapi import KubeApiServer, RequestRecord
 from tests.conftest import NS
 from tests.test_daemon import Harness, phase
 

@@ -19,7 +19,7 @@ from canaryd.prometheus import PrometheusMetrics, PrometheusSettings
 from canaryd.redact import redact
 from canaryd.rollout import Command, CommandKind
 from canaryd.workloads import Deployments
-from simulator.kubeapi import KubeApiServer
+from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS
 from tests.test_daemon import REF, canary_obj
 

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from analysis.counts import LATENCY_EDGES_MS
+from kubedouble.apiserver import KubeApiServer
 from simulator import get_scenario
 from simulator.__main__ import main
-from simulator.kubeapi import KubeApiServer
 from simulator.serve import (
     EXPOSITIONS,
     CanaryId,
