@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import math
 import threading
 import time
@@ -38,7 +39,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from kubernetes import watch
 
 from canaryd.converger import Converger, Stage, route_pcts
 from canaryd.hub import StatusHub
@@ -75,6 +75,7 @@ from canaryd.rollout import (
 )
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
+from simulator.informer import Informer, ListFn
 
 log = structlog.get_logger("canaryd.daemon")
 
@@ -357,40 +358,68 @@ class Daemon:
         await self._stream(DEPLOYMENTS, self._on_deployment_event)
 
     async def _stream(self, resource: str, handle: Callable[[str, Any], None]) -> None:
+        """Keep ``resource`` current with one :class:`~simulator.informer.Informer` per
+        namespace scope (paginated list, watch, 410 → relist, back-off; in threads: the
+        client blocks) and hand every event to ``handle`` on the loop.  After each
+        (re)list, ``RESYNC`` and then every object listed, as ``ADDED``."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         halt = threading.Event()
+
+        def post(kind: str, obj: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, obj))
+
+        def listed(items: list[dict[str, Any]]) -> None:
+            post("RESYNC", {})
+            for item in items:
+                post("ADDED", item)
+
         scopes: list[str | None] = list(self.settings.namespaces) or [None]
-        threads = [
-            threading.Thread(
-                target=self._pump,
-                args=(resource, scope, loop, queue, halt),
-                name=f"watch-{resource}",
-                daemon=True,
+        informers = [
+            Informer(
+                self._list_fn(resource, scope),
+                f"{resource} in {scope or 'all namespaces'}",
+                listed, post, halt, self.settings.watch_timeout_s,
             )
             for scope in scopes
-        ]
-        for thread in threads:
-            thread.start()
+        ]  # fmt: skip
+        for informer in informers:
+            informer.start()
         try:
             while not self._stop.is_set():
                 kind, obj = await queue.get()
                 handle(kind, obj)
         finally:
-            halt.set()
+            for informer in informers:
+                informer.interrupt()
 
-    def _on_deployment_event(self, kind: str, deployment: Any) -> None:
+    def _list_fn(self, resource: str, namespace: str | None) -> ListFn:
+        custom, apps = self.kube.custom, self.kube.apps
+        if resource == DEPLOYMENTS:
+            if namespace:
+                return functools.partial(apps.list_namespaced_deployment, namespace)
+            return apps.list_deployment_for_all_namespaces
+        if namespace:
+            return functools.partial(
+                custom.list_namespaced_custom_object, API_GROUP, VERSION, namespace, PLURAL
+            )
+        return functools.partial(custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL)
+
+    def _on_deployment_event(self, kind: str, deployment: dict[str, Any]) -> None:
         """Wake the Canaries whose canary Deployment's spec changed (its generation)."""
-        meta = getattr(deployment, "metadata", None)
-        if meta is None or not meta.name:
+        if kind == "RESYNC":
             return
-        key = (str(meta.namespace or ""), str(meta.name))
+        meta = deployment.get("metadata") or {}
+        if not meta.get("name"):
+            return
+        key = (str(meta.get("namespace") or ""), str(meta["name"]))
         before = self._deployment_generations.get(key)
         if kind == "DELETED":
             self._deployment_generations.pop(key, None)
             return
-        self._deployment_generations[key] = meta.generation
-        if before is None or before == meta.generation:
+        generation = meta.get("generation")
+        self._deployment_generations[key] = generation
+        if before is None or before == generation:
             return  # first seen (the initial list), or only its status changed
         for ref, raw in self._cache.items():
             if ref.namespace != key[0]:
@@ -462,59 +491,6 @@ class Daemon:
         events are believed again (a safety net: every watch request ends and is
         renewed within ``watch_timeout_s``)."""
         return self.settings.watch_timeout_s + 5.0
-
-    def _pump(
-        self,
-        resource: str,
-        namespace: str | None,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[tuple[str, Any]],
-        halt: threading.Event,
-    ) -> None:
-        custom, apps = self.kube.custom, self.kube.apps
-        resource_version: str | None = None
-        while not halt.is_set():
-            stream = watch.Watch()
-            kwargs: dict[str, Any] = {
-                "timeout_seconds": max(1, int(self.settings.watch_timeout_s)),
-                "_request_timeout": self.settings.watch_timeout_s + 5,
-            }
-            if resource_version:
-                kwargs["resource_version"] = resource_version
-            else:  # a fresh list: tell the loop, before its first event
-                loop.call_soon_threadsafe(queue.put_nowait, ("RESYNC", {}))
-            try:
-                if resource == DEPLOYMENTS and namespace:
-                    events = stream.stream(apps.list_namespaced_deployment, namespace, **kwargs)
-                elif resource == DEPLOYMENTS:
-                    events = stream.stream(apps.list_deployment_for_all_namespaces, **kwargs)
-                elif namespace:
-                    events = stream.stream(
-                        custom.list_namespaced_custom_object,
-                        API_GROUP, VERSION, namespace, PLURAL, **kwargs,
-                    )  # fmt: skip
-                else:
-                    events = stream.stream(
-                        custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL, **kwargs
-                    )
-                for event in events:
-                    if halt.is_set():
-                        stream.stop()
-                        break
-                    obj = event.get("object")
-                    if event.get("type") == "ERROR" or obj is None or isinstance(obj, str):
-                        resource_version = None  # too old: start again from a fresh list
-                        break
-                    if isinstance(obj, dict):
-                        resource_version = (obj.get("metadata") or {}).get("resourceVersion")
-                    else:  # a typed object (Deployments)
-                        resource_version = obj.metadata.resource_version
-                    loop.call_soon_threadsafe(queue.put_nowait, (str(event["type"]), obj))
-            except Exception as exc:  # the API is down or the loop is closing: back off
-                resource_version = None
-                if not halt.is_set():
-                    log.warning("watch failed; retrying", error=str(exc)[:300])
-                halt.wait(1.0)
 
     async def _work(self, ref: CanaryRef, wake: asyncio.Event) -> None:
         """One Canary's loop: reconcile, then wait for its interval or a wake-up."""

@@ -42,6 +42,7 @@ from canaryd.status import CanaryStatus
 
 VERSION = "v1alpha1"
 PLURAL = "canaries"
+LIST_PAGE_SIZE = 500  # objects per page of a list
 COMMANDS_ANNOTATION = f"{API_GROUP}/commands"
 #: canaryd's finalizer: a Canary deleted mid-rollout has its traffic restored first
 FINALIZER = f"{API_GROUP}/restore-traffic"
@@ -304,16 +305,28 @@ class Kube:
         return [to_canary(item) for item in await self.list_canaries_raw(namespace)]
 
     async def list_canaries_raw(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        """The Canaries as the API returns them, unparsed (cheap for thousands)."""
-        if namespace:
-            raw = await self.call(
-                self.custom.list_namespaced_custom_object, API_GROUP, VERSION, namespace, PLURAL
-            )
-        else:
-            raw = await self.call(
-                self.custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL
-            )
-        return [_as_dict(item) for item in _as_dict(raw).get("items", [])]
+        """The Canaries as the API returns them, unparsed (cheap for thousands), listed
+        in pages of ``LIST_PAGE_SIZE``."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            page: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+            if token:
+                page["_continue"] = token
+            if namespace:
+                raw = await self.call(
+                    self.custom.list_namespaced_custom_object,
+                    API_GROUP, VERSION, namespace, PLURAL, **page,
+                )  # fmt: skip
+            else:
+                raw = await self.call(
+                    self.custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL, **page
+                )
+            answer = _as_dict(raw)
+            items += [_as_dict(item) for item in answer.get("items", [])]
+            token = (answer.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     async def write_status(self, canary: CanaryObject, status: CanaryStatus) -> CanaryObject:
         """Replace the status, if nobody changed the Canary since it was read.

@@ -64,10 +64,11 @@ What it does NOT implement (a client relying on these will not be tested by the 
   finalizers at once.  (Finalizers on a single delete are honoured: the object gets a
   ``deletionTimestamp`` and stays until an update removes the last one, and no new
   finalizer may be added meanwhile.)
-* Pagination: ``limit`` / ``continue`` are ignored and every match is returned (which the
-  API allows a server to do).  ``resourceVersion`` / ``resourceVersionMatch`` on a list
-  are ignored (the list is always the latest state).  Watch bookmarks,
-  ``sendInitialEvents``, protobuf, CBOR, YAML responses, ``Table`` output.
+* Pagination is simplified: ``limit`` / ``continue`` page through the objects in key
+  order, but each page is read from the latest state (the real server serves every page
+  from the first page's snapshot, or 410 once that is compacted).  ``resourceVersion`` /
+  ``resourceVersionMatch`` on a list are ignored (the list is always the latest state).
+  Watch bookmarks, ``sendInitialEvents``, protobuf, CBOR, YAML responses, ``Table`` output.
 * Controllers other than the Deployment rollout simulation: no ReplicaSets, Pods, Services
   or Endpoints, no progress deadlines (a frozen rollout never reports
   ``ProgressDeadlineExceeded``), no HPA.  ``/scale`` exists for Deployments only.
@@ -81,6 +82,7 @@ This module must not import ``canaryd``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -447,6 +449,42 @@ class _Filter:
             if (_field_value(obj, path) == value) != (op == "="):
                 return False
         return True
+
+
+def _key_of(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (str(meta.get("namespace", "")), str(meta["name"]))
+
+
+@dataclass(frozen=True)
+class _Page:
+    """``limit`` and ``continue`` of a list request."""
+
+    limit: int | None
+    after: tuple[str, str] | None  # the key of the previous page's last object
+
+    @classmethod
+    def of(cls, params: Mapping[str, str]) -> _Page:
+        limit: int | None = None
+        if params.get("limit"):
+            try:
+                limit = int(params["limit"])
+            except ValueError:
+                raise _bad_request(f"limit must be an integer: {params['limit']!r}") from None
+            limit = limit if limit > 0 else None  # 0: no limit, as on a real server
+        after = None
+        token = params.get("continue")
+        if token:
+            try:
+                data = json.loads(base64.urlsafe_b64decode(token.encode()))
+                after = (str(data["after"][0]), str(data["after"][1]))
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise _bad_request("continue key is not valid") from None
+        return cls(limit, after)
+
+    @staticmethod
+    def token(after: tuple[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps({"after": list(after)}).encode()).decode()
 
 
 # --------------------------------------------------------------------------------------
@@ -1303,7 +1341,8 @@ class KubeApiServer:
             if method == "GET":
                 if route.verb(method, params) == "watch":
                     return self._open_watch(route, scope, query, params)
-                return _Reply(200, self._list(rt, scope, query, version))
+                page = _Page.of(params)
+                return _Reply(200, self._list(rt, scope, query, version, page))
             if method == "POST" and (route.namespace is not None or not rt.namespaced):
                 return reply(201, self._create(rt, ns, _decode_object(body, media)))
             if method == "DELETE":
@@ -1675,14 +1714,30 @@ class KubeApiServer:
             if (scope is None or ns == scope) and query.matches(obj)
         ]
 
-    def _list(self, rt: ResourceType, scope: str | None, query: _Filter, version: str) -> Obj:
+    def _list(
+        self,
+        rt: ResourceType,
+        scope: str | None,
+        query: _Filter,
+        version: str,
+        page: _Page | None = None,
+    ) -> Obj:
         with self._lock:
             items = self._matching(rt, scope, query)
             rv = self._rv
+        meta: Obj = {"resourceVersion": str(rv)}
+        if page is not None:
+            if page.after is not None:
+                items = [o for o in items if _key_of(o) > page.after]
+            if page.limit is not None and len(items) > page.limit:
+                rest = len(items) - page.limit
+                items = items[: page.limit]
+                meta["continue"] = _Page.token(_key_of(items[-1]))
+                meta["remainingItemCount"] = rest
         return {
             "kind": f"{rt.kind}List",
             "apiVersion": rt.api_version_for(version),
-            "metadata": {"resourceVersion": str(rv)},
+            "metadata": meta,
             "items": [_present(rt, obj, version) for obj in items],
         }
 

@@ -69,6 +69,7 @@ objects as plain JSON, on its own.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, NamedTuple, Self, TextIO, TypeVar
@@ -88,8 +89,6 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 import numpy as np
 import numpy.typing as npt
 from kubernetes import client as k8s
-from kubernetes import watch
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -97,6 +96,7 @@ from prometheus_client.samples import Sample
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS
 from simulator.engine import Simulation
+from simulator.informer import Informer, ListFn
 from simulator.scenario import Scenario, ScenarioError, get_scenario, load_scenario_file
 
 __all__ = [
@@ -359,136 +359,15 @@ def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int
     return round(100 * _weight(canary, alone, where) / total)
 
 
-# --------------------------------------------------------------------------- informers
-
-
-@dataclass(eq=False)
-class _Informer:
-    """Keeps one kind in one scope current: list (paginated), then watch from there.
-
-    ``on_list`` gets every object of the scope after each (re)list; ``on_event`` each
-    watch event (``ADDED`` / ``MODIFIED`` / ``DELETED``) after that.  Both run on the
-    informer's thread.
-    """
-
-    api: k8s.CustomObjectsApi
-    group: str
-    version: str
-    plural: str
-    namespace: str | None
-    on_list: Callable[[str | None, list[Obj]], None]
-    on_event: Callable[[str, Obj], None]
-    halt: threading.Event
-    watch_timeout_s: float = 60.0
-    page_size: int = 500
-    synced: threading.Event = field(default_factory=threading.Event)
-    _watch: Any = None
-    _thread: threading.Thread | None = None
-
-    @property
-    def scope(self) -> str:
-        return f"{self.plural} in {self.namespace or 'all namespaces'}"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name=f"informer {self.scope}", daemon=True
+def _list_call(
+    api: k8s.CustomObjectsApi, group: str, version: str, plural: str, namespace: str | None
+) -> ListFn:
+    """The list call of one custom resource kind in one scope, for an :class:`Informer`."""
+    if namespace:
+        return functools.partial(
+            api.list_namespaced_custom_object, group, version, namespace, plural
         )
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """End the watch at once and wait for the thread (``halt`` must be set)."""
-        thread = self._thread
-        deadline = time.monotonic() + timeout_s
-        while thread is not None and thread.is_alive() and time.monotonic() < deadline:
-            stream = self._watch
-            if stream is not None:
-                stream.stop()  # shuts the socket down: the blocked read returns
-            thread.join(0.05)
-
-    def _call(self, **kwargs: Any) -> Any:
-        if self.namespace:
-            return self.api.list_namespaced_custom_object(
-                self.group, self.version, self.namespace, self.plural, **kwargs
-            )
-        return self.api.list_cluster_custom_object(self.group, self.version, self.plural, **kwargs)
-
-    def _list(self) -> str:
-        """List every object (in pages), hand them over; the list's resourceVersion."""
-        items: list[Obj] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": self.page_size}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call(**kwargs, _request_timeout=(10, 60))
-            if not isinstance(page, dict):
-                raise TypeError(f"listing {self.scope}: unexpected answer")
-            items += [i for i in page.get("items") or [] if isinstance(i, dict)]
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                break
-        self.on_list(self.namespace, items)
-        return str(meta.get("resourceVersion") or "")
-
-    def _run(self) -> None:
-        version = ""
-        failures = 0
-        while not self.halt.is_set():
-            try:
-                if not version:
-                    version = self._list()
-                    self.synced.set()
-                version = self._follow(version)
-                failures = 0
-            except ApiException as exc:
-                if exc.status == 410:  # expired: the history moved on; list again now
-                    log.debug("watch of %s expired; relisting", self.scope)
-                    version = ""
-                    continue
-                failures += 1
-                version = self._failed(exc, failures)
-            except Exception as exc:  # the API is unreachable, or the stream broke
-                failures += 1
-                version = self._failed(exc, failures)
-
-    def _failed(self, exc: BaseException, failures: int) -> str:
-        """Log, back off (0.5 s, doubling up to 5 s), and ask for a fresh list."""
-        if not self.halt.is_set():
-            delay_s = min(5.0, 0.25 * 2**failures)
-            if isinstance(exc, ApiException):
-                why = f"HTTP {exc.status} {exc.reason}"
-            else:
-                why = " ".join(str(exc).split())[:300] or type(exc).__name__
-            log.warning("watch of %s failed, retrying in %.1f s: %s", self.scope, delay_s, why)
-            self.halt.wait(delay_s)
-        return ""
-
-    def _follow(self, version: str) -> str:
-        """Watch from ``version`` until the server ends the watch; the last version seen."""
-        stream = self._watch = watch.Watch()
-        timeout_s = max(1, int(self.watch_timeout_s))
-        try:
-            events = stream.stream(
-                self._call,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout_s,
-                _request_timeout=(10, timeout_s + 10),
-            )
-            for event in events:
-                if self.halt.is_set():
-                    break
-                obj = event.get("raw_object")
-                if not isinstance(obj, dict):
-                    continue
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                kind = event.get("type")
-                if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    self.on_event(kind, obj)
-        finally:
-            self._watch = None
-        return version
+    return functools.partial(api.list_cluster_custom_object, group, version, plural)
 
 
 # --------------------------------------------------------------------------- the emulator
@@ -613,17 +492,22 @@ class MeshEmulator:
         self._halt = threading.Event()
         custom = k8s.CustomObjectsApi(api)
         scopes: list[str | None] = list(self.namespaces) or [None]
+        self._scopes = scopes
         self._vs_informers = [
-            _Informer(
-                custom, ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL, scope,
-                self._on_vs_list, self._on_vs_event, self._halt, watch_timeout_s,
+            Informer(
+                _list_call(custom, ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL, scope),
+                f"{VS_PLURAL} in {scope or 'all namespaces'}",
+                functools.partial(self._on_vs_list, scope), self._on_vs_event,
+                self._halt, watch_timeout_s,
             )
             for scope in scopes
         ]  # fmt: skip
         self._canary_informers = [
-            _Informer(
-                custom, CANARY_GROUP, CANARY_VERSION, CANARY_PLURAL, scope,
-                self._on_canary_list, self._on_canary_event, self._halt, watch_timeout_s,
+            Informer(
+                _list_call(custom, CANARY_GROUP, CANARY_VERSION, CANARY_PLURAL, scope),
+                f"{CANARY_PLURAL} in {scope or 'all namespaces'}",
+                functools.partial(self._on_canary_list, scope), self._on_canary_event,
+                self._halt, watch_timeout_s,
             )
             for scope in scopes
         ]  # fmt: skip
@@ -961,7 +845,8 @@ class MeshEmulator:
             # problems are logged only once every VirtualService list is in: before, a
             # VirtualService not yet listed would be reported missing
             self._vs_synced = all(
-                i.synced.is_set() or i.namespace == namespace for i in self._vs_informers
+                i.synced.is_set() or scope == namespace
+                for i, scope in zip(self._vs_informers, self._scopes, strict=True)
             )
             for entry in self._entries.values():
                 if namespace is None or entry.routing.canary.namespace == namespace:
