@@ -192,11 +192,11 @@ async def _drive(
     def active() -> int:
         """Canaries still in a rollout: a healthy one may still be rolled back by chance
         (α per rollout), and then it is no longer judged every round."""
-        return sum(1 for interval in daemon._intervals.values() if interval is not None)
+        return sum(1 for t in daemon.canaries.values() if t.interval_s is not None)
 
     def judged_all() -> list[Any]:
         """The rounds that judged every active canary, oldest first."""
-        floor = min(n, active()) if daemon._intervals else n
+        floor = min(n, active()) if daemon.canaries else n
         return [r for r in daemon.rounds.values() if r.reconciles >= floor]
 
     seen_queries = 0

@@ -164,6 +164,42 @@ class _Worker:
     seen: tuple[object, object, object] | None = None
 
 
+@dataclass(slots=True, eq=False)
+class _Tracked:
+    """Everything the daemon keeps for one Canary, dropped together once it is gone.
+
+    Attributes:
+        worker: its reconcile loop (None until the watch or a list has seen it).
+        interval_s: its analysis interval while a rollout or command is active, else
+            None (which round a reconcile belongs to).
+        raw: the latest object seen by the watch or a write (an informer cache): a
+            round reads it instead of the API; a 409 on write reads afresh.
+        parsed: the parsed form of ``raw``, while it is that version.
+        written_at_s: when its status was last written (monotonic s).
+        converged: ((phase, weight) last converged, when, monotonic s).
+        unseen: our last write that the watch has not delivered yet, as
+            (resourceVersion, when written, monotonic s): until it comes back, every
+            event of the Canary is older than what we hold (a watch delivers one
+            object's changes in order), so it must not replace the cache (a lagging
+            watch, as at start-up with thousands of Canaries, would make every next
+            write a 409).
+        readiness_checked: (generation checked, monotonic s) of the last time an idle
+            Canary's routes and workloads were found in place.
+        delivered: while it is being reconciled, the resourceVersions the watch
+            delivered meanwhile; else None.
+    """
+
+    worker: _Worker | None = None
+    interval_s: float | None = None
+    raw: dict[str, Any] | None = None
+    parsed: CanaryObject | None = None
+    written_at_s: float | None = None
+    converged: tuple[tuple[object, int], float] | None = None
+    unseen: tuple[str, float] | None = None
+    readiness_checked: tuple[int | None, float] | None = None
+    delivered: list[str] | None = None
+
+
 def _version(obj: dict[str, Any]) -> str:
     """An object's ``metadata.resourceVersion`` (empty when it has none)."""
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
@@ -222,32 +258,12 @@ class Daemon:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.elector = LeaderElector(kube, self.settings.lease) if self.settings.lease else None
         self.converger = Converger(router, workloads)
-        self.workers: dict[CanaryRef, _Worker] = {}
+        #: one record per Canary known (worker, cache, timers): see :class:`_Tracked`
+        self.canaries: dict[CanaryRef, _Tracked] = {}
         #: counts of reconciles, status writes, conflicts and failures (for tests, metrics)
         self.stats: Counter[str] = Counter()
         #: the last evaluation rounds, oldest first (for benchmarks and metrics)
         self.rounds: OrderedDict[float, RoundStats] = OrderedDict()
-        self._intervals: dict[CanaryRef, float | None] = {}
-        #: the latest object of each Canary seen by the watch or a write (an informer
-        #: cache): a round reads it instead of the API; a 409 on write reads afresh
-        self._cache: dict[CanaryRef, dict[str, Any]] = {}
-        #: the parsed form of a cached object, while it is the one cached
-        self._parsed: dict[CanaryRef, CanaryObject] = {}
-        #: when each Canary's status was last written (monotonic s)
-        self._written_at: dict[CanaryRef, float] = {}
-        #: (phase, weight) last converged per Canary and when (monotonic s)
-        self._converged: dict[CanaryRef, tuple[tuple[object, int], float]] = {}
-        #: our last write of a Canary that the watch has not delivered yet, as
-        #: (resourceVersion, when written, monotonic s): until it comes back, every event
-        #: of that Canary is older than what we hold (a watch delivers one object's
-        #: changes in order), so it must not replace the cache (a lagging watch, as at
-        #: start-up with thousands of Canaries, would make every next write a 409)
-        self._unseen: dict[CanaryRef, tuple[str, float]] = {}
-        #: when each idle Canary's routes and workloads were last found in place, as
-        #: (generation checked, monotonic s)
-        self._readiness_checked: dict[CanaryRef, tuple[int | None, float]] = {}
-        #: per Canary being reconciled, the resourceVersions the watch delivered meanwhile
-        self._delivered: dict[CanaryRef, list[str]] = {}
         #: the generation of every Deployment the Deployment watch has seen
         self._deployment_generations: dict[tuple[str, str], int | None] = {}
         self._stop = asyncio.Event()
@@ -256,6 +272,17 @@ class Daemon:
         #: how the last listing of Canaries went, for /readyz: None before the first,
         #: "" when it succeeded, else its error
         self.listed: str | None = None
+
+    def _track(self, ref: CanaryRef) -> _Tracked:
+        tracked = self.canaries.get(ref)
+        if tracked is None:
+            tracked = self.canaries[ref] = _Tracked()
+        return tracked
+
+    @property
+    def workers(self) -> dict[CanaryRef, _Worker]:
+        """The worker of every Canary that has one (a snapshot)."""
+        return {ref: t.worker for ref, t in self.canaries.items() if t.worker is not None}
 
     @property
     def role(self) -> str:
@@ -310,11 +337,12 @@ class Daemon:
         log.info("stopped")
 
     def _ensure_worker(self, ref: CanaryRef) -> _Worker:
-        worker = self.workers.get(ref)
+        tracked = self._track(ref)
+        worker = tracked.worker
         if worker is None or worker.task.done():
             wake = asyncio.Event()
             task = asyncio.create_task(self._work(ref, wake), name=f"canary:{ref}")
-            worker = self.workers[ref] = _Worker(task, wake)
+            worker = tracked.worker = _Worker(task, wake)
         return worker
 
     async def _discover(self) -> None:
@@ -337,12 +365,14 @@ class Daemon:
         for item in items:
             meta = item.get("metadata") or {}
             ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
-            cached = self._cache.get(ref)
+            tracked = self.canaries.get(ref)
+            cached = tracked.raw if tracked is not None else None
             if cached is None or _listed_is_newer(item, cached):
                 # as if the watch had delivered it: a silently stalled watch must not
                 # hide a command or a spec change for longer than one resync.  Newer
                 # than the cache is newer than our last write too: not to be held back
-                self._unseen.pop(ref, None)
+                if tracked is not None:
+                    tracked.unseen = None
                 self._on_watch_event("MODIFIED", item)
             refs.append(ref)
         return refs
@@ -421,16 +451,16 @@ class Daemon:
         self._deployment_generations[key] = generation
         if before is None or before == generation:
             return  # first seen (the initial list), or only its status changed
-        for ref, raw in self._cache.items():
-            if ref.namespace != key[0]:
+        for ref, tracked in self.canaries.items():
+            raw, parsed = tracked.raw, tracked.parsed
+            if ref.namespace != key[0] or raw is None:
                 continue
-            parsed = self._parsed.get(ref)
             if parsed is not None and parsed.resource_version == _version(raw):
                 spec = parsed.spec
                 canary = spec.canary.deployment if spec and spec.canary else None
             else:
                 canary = ((raw.get("spec") or {}).get("canary") or {}).get("deployment")
-            worker = self.workers.get(ref)
+            worker = tracked.worker
             if canary == key[1] and worker is not None:
                 log.info(
                     "canary template changed",
@@ -445,27 +475,30 @@ class Daemon:
         current, so no event is held back as older than our own writes any more.
         """
         if kind == "RESYNC":
-            self._unseen.clear()
+            for each in self.canaries.values():
+                each.unseen = None
             return
         meta = obj.get("metadata") or {}
         ref = CanaryRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
         if not ref.name:
             return
         version = _version(obj)
-        if ref in self._delivered:
-            self._delivered[ref].append(version)
+        tracked = self.canaries.get(ref)
+        if tracked is not None and tracked.delivered is not None:
+            tracked.delivered.append(version)
         if kind in ("ADDED", "MODIFIED"):
-            unseen = self._unseen.get(ref)
+            tracked = tracked or self._track(ref)
+            unseen = tracked.unseen
             if unseen is not None:
                 if version != unseen[0] and time.monotonic() - unseen[1] < self._unseen_for_s:
                     return  # from before our own write: nothing we do not have
-                del self._unseen[ref]
-            parsed = self._parsed.get(ref)
+                tracked.unseen = None
+            parsed = tracked.parsed
             if parsed is not None and parsed.resource_version == version:
                 obj = parsed.raw  # our own write coming back: keep one copy, not two
             else:
                 parsed = None
-            self._cache[ref] = obj
+            tracked.raw = obj
             shown = self.hub.get(ref)
             if shown is None or shown.resource_version != version:  # parse only what is new
                 self.hub.update(parsed or to_canary(obj), self.clock())
@@ -480,10 +513,10 @@ class Daemon:
                 worker.wake.set()
         elif kind == "DELETED":
             self.hub.remove(ref, self.clock())
-            self._cache.pop(ref, None)
-            self._unseen.pop(ref, None)
-            if ref in self.workers:
-                self.workers[ref].wake.set()
+            if tracked is not None:
+                tracked.raw = tracked.unseen = None
+                if tracked.worker is not None:
+                    tracked.worker.wake.set()
 
     @property
     def _unseen_for_s(self) -> float:
@@ -540,25 +573,22 @@ class Daemon:
         # while the parsed form is kept, nothing reads the rest of the raw object again:
         # keep its metadata only (the whole object is ~40 KB of Python objects a Canary)
         done = replace(done, raw={"metadata": done.raw.get("metadata") or {}})
+        tracked = self._track(ref)
         if wrote and done.resource_version not in delivered:
             # the watch has yet to deliver our write: whatever it delivered is older
-            self._unseen[ref] = (done.resource_version, time.monotonic())
-            self._cache[ref] = done.raw
+            tracked.unseen = (done.resource_version, time.monotonic())
+            tracked.raw = done.raw
         else:
-            cached = self._cache.get(ref)
+            cached = tracked.raw
             # keep what the watch brought meanwhile, unless it is this very version
             if cached is None or _version(cached) == done.resource_version:
-                self._cache[ref] = done.raw
-        self._parsed[ref] = done  # used while the cache holds its version
+                tracked.raw = done.raw
+        tracked.parsed = done  # used while the cache holds its version
 
     def _forget(self, ref: CanaryRef) -> None:
         """Drop everything kept for a Canary that is gone."""
         self.hub.remove(ref, self.clock())
-        for per_canary in (
-            self.workers, self._intervals, self._cache, self._parsed,
-            self._converged, self._written_at, self._unseen,
-        ):  # fmt: skip
-            per_canary.pop(ref, None)
+        self.canaries.pop(ref, None)
 
     def _next_delay(self, canary: CanaryObject) -> float:
         """Until the next tick: a multiple of the interval on the wall clock.
@@ -567,11 +597,11 @@ class Daemon:
         metrics snapshot (one query per metric) serves them all (design §7).
         """
         status, spec = canary.status, canary.spec
-        self._intervals[canary.ref] = None
+        tracked = self._track(canary.ref)
+        tracked.interval_s = None
         pending = any(c.id not in status.acknowledged for c in canary.commands)
         if spec is not None and (status.phase.active or pending):
-            interval = spec.analysis.interval
-            self._intervals[canary.ref] = interval
+            interval = tracked.interval_s = spec.analysis.interval
             return interval - self.clock().timestamp() % interval
         return self.settings.resync_s
 
@@ -583,7 +613,8 @@ class Daemon:
 
     def _round(self, ref: CanaryRef) -> RoundStats | None:
         """The evaluation round a reconcile of ``ref`` now belongs to (None when idle)."""
-        interval = self._intervals.get(ref)
+        tracked = self.canaries.get(ref)
+        interval = tracked.interval_s if tracked is not None else None
         if interval is None:
             return None
         tick = round(self.clock().timestamp() / interval) * interval
@@ -610,9 +641,10 @@ class Daemon:
 
     async def reconcile(self, ref: CanaryRef) -> CanaryObject | None:
         """One round for one Canary; returns it as written (None once it is deleted)."""
+        tracked = self._track(ref)
         for _ in range(self.settings.conflict_attempts):
-            cached = self._cache.pop(ref, None)
-            parsed = self._parsed.pop(ref, None)
+            cached, parsed = tracked.raw, tracked.parsed
+            tracked.raw = tracked.parsed = None
             try:
                 if (
                     cached is not None
@@ -627,7 +659,7 @@ class Daemon:
             except NotFoundError:
                 return None
             self.stats["reconciles"] += 1
-            self._delivered[ref] = []
+            tracked.delivered = []
             with structlog.contextvars.bound_contextvars(
                 namespace=ref.namespace, name=ref.name, step=canary.status.step_index
             ):
@@ -643,7 +675,7 @@ class Daemon:
                     self.stats["conflicts"] += 1
                     continue
                 finally:
-                    delivered = self._delivered.pop(ref, [])
+                    delivered, tracked.delivered = tracked.delivered or [], None
             wrote = done.resource_version != canary.resource_version
             self._remember(done, wrote=wrote, delivered=delivered)
             return done
@@ -748,7 +780,7 @@ class Daemon:
             return canary  # leadership lapsed during this round: the new leader decides
         written = await self.kube.write_status(canary, new_status)
         self._wrote()
-        self._written_at[canary.ref] = time.monotonic()
+        self._track(canary.ref).written_at_s = time.monotonic()
         if new_status.phase.terminal and not status.phase.terminal:
             self._ended(canary.ref, new_status, now)
         await self._promote_and_notify(written, spec, result.actions)
@@ -789,7 +821,8 @@ class Daemon:
         round (or by a restarted daemon).  ``lastDataAt`` is written as soon as data
         stops, so ``noData.holdFor`` never counts from a stale time.
         """
-        written = self._written_at.get(ref)
+        tracked = self.canaries.get(ref)
+        written = tracked.written_at_s if tracked is not None else None
         if written is None or time.monotonic() - written >= self.settings.status_refresh_s:
             return False
         verdict, before = new.last_verdict, old.last_verdict
@@ -887,7 +920,8 @@ class Daemon:
             return canary
         ref, status = canary.ref, canary.status
         ready = next((c for c in status.conditions if c.type == "Ready"), None)
-        last = self._readiness_checked.get(ref)
+        tracked = self._track(ref)
+        last = tracked.readiness_checked
         fresh = (
             last is not None
             and last[0] == canary.generation
@@ -905,7 +939,7 @@ class Daemon:
                 await self.workloads.check(ref, spec)
             except WorkloadError as exc:
                 problem = ("WorkloadNotReady", str(exc))
-        self._readiness_checked[ref] = (canary.generation, time.monotonic())
+        tracked.readiness_checked = (canary.generation, time.monotonic())
         if problem is not None:
             return await self._not_ready(canary, *problem, now, say=status.phase is Phase.IDLE)
         if ready is not None and ready.status == "True":
@@ -983,11 +1017,12 @@ class Daemon:
         if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
             return canary
         key = (status.phase, status.canary_weight)
-        last = self._converged.get(ref)
+        tracked = self._track(ref)
+        last = tracked.converged
         recent = last is not None and time.monotonic() - last[1] < self.settings.resync_s
         if last is not None and last[0] == key and recent:
             return canary
-        self._converged.pop(ref, None)
+        tracked.converged = None
         result = await self.converger.converge(ref, spec, status)
         if result.wrote_weights:
             log.info(
@@ -1004,7 +1039,7 @@ class Daemon:
         drifting_before = drift_before is not None and drift_before.status == "True"
         event: tuple[str, bool] | None = None  # (message, warning)
         if result.ok:
-            self._converged[ref] = (key, time.monotonic())
+            tracked.converged = (key, time.monotonic())
             new_status = status.with_condition(
                 "TrafficVerified", True, "Verified",
                 f"every managed route reads {result.want_pct}% canary", now,
@@ -1027,7 +1062,7 @@ class Daemon:
                 )
         elif result.stopped_at is Stage.DRIFT:
             # someone else's weights: looked at again once per resync, never overwritten
-            self._converged[ref] = (key, time.monotonic())
+            tracked.converged = (key, time.monotonic())
             message = result.problem or ""
             new_status = status.with_condition(
                 "TrafficVerified", False, "TrafficDrift", message, now
@@ -1038,8 +1073,8 @@ class Daemon:
                     "traffic drift", routes_pct=list(result.drifted_pct),
                     canary_pct=result.want_pct, error=message,
                 )  # fmt: skip
-                if status.phase.active and ref in self.workers:
-                    self.workers[ref].wake.set()  # the state machine holds at once
+                if status.phase.active and tracked.worker is not None:
+                    tracked.worker.wake.set()  # the state machine holds at once
         else:
             self.stats["failures"] += 1
             log.warning("convergence stopped", stage=str(result.stopped_at), error=result.problem)

@@ -49,6 +49,21 @@ def canary_weight(server: KubeApiServer) -> int:
     return int(weights["canary"])
 
 
+def tracked_raw(daemon: Daemon, missing_ok: bool = False) -> Any:
+    """The object the daemon holds in its cache for REF."""
+    tracked = daemon.canaries.get(REF)
+    raw = tracked.raw if tracked is not None else None
+    assert missing_ok or raw is not None
+    return raw
+
+
+def forget_cached(daemon: Daemon) -> None:
+    """Drop the daemon's cached copy of REF (the next round reads the API)."""
+    tracked = daemon.canaries.get(REF)
+    if tracked is not None:
+        tracked.raw = tracked.parsed = None
+
+
 def phase(obj: Obj) -> str:
     return str((obj.get("status") or {}).get("phase", ""))
 
@@ -583,7 +598,7 @@ async def by_hand(cluster: KubeApiServer) -> AsyncIterator[Harness]:
 
     h = Harness(cluster, get_scenario("healthy"), status_refresh_s=0.0)
     placeholder = asyncio.create_task(idle(), name="idle")
-    h.daemon.workers[REF] = _Worker(placeholder)
+    h.daemon._track(REF).worker = _Worker(placeholder)
     try:
         yield h
     finally:
@@ -611,7 +626,7 @@ def test_a_lagging_watch_does_not_turn_the_daemons_own_writes_into_conflicts(
             assert daemon.stats["conflicts"] == 0
             # our first write comes back (old too: the second came later) ...
             daemon._on_watch_event("MODIFIED", copy.deepcopy(first.raw))
-            assert daemon._cache[REF]["metadata"]["resourceVersion"] == second.resource_version
+            assert tracked_raw(daemon)["metadata"]["resourceVersion"] == second.resource_version
             # ... then our second: from here on, what the watch brings is news
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
             await h.command(CommandKind.ABORT)
@@ -641,7 +656,7 @@ def test_a_fresh_watch_list_is_believed_over_a_write_it_never_delivers(
             current = canary_obj(cluster)
             daemon._on_watch_event("RESYNC", {})
             daemon._on_watch_event("ADDED", copy.deepcopy(current))
-            rv = daemon._cache[REF]["metadata"]["resourceVersion"]
+            rv = tracked_raw(daemon)["metadata"]["resourceVersion"]
             assert rv == current["metadata"]["resourceVersion"]
             done = await daemon.reconcile(REF)
             assert done is not None and done.status.phase == "RolledBack"
@@ -671,7 +686,7 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
             done = await daemon.reconcile(REF)  # no cache yet: one GET
             assert done is not None and "status" in done.raw  # callers get it whole
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
-            assert set(daemon._cache[REF]) == {"metadata"}  # even the watch's own copy
+            assert set(tracked_raw(daemon)) == {"metadata"}  # even the watch's own copy
             before = reads()
             again = await daemon.reconcile(REF)
             assert again is not None and again.status.phase == "Progressing"
@@ -679,7 +694,7 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
             daemon._on_watch_event("MODIFIED", copy.deepcopy(again.raw))  # its write is back
             await h.command(CommandKind.ABORT)
             daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
-            assert "spec" in daemon._cache[REF]  # news: kept whole until parsed
+            assert "spec" in tracked_raw(daemon)  # news: kept whole until parsed
             before = reads()  # (adding the command read the Canary)
             aborted = await daemon.reconcile(REF)
             assert aborted is not None and aborted.status.phase == "RolledBack"
@@ -698,9 +713,9 @@ def test_a_silently_stalled_watch_hides_a_command_for_one_resync_at_most(
         async with Harness(cluster, get_scenario("healthy")) as h:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while REF not in h.daemon._cache and loop.time() < deadline:
+            while tracked_raw(h.daemon, missing_ok=True) is None and loop.time() < deadline:
                 await asyncio.sleep(0.05)
-            assert REF in h.daemon._cache
+            assert tracked_raw(h.daemon, missing_ok=True) is not None
             cluster.watches_stalled.set()
             try:
                 await asyncio.sleep(1.5)  # the watch in flight is stalled too
@@ -864,6 +879,10 @@ def test_a_canary_deleted_mid_rollout_sends_all_traffic_back_to_stable_first(
             while cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout") is not None:
                 assert loop.time() < deadline, "the Canary was never let go"
                 await asyncio.sleep(0.05)
+            while REF in h.daemon.canaries:  # its one record goes with it, all of it
+                assert loop.time() < deadline, "the daemon still keeps state for it"
+                await asyncio.sleep(0.05)
+            assert REF not in h.daemon.workers
 
     asyncio.run(scenario())
     assert canary_weight(cluster) == 0
@@ -916,14 +935,14 @@ def test_commands_leave_the_annotation_once_acknowledged_and_never_apply_twice(
         async with by_hand(cluster) as h:
             daemon = h.daemon
             assert await daemon.reconcile(REF) is not None  # idle: adds the finalizer
-            daemon._cache.pop(REF, None)
+            forget_cached(daemon)
             command = await h.command(CommandKind.PROMOTE, revision="v2")
             cluster.inject(verb="patch", path_contains="/canaries/checkout", status=500, times=1)
             first = await daemon.reconcile(REF)
             assert first is not None and command.id in first.status.acknowledged
-            daemon._cache.pop(REF, None)
+            forget_cached(daemon)
             assert annotation() is not None and command.id in (annotation() or "")
-            daemon._cache.pop(REF, None)
+            forget_cached(daemon)
             second = await daemon.reconcile(REF)
             assert second is not None and second.status.step_index == 0
             assert annotation() is None
