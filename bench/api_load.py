@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -142,11 +143,22 @@ server.stop()
 """
 
 
-def rounds(n: int, seconds: float, pairs: int) -> None:
+def _pin(proc: subprocess.Popen[str] | subprocess.Popen[bytes], cpu: int | None) -> None:
+    """Pin a child process to ``cpu`` (None: leave it to the scheduler)."""
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
+
+
+def rounds(n: int, seconds: float, pairs: int, pin: bool = False) -> None:
     """Round time with and without API load, in alternating windows (quiet, loaded, quiet,
     ...) so that the rollouts' phases are the same mix in both. The Kubernetes API double
     runs in its own process, as the real API server would: in this one it would share the
-    daemon's GIL and the comparison would measure the double."""
+    daemon's GIL and the comparison would measure the double.  With ``pin``, the daemon
+    (this process) runs on CPU 0 and the double and the load generator on CPU 1, so the
+    comparison shows the daemon's own cost of serving the API, not three processes
+    competing for two cores."""
+    if pin:
+        os.sched_setaffinity(0, {0})
     root = str(Path(__file__).resolve().parent.parent)
     interval_s = 1.0
     kube = subprocess.Popen(
@@ -155,6 +167,7 @@ def rounds(n: int, seconds: float, pairs: int) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    _pin(kube, 1 if pin else None)
     assert kube.stdout is not None and kube.stdin is not None
     kube_url = kube.stdout.readline().strip()
     configure("warning")
@@ -190,6 +203,7 @@ def rounds(n: int, seconds: float, pairs: int) -> None:
     for _ in range(pairs):
         quiet += window()
         load = subprocess.Popen([sys.executable, "-c", LOAD, pg.url])
+        _pin(load, 1 if pin else None)
         time.sleep(3)  # every client connected
         busy += window()
         subs = max(subs, pg.hub.subscribers)
@@ -206,7 +220,10 @@ def rounds(n: int, seconds: float, pairs: int) -> None:
             f"   p90 {_pct(values, 0.9):7.1f} ms   ({n} canaries, 1 s interval)"
         )
     change = statistics.median(busy) / statistics.median(quiet) - 1
-    print(f"median round time under load: {change:+.1%} (SSE subscribers under load: {subs})")
+    where = "; daemon pinned to CPU 0, double and load to CPU 1" if pin else ""
+    print(
+        f"median round time under load: {change:+.1%} (SSE subscribers under load: {subs}{where})"
+    )
 
 
 def main() -> None:
@@ -216,11 +233,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=10.0, help="per window")
     parser.add_argument("--pairs", type=int, default=3, help="quiet/loaded window pairs")
+    parser.add_argument(
+        "--pin", action="store_true", help="daemon on CPU 0; the double and the load on CPU 1"
+    )
     args = parser.parse_args()
     if args.part in ("latency", "all"):
         latency(args.canaries or 1000, args.requests)
     if args.part in ("rounds", "all"):
-        rounds(args.canaries or 100, args.seconds, args.pairs)
+        rounds(args.canaries or 100, args.seconds, args.pairs, args.pin)
 
 
 if __name__ == "__main__":

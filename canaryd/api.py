@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import structlog
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -680,6 +681,12 @@ class Guard:
         except _TooLargeError:
             if not started:
                 await self._too_large(send)
+        except Exception as exc:
+            if not (started and _client_gone(exc)):
+                raise
+            # an event stream whose client went away mid-send: nothing to answer, and
+            # nothing wrong with the server (no "Exception in ASGI application")
+            log.debug("client went away", path=scope.get("path"))
 
     async def _too_large(self, send: Send) -> None:
         body = (
@@ -700,6 +707,16 @@ class Guard:
 
 class _TooLargeError(Exception):
     pass
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """True when ``exc`` (or every exception of a group) says the client's connection
+    or the stream feeding it is gone."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(e) for e in exc.exceptions)
+    return isinstance(
+        exc, anyio.BrokenResourceError | anyio.ClosedResourceError | ConnectionError
+    )
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -75,6 +75,7 @@ from canaryd.rollout import (
 )
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
+from canaryd.workloads import template_digest
 from simulator.informer import Informer, ListFn
 
 log = structlog.get_logger("canaryd.daemon")
@@ -264,8 +265,8 @@ class Daemon:
         self.stats: Counter[str] = Counter()
         #: the last evaluation rounds, oldest first (for benchmarks and metrics)
         self.rounds: OrderedDict[float, RoundStats] = OrderedDict()
-        #: the generation of every Deployment the Deployment watch has seen
-        self._deployment_generations: dict[tuple[str, str], int | None] = {}
+        #: (generation, pod-spec hash) of every Deployment the Deployment watch has seen
+        self._deployments: dict[tuple[str, str], tuple[object, str]] = {}
         self._stop = asyncio.Event()
         #: what the status API reads: snapshots, events and series of every Canary
         self.hub = hub if hub is not None else StatusHub()
@@ -443,14 +444,16 @@ class Daemon:
         if not meta.get("name"):
             return
         key = (str(meta.get("namespace") or ""), str(meta["name"]))
-        before = self._deployment_generations.get(key)
+        before = self._deployments.get(key)
         if kind == "DELETED":
-            self._deployment_generations.pop(key, None)
+            self._deployments.pop(key, None)
             return
         generation = meta.get("generation")
-        self._deployment_generations[key] = generation
-        if before is None or before == generation:
-            return  # first seen (the initial list), or only its status changed
+        if before is not None and before[0] == generation:
+            return  # only its status changed
+        self._deployments[key] = (generation, template_digest(deployment))
+        if before is None:
+            return  # first seen (the initial list)
         for ref, tracked in self.canaries.items():
             raw, parsed = tracked.raw, tracked.parsed
             if ref.namespace != key[0] or raw is None:
@@ -875,10 +878,14 @@ class Daemon:
                 log.warning("cannot read the stable workload", error=str(exc))
         template = None
         if spec.canary is not None:  # the analysed template is the one promoted
-            try:
-                template = await self.workloads.template_hash(ref, spec)
-            except (WorkloadError, KubeError) as exc:
-                log.warning("cannot read the canary workload", error=str(exc))
+            watched = self._deployments.get((ref.namespace, spec.canary.deployment))
+            if watched is not None:  # from the Deployment watch: no read
+                template = watched[1]
+            else:
+                try:
+                    template = await self.workloads.template_hash(ref, spec)
+                except (WorkloadError, KubeError) as exc:
+                    log.warning("cannot read the canary workload", error=str(exc))
         drift = next(
             (c for c in status.conditions if c.type == "TrafficDrift" and c.status == "True"), None
         )

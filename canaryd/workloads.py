@@ -14,7 +14,7 @@ import asyncio
 import copy
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
@@ -31,6 +31,14 @@ def _names(spec: CanarySpec) -> tuple[str, str]:
     if spec.stable is None or spec.canary is None:
         raise WorkloadError("spec.stable.deployment and spec.canary.deployment must be set")
     return spec.stable.deployment, spec.canary.deployment
+
+
+def template_digest(deployment: Mapping[str, Any]) -> str:
+    """A short hash (``TEMPLATE_HASH_LEN`` hex digits of sha256) of a Deployment's pod
+    spec, from its JSON as the API serves it: the same from a read and from a watch."""
+    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    digest = hashlib.sha256(json.dumps(pod, sort_keys=True).encode()).hexdigest()
+    return digest[:TEMPLATE_HASH_LEN]
 
 
 def rolled_out(deployment: Any) -> bool:
@@ -92,11 +100,28 @@ class Deployments:
         serialised = self.kube.api_client.sanitize_for_serialization(deployment.spec.template.spec)
         return hashlib.sha256(json.dumps(serialised, sort_keys=True).encode()).hexdigest()
 
+    async def _read_json(self, namespace: str, name: str) -> dict[str, Any]:
+        """A Deployment as the API sent it (JSON, not decoded into the client's models)."""
+        try:
+            response: Any = await self.kube.call(
+                self.kube.apps.read_namespaced_deployment, name, namespace,
+                _preload_content=False,
+            )  # fmt: skip
+        except NotFoundError as exc:
+            raise WorkloadError(f"Deployment {namespace}/{name} not found") from exc
+        try:
+            data = json.loads(response.data)
+        except ValueError as exc:
+            raise WorkloadError(f"Deployment {namespace}/{name}: unreadable answer") from exc
+        if not isinstance(data, dict):
+            raise WorkloadError(f"Deployment {namespace}/{name}: unreadable answer")
+        return data
+
     async def template_hash(self, ref: CanaryRef, spec: CanarySpec) -> str:
         """A short hash of the canary's pod spec (one read), recorded when a rollout
         starts; a different hash later means the analysed template was changed."""
         _, canary_name = _names(spec)
-        return self._digest(await self._read(ref.namespace, canary_name))[:TEMPLATE_HASH_LEN]
+        return template_digest(await self._read_json(ref.namespace, canary_name))
 
     async def promote_stable(
         self, ref: CanaryRef, spec: CanarySpec, revision: str, template_hash: str | None = None
@@ -106,8 +131,10 @@ class Deployments:
         template that was analysed."""
         stable_name, canary_name = _names(spec)
         canary = await self._read(ref.namespace, canary_name)
-        now_hash = self._digest(canary)[:TEMPLATE_HASH_LEN]
-        if template_hash is not None and now_hash != template_hash:
+        now_hash = template_hash
+        if template_hash is not None:
+            now_hash = template_digest(await self._read_json(ref.namespace, canary_name))
+        if now_hash != template_hash:
             raise WorkloadError(
                 f"not promoting: the canary's pod template is {now_hash}, not the "
                 f"{template_hash} that was analysed"

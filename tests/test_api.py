@@ -454,3 +454,46 @@ async def test_the_standby_answers_reads_from_its_own_cache(cluster: KubeApiServ
         await asyncio.wait_for(asyncio.gather(*tasks), 20)
         for api_client in clients:
             api_client.close()
+
+
+async def test_a_client_leaving_an_event_stream_is_not_a_server_error() -> None:
+    """An event stream whose client has gone fails inside the SSE machinery with a group
+    of anyio BrokenResourceError (seen in bench/api_load.py each time its 50 subscribers
+    were killed): the guard ends the request quietly instead of letting uvicorn log
+    "Exception in ASGI application" with a traceback.  Any other error still raises, and
+    an error before the response started is still a server error."""
+    import anyio
+    from starlette.types import Message
+
+    from canaryd.api import Guard
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    def app_failing_with(exc: BaseException, *, started: bool) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if started:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send(
+                    {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}
+                )
+            raise exc
+
+        return app
+
+    scope = {"type": "http", "path": "/api/v1/events", "headers": []}
+    gone = ExceptionGroup("unhandled errors in a TaskGroup", [anyio.BrokenResourceError()])
+    await Guard(app_failing_with(gone, started=True))(scope, receive, send)  # quiet
+    assert sent[0]["status"] == 200
+    nested = ExceptionGroup("outer", [gone, ConnectionResetError()])
+    await Guard(app_failing_with(nested, started=True))(scope, receive, send)
+    with pytest.raises(ExceptionGroup):  # a real bug inside the group is not hidden
+        mixed = ExceptionGroup("outer", [anyio.BrokenResourceError(), KeyError("x")])
+        await Guard(app_failing_with(mixed, started=True))(scope, receive, send)
+    with pytest.raises(ExceptionGroup):  # nothing was answered yet: a server error
+        await Guard(app_failing_with(gone, started=False))(scope, receive, send)
