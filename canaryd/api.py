@@ -714,9 +714,7 @@ def _client_gone(exc: BaseException) -> bool:
     or the stream feeding it is gone."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_client_gone(e) for e in exc.exceptions)
-    return isinstance(
-        exc, anyio.BrokenResourceError | anyio.ClosedResourceError | ConnectionError
-    )
+    return isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError | ConnectionError)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

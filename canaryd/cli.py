@@ -206,7 +206,7 @@ def _spec_error_text(exc: SpecError, flag: str) -> str:
     where = f"{flag} {exc.source}" if exc.source else flag
     if len(exc.problems) == 1:
         return f"{where}: {exc.problems[0]}"
-    return f"{where}:\n" + "\n".join(f"  - {p}" for p in exc.problems)
+    return f"{where}: {len(exc.problems)} problems: " + "; ".join(exc.problems)
 
 
 class _LiveView:

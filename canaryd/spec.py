@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from analysis.verdict import format_duration
-from simulator.yamlload import YAMLInputError, load_yaml
+from simulator.yamlload import YAMLInputError, load_yaml, one_line, short_repr
 
 API_GROUP = "canaryd.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -70,7 +70,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration must be a number of seconds or a string like '1m'")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past 1.8e308
+            raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         negative = text.startswith("-")
@@ -81,7 +84,7 @@ def parse_duration(value: object) -> float:
             seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(body))
         else:
             raise ValueError(
-                f"'{value}' is not a duration; write it like 30s, 1m, 10m, 1h30m "
+                f"{short_repr(value)} is not a duration; write it like 30s, 1m, 10m, 1h30m "
                 "or a number of seconds"
             )
         seconds = -seconds if negative else seconds
@@ -90,7 +93,7 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds):
         raise ValueError("a duration must be finite")
     if seconds < 0:
-        raise ValueError(f"durations cannot be negative (got {value!r})")
+        raise ValueError(f"durations cannot be negative (got {short_repr(value)})")
     if seconds > MAX_DURATION_S:
         raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}")
     return seconds
@@ -585,8 +588,8 @@ def describe_errors(error: ValidationError, model: type[BaseModel], prefix: str)
             if err["type"] not in ("value_error", "assertion_error") and not isinstance(
                 bad_input, dict | list
             ):
-                msg += f" (got {bad_input!r})"
-        lines.append(f"{path}: {msg}")
+                msg += f" (got {short_repr(bad_input)})"
+        lines.append(one_line(f"{path}: {msg}"))
     return lines
 
 
@@ -601,9 +604,10 @@ def parse_spec(data: Mapping[str, Any] | None, source: str = "") -> CanarySpec:
     if "kind" in data or "apiVersion" in data or "metadata" in data:
         problems = []
         if data.get("apiVersion") != API_VERSION:
-            problems.append(f"apiVersion: expected '{API_VERSION}', got {data.get('apiVersion')!r}")
+            got = short_repr(data.get("apiVersion"))
+            problems.append(f"apiVersion: expected '{API_VERSION}', got {got}")
         if data.get("kind") != KIND:
-            problems.append(f"kind: expected '{KIND}', got {data.get('kind')!r}")
+            problems.append(f"kind: expected '{KIND}', got {short_repr(data.get('kind'))}")
         spec_data = data.get("spec") or {}
         if not isinstance(spec_data, dict):
             problems.append("spec: must be a mapping")

@@ -37,7 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import ErrorDetails
 
 from simulator.traffic import Behaviour, daily_factor, daily_factor_mean
-from simulator.yamlload import YAMLInputError, load_yaml
+from simulator.yamlload import YAMLInputError, load_yaml, one_line
+
+#: Bounds that keep one run quick and its numbers sane (numpy's Poisson sampler fails
+#: from about 1e19 requests a tick; every tick looks at every event).
+MAX_RPS = 1e9
+MAX_DURATION_S = 86_400.0  # one virtual day
+MAX_EVENTS = 1_000
 
 #: The two arms a behaviour can be asked for.
 VersionName = Literal["stable", "canary"]
@@ -106,7 +112,7 @@ class Traffic(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    rps: float = Field(gt=0, description="total requests per second")
+    rps: float = Field(gt=0, le=MAX_RPS, description="total requests per second")
     daily: bool = Field(
         default=False, description="multiply rps by a daily curve (0.5 at 03:00, 1.5 at 15:00)"
     )
@@ -128,7 +134,9 @@ class Event(BaseModel):
     latency_ms: PartialLatency | None = Field(
         default=None, description="new latency quantiles, in ms"
     )
-    rps: float | None = Field(default=None, gt=0, description="new total requests per second")
+    rps: float | None = Field(
+        default=None, gt=0, le=MAX_RPS, description="new total requests per second"
+    )
 
     @property
     def changes_behaviour(self) -> bool:
@@ -178,11 +186,13 @@ class Scenario(BaseModel):
 
     name: str = Field(min_length=1, description="short identifier")
     description: str = Field(default="", description="free text")
-    duration_s: float = Field(default=3600.0, gt=0, description="virtual run length, in s")
+    duration_s: float = Field(
+        default=3600.0, gt=0, le=MAX_DURATION_S, description="virtual run length, in s"
+    )
     traffic: Traffic
     stable: VersionSpec
     canary: VersionSpec
-    events: tuple[Event, ...] = ()
+    events: tuple[Event, ...] = Field(default=(), max_length=MAX_EVENTS)
 
     @model_validator(mode="after")
     def _check_events(self) -> Self:
@@ -366,11 +376,10 @@ def _describe(error: ErrorDetails) -> str:
 
 
 def _describe_validation(exc: ValidationError, source: str) -> str:
-    problems = [_describe(error) for error in exc.errors(include_url=False)]
+    problems = [one_line(_describe(error)) for error in exc.errors(include_url=False)]
     if len(problems) == 1:
         return f"{source}: {problems[0]}"
-    listed = "\n".join(f"  - {problem}" for problem in problems)
-    return f"{source}: {len(problems)} problems in scenario:\n{listed}"
+    return f"{source}: {len(problems)} problems in scenario: " + "; ".join(problems)
 
 
 def load_scenario_text(text: str, source: str = "<string>") -> Scenario:
