@@ -76,7 +76,7 @@ from canaryd.rollout import (
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
 from canaryd.workloads import template_digest
-from simulator.informer import Informer, ListFn
+from simulator.informer import Informer, ListFn, custom_list_fn
 
 log = structlog.get_logger("canaryd.daemon")
 
@@ -89,8 +89,8 @@ _PROGRESS_FIELDS = (
     "message",
 )
 
-#: status writes of the reconcile running in this task (for :class:`RoundStats`)
 CANARIES, DEPLOYMENTS = "canaries", "deployments"  # what a watch streams
+#: status writes of the reconcile running in this task (for :class:`RoundStats`)
 _WRITES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("writes", default=None)
 
 
@@ -430,11 +430,7 @@ class Daemon:
             if namespace:
                 return functools.partial(apps.list_namespaced_deployment, namespace)
             return apps.list_deployment_for_all_namespaces
-        if namespace:
-            return functools.partial(
-                custom.list_namespaced_custom_object, API_GROUP, VERSION, namespace, PLURAL
-            )
-        return functools.partial(custom.list_cluster_custom_object, API_GROUP, VERSION, PLURAL)
+        return custom_list_fn(custom, API_GROUP, VERSION, PLURAL, namespace)
 
     def _on_deployment_event(self, kind: str, deployment: dict[str, Any]) -> None:
         """Wake the Canaries whose canary Deployment's spec changed (its generation)."""
@@ -886,11 +882,11 @@ class Daemon:
                     template = await self.workloads.template_hash(ref, spec)
                 except (WorkloadError, KubeError) as exc:
                     log.warning("cannot read the canary workload", error=str(exc))
-        drift = next(
-            (c for c in status.conditions if c.type == "TrafficDrift" and c.status == "True"), None
-        )
-        hold_for_drift = drift is not None and (
-            spec.traffic_routing is None or spec.traffic_routing.on_drift == "hold"
+        drift = status.condition("TrafficDrift")
+        hold_for_drift = (
+            drift is not None
+            and drift.status == "True"
+            and (spec.traffic_routing is None or spec.traffic_routing.on_drift == "hold")
         )
         return Observed(
             metrics=metrics,
@@ -926,7 +922,7 @@ class Daemon:
         if not self.acting:
             return canary
         ref, status = canary.ref, canary.status
-        ready = next((c for c in status.conditions if c.type == "Ready"), None)
+        ready = status.condition("Ready")
         tracked = self._track(ref)
         last = tracked.readiness_checked
         fresh = (
@@ -1042,7 +1038,7 @@ class Daemon:
         if result.scaled_down:
             log.info("canary scaled down: every route reads 0%")
         now = self.clock()
-        drift_before = next((c for c in status.conditions if c.type == "TrafficDrift"), None)
+        drift_before = status.condition("TrafficDrift")
         drifting_before = drift_before is not None and drift_before.status == "True"
         event: tuple[str, bool] | None = None  # (message, warning)
         if result.ok:

@@ -213,12 +213,16 @@ class CanaryStatus(_Model):
         """Stable traffic, percent: always ``100 - canary_weight``."""
         return 100 - self.canary_weight
 
+    def condition(self, type_: str) -> Condition | None:
+        """The condition ``type_``, if set."""
+        return next((c for c in self.conditions if c.type == type_), None)
+
     def with_condition(
         self, type_: str, ok: bool, reason: str, message: str, now: datetime
     ) -> CanaryStatus:
         """This status with condition ``type_`` set (transition time kept if unchanged)."""
         value = "True" if ok else "False"
-        old = next((c for c in self.conditions if c.type == type_), None)
+        old = self.condition(type_)
         since = old.last_transition_time if old is not None and old.status == value else now
         new = Condition(
             type=type_, status=value, reason=reason, message=message, last_transition_time=since

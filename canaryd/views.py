@@ -159,7 +159,7 @@ class CommandAccepted(_View):
 def summary_of(canary: CanaryObject) -> CanarySummary:
     st = canary.status
     verdict = st.last_verdict
-    ready = next((c for c in st.conditions if c.type == "Ready"), None)
+    ready = st.condition("Ready")
     meta = canary.raw.get("metadata") or {}
     created = meta.get("creationTimestamp")
     waiting = None

@@ -131,14 +131,16 @@ class Deployments:
         template that was analysed."""
         stable_name, canary_name = _names(spec)
         canary = await self._read(ref.namespace, canary_name)
-        now_hash = template_hash
         if template_hash is not None:
+            # the digest is of the Deployment as JSON (as its watch sees it), hence the
+            # raw read; the template copied is the typed read's, made just before it.
+            # A change between the two reads shows in the second: refused too.
             now_hash = template_digest(await self._read_json(ref.namespace, canary_name))
-        if now_hash != template_hash:
-            raise WorkloadError(
-                f"not promoting: the canary's pod template is {now_hash}, not the "
-                f"{template_hash} that was analysed"
-            )
+            if now_hash != template_hash:
+                raise WorkloadError(
+                    f"not promoting: the canary's pod template is {now_hash}, not the "
+                    f"{template_hash} that was analysed"
+                )
 
         def copy_template(stable: Any) -> bool:
             annotations = dict(stable.metadata.annotations or {})

@@ -23,6 +23,7 @@ callbacks run on the informer's thread.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -41,6 +42,18 @@ Obj = dict[str, Any]
 #: version, plural, namespace already given), e.g. ``functools.partial(
 #: custom.list_namespaced_custom_object, group, version, namespace, plural)``.
 ListFn = Callable[..., Any]
+
+
+def custom_list_fn(
+    api: Any, group: str, version: str, plural: str, namespace: str | None
+) -> ListFn:
+    """The list call of one custom resource kind in one scope (``None``: every
+    namespace), for an :class:`Informer`; ``api`` is a ``CustomObjectsApi``."""
+    if namespace:
+        return functools.partial(
+            api.list_namespaced_custom_object, group, version, namespace, plural
+        )
+    return functools.partial(api.list_cluster_custom_object, group, version, plural)
 
 
 def _untyped(list_fn: ListFn) -> ListFn:

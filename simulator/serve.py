@@ -96,7 +96,7 @@ from prometheus_client.samples import Sample
 
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS
 from simulator.engine import Simulation
-from simulator.informer import Informer, ListFn
+from simulator.informer import Informer, custom_list_fn
 from simulator.scenario import Scenario, ScenarioError, get_scenario, load_scenario_file
 
 __all__ = [
@@ -359,17 +359,6 @@ def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int
     return round(100 * _weight(canary, alone, where) / total)
 
 
-def _list_call(
-    api: k8s.CustomObjectsApi, group: str, version: str, plural: str, namespace: str | None
-) -> ListFn:
-    """The list call of one custom resource kind in one scope, for an :class:`Informer`."""
-    if namespace:
-        return functools.partial(
-            api.list_namespaced_custom_object, group, version, namespace, plural
-        )
-    return functools.partial(api.list_cluster_custom_object, group, version, plural)
-
-
 # --------------------------------------------------------------------------- the emulator
 
 
@@ -495,7 +484,7 @@ class MeshEmulator:
         self._scopes = scopes
         self._vs_informers = [
             Informer(
-                _list_call(custom, ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL, scope),
+                custom_list_fn(custom, ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL, scope),
                 f"{VS_PLURAL} in {scope or 'all namespaces'}",
                 functools.partial(self._on_vs_list, scope), self._on_vs_event,
                 self._halt, watch_timeout_s,
@@ -504,7 +493,7 @@ class MeshEmulator:
         ]  # fmt: skip
         self._canary_informers = [
             Informer(
-                _list_call(custom, CANARY_GROUP, CANARY_VERSION, CANARY_PLURAL, scope),
+                custom_list_fn(custom, CANARY_GROUP, CANARY_VERSION, CANARY_PLURAL, scope),
                 f"{CANARY_PLURAL} in {scope or 'all namespaces'}",
                 functools.partial(self._on_canary_list, scope), self._on_canary_event,
                 self._halt, watch_timeout_s,
