@@ -41,7 +41,8 @@ unit: $(VENV)/.installed-dev services
 	$(BIN)/pytest -n 2
 
 # What the tests run themselves (tests/services.py, tests/test_dashboard.py), installed if
-# missing from Debian's packages: Prometheus, and Chromium for the dashboard's browser test
+# missing from Debian's packages: Prometheus, Mosquitto (the MQTT tests' broker, at
+# /usr/sbin/mosquitto), and Chromium for the dashboard's browser test
 # (driven by Playwright at /usr/bin/chromium; no tool downloads a browser).  Their system
 # services are not started (policy-rc.d says no, unless a policy is already in place) and
 # not needed: each test starts its own instance on a free port.
@@ -49,12 +50,13 @@ POLICY_RC_D ?= /usr/sbin/policy-rc.d
 services:
 	@missing=; command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	  [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	  [ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
 	  else echo "make: the tests need$$missing: as root, run: apt-get install -y$$missing" >&2; exit 1; fi; \
 	  command -v apt-get >/dev/null 2>&1 || { \
-	    echo "make: the tests need$$missing (Prometheus >= 2.42 on PATH, /usr/bin/chromium); no apt-get here to install them" >&2; exit 1; }; \
+	    echo "make: the tests need$$missing (Prometheus >= 2.42 on PATH, /usr/bin/chromium, /usr/sbin/mosquitto); no apt-get here to install them" >&2; exit 1; }; \
 	  echo "== installing for the tests:$$missing (apt-get install)"; \
 	  policy=; if [ ! -e $(POLICY_RC_D) ]; then policy=$(POLICY_RC_D); \
 	    printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy; fi; \

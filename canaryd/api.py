@@ -22,7 +22,7 @@ import hmac
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -180,6 +180,8 @@ class ApiSettings:
 
 #: writes a command onto the Canary (``Kube.add_command``)
 Submit = Callable[[CanaryRef, Command], Awaitable[None]]
+#: Slack's interactions endpoint: (raw body, headers) → (HTTP status, JSON answer)
+SlackHandler = Callable[[bytes, Mapping[str, str]], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 class ApiError(Exception):
@@ -240,8 +242,11 @@ def create_app(
     *,
     readiness: Callable[[], tuple[bool, dict[str, object]]] = lambda: (True, {"ready": True}),
     leader: Callable[[], bool] = lambda: True,
+    slack_interactions: SlackHandler | None = None,
 ) -> FastAPI:
-    """The ASGI app of the status API, metrics and dashboard."""
+    """The ASGI app of the status API, metrics and dashboard; with
+    ``slack_interactions``, also ``POST /slack/interactions`` (Slack's signed button
+    clicks: Slack's signature is the credential, not a bearer token)."""
     settings = settings or ApiSettings()
     app = FastAPI(
         title="canaryd",
@@ -544,6 +549,20 @@ def create_app(
         return await command(
             CanaryRef(namespace, name), who, request, CommandKind.SKIP, reason=reason
         )
+
+    if slack_interactions is not None:
+        handle_slack = slack_interactions
+
+        @app.post(
+            "/slack/interactions",
+            tags=["slack"],
+            summary="Slack's interactive button clicks (Approve, Abort), signed by Slack",
+            responses={401: {"description": "bad or stale Slack signature"}},
+        )
+        async def slack(request: Request) -> JSONResponse:
+            body = await request.body()
+            status, answer = await handle_slack(body, dict(request.headers))
+            return JSONResponse(answer, status_code=status)
 
     # -- probes, metrics, dashboard ------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import functools
 import math
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 from canaryd.converger import Converger, Stage, route_pcts
+from canaryd.events import EventReason, RolloutEvent, event_of
 from canaryd.hub import StatusHub
 from canaryd.kube import (
     COMMANDS_ANNOTATION,
@@ -56,6 +57,7 @@ from canaryd.kube import (
 )
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.metrics import METRIC_QUERIES, RECONCILE_SECONDS, ROLLOUT_SECONDS
+from canaryd.outbox import Notifier
 from canaryd.ports import (
     CanaryRef,
     MetricsError,
@@ -65,6 +67,7 @@ from canaryd.ports import (
     WorkloadError,
     Workloads,
 )
+from canaryd.redact import redact
 from canaryd.rollout import (
     Command,
     CommandKind,
@@ -250,6 +253,7 @@ class Daemon:
         settings: DaemonSettings | None = None,
         clock: Callable[[], datetime] | None = None,
         hub: StatusHub | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.kube = kube
         self.metrics = metrics
@@ -270,6 +274,10 @@ class Daemon:
         self._stop = asyncio.Event()
         #: what the status API reads: snapshots, events and series of every Canary
         self.hub = hub if hub is not None else StatusHub()
+        #: where rollout events go besides logs, Kubernetes Events and the hub
+        self.notifier = notifier if notifier is not None else Notifier()
+        #: every event told, oldest first, bounded (for tests and ``canaryd status``)
+        self.told: deque[RolloutEvent] = deque(maxlen=1000)
         #: how the last listing of Canaries went, for /readyz: None before the first,
         #: "" when it succeeded, else its error
         self.listed: str | None = None
@@ -318,6 +326,7 @@ class Daemon:
                 background.append(group.create_task(self.elector.run(stop), name="leader"))
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
+            background.append(group.create_task(self.notifier.run(), name="notifier"))
             if self.settings.watch_deployments:
                 background.append(
                     group.create_task(self._watch_deployments(), name="watch-deployments")
@@ -710,15 +719,18 @@ class Daemon:
                 log.warning("cannot restore traffic before deletion; retrying", error=problem)
                 return canary
             with contextlib.suppress(KubeError):
-                await self.kube.emit_event(
-                    canary, "FinalizerTimeout",
+                await self.tell(
+                    canary, spec, EventReason.FINALIZER_TIMEOUT,
                     f"deleted without restoring traffic after {waited_s:.0f}s: {problem}",
                     warning=True,
                 )  # fmt: skip
         else:
             with contextlib.suppress(KubeError):
-                await self.kube.emit_event(
-                    canary, "TrafficRestored", "Canary deleted: all traffic back on stable"
+                await self.tell(
+                    canary,
+                    spec,
+                    EventReason.TRAFFIC_RESTORED,
+                    "Canary deleted: all traffic back on stable",
                 )
         await self.kube.set_finalizers(canary, [f for f in finalizers if f != FINALIZER])
         log.info("finalizer removed", traffic_restored=problem is None)
@@ -969,8 +981,48 @@ class Daemon:
         written = await self.kube.write_status(canary, status)
         self._wrote()
         with contextlib.suppress(KubeError):
-            await self.kube.emit_event(written, reason, message, warning=True)
+            await self.tell(
+                written, canary.spec, EventReason.NOT_READY, message, warning=True,
+                kube_reason=reason,
+            )  # fmt: skip
         return written
+
+    async def tell(
+        self,
+        canary: CanaryObject,
+        spec: CanarySpec | None,
+        reason: EventReason,
+        message: str,
+        *,
+        warning: bool = False,
+        kube_reason: str | None = None,
+    ) -> RolloutEvent:
+        """Tell the world, one event for every sink and in the same order: the log
+        line, the status API's stream, Slack, webhooks and MQTT (through the notifier's
+        queues: never waits), and last the Kubernetes Event (an API call; its
+        KubeError reaches the caller).  ``canary`` is as written with the change.
+        ``kube_reason`` gives the Kubernetes Event a finer reason (NotReady's cause)."""
+        event = event_of(
+            canary.ref.namespace, canary.ref.name, canary.status,
+            list(spec.steps) if spec is not None else [], reason, redact(message),
+            self.clock(), warning=warning,
+        )  # fmt: skip
+        verdict = event.verdict
+        (log.warning if warning else log.info)(
+            str(reason),
+            message=event.message,
+            event_id=event.id,
+            phase=str(event.phase),
+            weight=event.weight_pct,
+            reasons=verdict.reasons if verdict else [],
+        )
+        self.told.append(event)
+        self.hub.rollout(event)
+        self.notifier.publish(event)
+        await self.kube.emit_event(
+            canary, kube_reason or str(reason), event.message, warning=warning
+        )
+        return event
 
     async def _promote_and_notify(
         self, canary: CanaryObject, spec: CanarySpec, actions: tuple[Any, ...]
@@ -988,16 +1040,8 @@ class Daemon:
                         ref, spec, action.revision, action.template_hash
                     )
                 elif isinstance(action, Notify):
-                    verdict = canary.status.last_verdict
-                    log.info(
-                        action.reason,
-                        message=action.message,
-                        phase=str(canary.status.phase),
-                        weight=canary.status.canary_weight,
-                        reasons=verdict.reasons if verdict else [],
-                    )
-                    await self.kube.emit_event(
-                        canary, action.reason, action.message, warning=action.warning
+                    await self.tell(
+                        canary, spec, action.reason, action.message, warning=action.warning
                     )
             except (RoutingError, WorkloadError, KubeError) as exc:
                 # the status is written: the next round converges what did not happen now
@@ -1087,7 +1131,7 @@ class Daemon:
             )  # fmt: skip
         if event is not None:
             with contextlib.suppress(KubeError):
-                await self.kube.emit_event(canary, "TrafficDrift", event[0], warning=event[1])
+                await self.tell(canary, spec, EventReason.TRAFFIC_DRIFT, event[0], warning=event[1])
         new_status = new_status.model_copy(update={"traffic_verified": result.verified})
         if new_status == status:
             return canary

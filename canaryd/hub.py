@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from analysis.counts import ArmCounts, Observation
+from canaryd.events import RolloutEvent
 from canaryd.kube import CanaryObject
 from canaryd.ports import CanaryRef
 from canaryd.status import Phase, VerdictDecision, VerdictRecord
@@ -161,6 +162,16 @@ class StatusHub:
             self._publish(
                 EventType.VERDICT, canary.ref, _with(verdict.decision, reason), summary, verdict.at
             )
+
+    @_locked
+    def rollout(self, event: RolloutEvent) -> None:
+        """A rollout event (the daemon's, as every sink gets it) onto the stream."""
+        ref = CanaryRef(event.namespace, event.name)
+        entry = self._entries.get(ref)
+        self._publish(
+            EventType.ROLLOUT, ref, f"{event.reason}: {event.message}",
+            entry.summary if entry else None, event.at, event,
+        )  # fmt: skip
 
     @_locked
     def remove(self, ref: CanaryRef, now: datetime | None = None) -> None:
@@ -388,6 +399,7 @@ class StatusHub:
         message: str,
         summary: CanarySummary | None,
         at: datetime | None,
+        rollout: RolloutEvent | None = None,
     ) -> None:
         self._seq += 1
         event = EventView(
@@ -398,6 +410,7 @@ class StatusHub:
             name=ref.name,
             message=message,
             canary=summary,
+            event=rollout,
         )
         if len(self._ring) == self._ring.maxlen:
             self._encoded.pop(self._ring[0].id, None)

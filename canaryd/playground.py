@@ -147,7 +147,7 @@ def sample_objects(sample: Sample, interval_s: float) -> list[tuple[str, str, st
             "approvals": {
                 "before": list(sample.approvals_before),
                 "timeout": "1h",
-                "onTimeout": "wait",
+                "onTimeout": "hold",
             },
         },
     }

@@ -28,6 +28,7 @@ from enum import StrEnum
 from analysis.counts import ArmCounts, Observation
 from analysis.engine import LatencySettings, Settings, StepData, evaluate
 from analysis.verdict import CheckStatus, Decision, Verdict, format_duration
+from canaryd.events import EventReason
 from canaryd.spec import CanarySpec
 from canaryd.status import (
     ApprovalRecord,
@@ -110,9 +111,10 @@ class PromoteStable:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    """Tell the world (Kubernetes Event, MQTT, logs): ``reason`` is a CamelCase word."""
+    """Tell the world: the daemon turns it into a :class:`~canaryd.events.RolloutEvent`
+    for every sink (Kubernetes Event, log, SSE, Slack, webhooks, MQTT)."""
 
-    reason: str
+    reason: EventReason
     message: str
     warning: bool = False
 
@@ -161,7 +163,7 @@ class _Run:
     def update(self, **changes: object) -> None:
         self.status = self.status.model_copy(update=changes)
 
-    def emit(self, reason: str, message: str, *, warning: bool = False) -> None:
+    def emit(self, reason: EventReason, message: str, *, warning: bool = False) -> None:
         self.actions.append(Notify(reason, message, warning))
 
     # -- transitions -----------------------------------------------------------------
@@ -176,7 +178,7 @@ class _Run:
         )
         self.status = fresh
         who = f" by {by}" if by else ""
-        self.emit("RolloutStarted", f"rollout of revision {revision} started{who}")
+        self.emit(EventReason.ROLLOUT_STARTED, f"rollout of revision {revision} started{who}")
         self.enter_or_wait(0)
 
     def enter_or_wait(self, index: int) -> None:
@@ -190,7 +192,7 @@ class _Run:
                 pending_step_index=index,
                 message=f"waiting for approval to move to {weight}%",
             )
-            self.emit("WaitingApproval", f"approval needed before the {weight}% step")
+            self.emit(EventReason.WAITING_APPROVAL, f"approval needed before the {weight}% step")
             return
         self.enter_step(index)
 
@@ -221,7 +223,10 @@ class _Run:
             history=history,
             message=f"step {index + 1}/{len(self.spec.steps)}: {weight}% of traffic on the canary",
         )
-        self.emit("StepStarted", f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%")
+        self.emit(
+            EventReason.STEP_STARTED,
+            f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%",
+        )
 
     def finish_history(self, verdict: StepOutcome, reasons: Sequence[str]) -> None:
         """Record the current step's outcome in the audit trail."""
@@ -249,7 +254,9 @@ class _Run:
         self.finish_history(verdict, reasons)
         index = self.status.step_index
         weight = self.spec.steps[index]
-        self.emit("StepPassed", f"{weight}% {reasons[0] if reasons else 'step ' + verdict}")
+        self.emit(
+            EventReason.STEP_PASSED, f"{weight}% {reasons[0] if reasons else 'step ' + verdict}"
+        )
         if index + 1 < len(self.spec.steps):
             self.enter_or_wait(index + 1)
             return
@@ -260,7 +267,7 @@ class _Run:
                 phase_since=self.now,
                 message=f"revision {revision} promoted: canary carries 100% (weights-only)",
             )
-            self.emit("Promoted", f"revision {revision} promoted (weights-only)")
+            self.emit(EventReason.PROMOTED, f"revision {revision} promoted (weights-only)")
             return
         self.update(
             phase=Phase.PROMOTING,
@@ -268,7 +275,7 @@ class _Run:
             message=f"promoting revision {revision}: rolling it out to the stable workload",
         )
         self.actions.append(PromoteStable(revision, self.status.template_hash))
-        self.emit("Promoting", f"copying revision {revision} to the stable workload")
+        self.emit(EventReason.PROMOTING, f"copying revision {revision} to the stable workload")
 
     def rollback(self, reasons: Sequence[str], verdict: StepOutcome = StepOutcome.ROLLBACK) -> None:
         """Canary weight 0 first, then scale the canary down."""
@@ -281,7 +288,7 @@ class _Run:
             pending_step_index=None,
             message=f"rolled back: {first}",
         )
-        self.emit("RolledBack", f"rolled back: {first}", warning=True)
+        self.emit(EventReason.ROLLED_BACK, f"rolled back: {first}", warning=True)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -294,7 +301,7 @@ class _Run:
                 return  # already rolling out, or already promoted: a re-run pipeline
             if phase.active:
                 self.emit(
-                    "Superseded",
+                    EventReason.SUPERSEDED,
                     f"revision {self.status.revision} superseded by {revision}",
                     warning=True,
                 )
@@ -322,7 +329,7 @@ class _Run:
         self.update(approvals=[*self.status.approvals, record])
         if self.status.phase is Phase.WAITING_APPROVAL and weight == waiting_weight:
             assert pending is not None
-            self.emit("Approved", f"{weight}% step approved by {record.by}")
+            self.emit(EventReason.APPROVED, f"{weight}% step approved by {record.by}")
             if pending == self.status.step_index and self.status.step_started_at is not None:
                 # a pause (noData.then: pause) resumes the step it interrupted
                 self.update(phase=Phase.PROGRESSING, pending_step_index=None, last_data_at=self.now)
@@ -378,7 +385,7 @@ class _Run:
             self.advance(verdict.reasons)
         elif decision is Decision.HOLD:
             if self.status.phase is not Phase.HOLDING:
-                self.emit("Holding", verdict.reasons[0], warning=True)
+                self.emit(EventReason.HOLDING, verdict.reasons[0], warning=True)
             self.update(phase=Phase.HOLDING, message=f"holding: {verdict.reasons[0]}")
             if verdict.shared_incident:
                 # The incident's data says nothing about the canary: once it is over,
@@ -387,7 +394,7 @@ class _Run:
                 self.restart_window(metrics.stable, metrics.canary, drop=shared)
         else:
             if self.status.phase is Phase.HOLDING:
-                self.emit("Resumed", verdict.reasons[0])
+                self.emit(EventReason.RESUMED, verdict.reasons[0])
             self.update(phase=Phase.PROGRESSING, message=verdict.reasons[0])
 
     def template_changed(self) -> None:
@@ -403,7 +410,7 @@ class _Run:
             return
         revision = st.revision or "unversioned"
         self.emit(
-            "RolloutRestarted",
+            EventReason.ROLLOUT_RESTARTED,
             f"the canary's pod template changed during the rollout of {revision} "
             f"(template {st.template_hash} → {now_hash}, at {st.canary_weight}%): the "
             "rollout restarts from the first step, so that what is promoted is what was "
@@ -425,7 +432,7 @@ class _Run:
         if drift is not None:
             if st.phase is Phase.PROGRESSING or (st.phase is Phase.HOLDING and not held):
                 reason = f"traffic drift: {drift}"
-                self.emit("Holding", reason, warning=True)
+                self.emit(EventReason.HOLDING, reason, warning=True)
                 self.update(
                     phase=Phase.HOLDING,
                     message=f"holding: {reason}",
@@ -439,7 +446,7 @@ class _Run:
                 f"the routes read {st.canary_weight}% canary again: the step's analysis "
                 "window restarts now"
             )
-            self.emit("Resumed", reason)
+            self.emit(EventReason.RESUMED, reason)
             metrics = self.observed.metrics
             if metrics is not None and metrics.stable is not None and metrics.canary is not None:
                 self.restart_window(metrics.stable, metrics.canary)
@@ -533,7 +540,7 @@ class _Run:
                 pending_step_index=st.step_index,
                 message=f"paused: {reason}; approve to resume",
             )
-            self.emit("Paused", reason, warning=True)
+            self.emit(EventReason.PAUSED, reason, warning=True)
         return True
 
     def no_data(self, why: str) -> None:
@@ -542,7 +549,7 @@ class _Run:
         reason = f"no metrics: {why}"
         record = VerdictRecord(decision=VerdictDecision.HOLD, at=self.now, reasons=[reason])
         if self.status.phase is Phase.PROGRESSING:
-            self.emit("Holding", reason, warning=True)
+            self.emit(EventReason.HOLDING, reason, warning=True)
             self.update(phase=Phase.HOLDING, message=f"holding: {reason}", last_verdict=record)
 
     def timers(self) -> None:
@@ -569,7 +576,7 @@ class _Run:
                     canary_weight=0,
                     message=f"revision {revision} promoted: stable runs it and carries all traffic",
                 )
-                self.emit("Promoted", f"revision {revision} promoted")
+                self.emit(EventReason.PROMOTED, f"revision {revision} promoted")
             elif waited_s >= self.spec.promotion.timeout:
                 self.update(
                     phase=Phase.FAILED,
@@ -580,7 +587,7 @@ class _Run:
                         "the canary keeps all traffic"
                     ),
                 )
-                self.emit("PromotionFailed", self.status.message, warning=True)
+                self.emit(EventReason.PROMOTION_FAILED, self.status.message, warning=True)
             else:
                 self.actions.append(PromoteStable(revision, self.status.template_hash))
 

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -36,6 +37,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from analysis.verdict import format_duration
+from canaryd.events import EventReason
 from simulator.yamlload import YAMLInputError, load_yaml, one_line, short_repr
 
 API_GROUP = "canaryd.io"
@@ -458,7 +460,11 @@ class Metrics(_Model):
 class SlackApproval(_Model):
     """Ask for approvals in a Slack channel."""
 
-    channel: str = Field(min_length=1, max_length=80)
+    channel: str = Field(min_length=1, max_length=80, description="channel name or ID")
+
+
+#: Slack user IDs (U…, W…) and user-group IDs (S…).
+SLACK_ID = re.compile(r"^[UWS][A-Z0-9]{2,20}$")
 
 
 class Approvals(_Model):
@@ -468,10 +474,82 @@ class Approvals(_Model):
         default_factory=list, description="step weights (%) that need approval to enter"
     )
     slack: SlackApproval | None = None
-    timeout: Duration = Field(default=3600.0, description="how long to wait for approval")
-    on_timeout: Literal["abort", "wait"] = Field(
-        default="abort", description="abort the rollout, or keep waiting"
+    approvers: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Slack user IDs (U…) or user-group IDs (S…) allowed to approve in Slack; "
+            "empty: anyone in the channel"
+        ),
     )
+    timeout: Duration = Field(default=3600.0, description="how long to wait for approval")
+    on_timeout: Literal["abort", "hold"] = Field(
+        default="abort",
+        description="abort the rollout, or hold at the current step until someone decides",
+    )
+
+    @field_validator("on_timeout", mode="before")
+    @classmethod
+    def _legacy_wait(cls, v: object) -> object:
+        return "hold" if v == "wait" else v  # "wait" was this setting's first name
+
+    @field_validator("approvers")
+    @classmethod
+    def _slack_ids(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if not SLACK_ID.match(a)]
+        if bad:
+            raise ValueError(
+                f"approvers are Slack user IDs (U…) or user-group IDs (S…), got {bad[:3]}"
+            )
+        return v
+
+
+class SlackNotifications(_Model):
+    """Where this Canary's rollout messages go in Slack."""
+
+    channel: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=80,
+        description="channel name or ID (default: the approvals channel, then the daemon's)",
+    )
+
+
+class Webhook(_Model):
+    """An HTTP endpoint that receives every event (or the listed ones) as signed JSON."""
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL")
+    events: list[str] = Field(
+        default_factory=list, max_length=50, description="event reasons to send; empty: all"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"a webhook URL is http:// or https:// with a host, got {v!r}")
+        if parts.username or parts.password:
+            raise ValueError(
+                "a webhook URL carries no credentials: canaryd signs each request instead"
+            )
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _known_reasons(cls, v: list[str]) -> list[str]:
+        known = {r.value for r in EventReason}
+        bad = [e for e in v if e not in known]
+        if bad:
+            raise ValueError(f"unknown event reasons {bad[:3]}; known: {', '.join(sorted(known))}")
+        return v
+
+
+class Notifications(_Model):
+    """Where this Canary's events go besides Kubernetes Events, logs and MQTT."""
+
+    slack: SlackNotifications | None = None
+    webhooks: list[Webhook] = Field(default_factory=list, max_length=10)
 
 
 class Promotion(_Model):
@@ -503,6 +581,7 @@ class CanarySpec(_Model):
         default_factory=Metrics, description="where the Prometheus source finds both arms"
     )
     approvals: Approvals = Field(default_factory=Approvals)
+    notifications: Notifications = Field(default_factory=Notifications)
     promotion: Promotion = Field(default_factory=Promotion)
     trigger: Literal["manual", "auto"] = Field(
         default="manual",

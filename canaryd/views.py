@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from analysis.counts import ArmCounts
 from analysis.histogram import histogram_quantile
+from canaryd.events import RolloutEvent
 from canaryd.kube import CanaryObject
 from canaryd.status import (
     ApprovalRecord,
@@ -41,6 +42,7 @@ class EventType(StrEnum):
     WEIGHT = "weight"  #: the canary weight changed
     VERDICT = "verdict"  #: a new analysis verdict (hold, rollback or pass; not "continue")
     RESET = "reset"  #: the stream could not resume from Last-Event-ID: reload everything
+    ROLLOUT = "rollout"  #: a rollout event (``event``: the one model every sink receives)
 
 
 class CanarySummary(_View):
@@ -89,6 +91,9 @@ class EventView(_View):
     name: str
     message: str
     canary: CanarySummary | None = None
+    event: RolloutEvent | None = Field(
+        default=None, description="for type rollout: the event as Slack, webhooks and MQTT get it"
+    )
 
 
 class CanaryDetail(_View):

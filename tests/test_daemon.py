@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from canaryd.daemon import Daemon, DaemonSettings, _Worker
+from canaryd.events import RolloutEvent
 from canaryd.istio import IstioRouter
 from canaryd.kube import Kube
 from canaryd.leader import LeaseSettings
+from canaryd.outbox import Notifier
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
 from canaryd.simsource import SimulatedMetrics
@@ -80,6 +82,7 @@ class Harness:
         speed: float = 60.0,
         status_refresh_s: float = 30.0,
         resync_s: float = 1.0,
+        notifier: Notifier | None = None,
     ) -> None:
         self.server = server
         self.api = server.api_client()
@@ -93,7 +96,10 @@ class Harness:
             drain_s=5.0,
             status_refresh_s=status_refresh_s,
         )
-        self.daemon = Daemon(self.kube, self.metrics, self.router, Deployments(self.kube), settings)
+        self.daemon = Daemon(
+            self.kube, self.metrics, self.router, Deployments(self.kube), settings,
+            notifier=notifier,
+        )  # fmt: skip
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -161,6 +167,50 @@ def test_healthy_canary_goes_10_50_100_and_is_promoted(cluster: KubeApiServer) -
     events = cluster.list_objects("", "v1", "events", NS)
     reasons = [e["reason"] for e in events]
     assert {"RolloutStarted", "StepStarted", "StepPassed", "Promoting", "Promoted"} <= set(reasons)
+
+
+class Recorder:
+    """A sink that keeps what it is offered (and sends it nowhere)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.events: list[RolloutEvent] = []
+
+    def offer(self, event: RolloutEvent) -> None:
+        self.events.append(event)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_every_sink_gets_the_same_events_in_the_same_order(cluster: KubeApiServer) -> None:
+    recorder = Recorder()
+
+    async def scenario() -> Harness:
+        async with Harness(cluster, get_scenario("healthy"), notifier=Notifier([recorder])) as h:
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            await h.until(lambda obj: phase(obj) == "Succeeded")
+            return h
+
+    h = asyncio.run(scenario())
+    reasons = [str(e.reason) for e in recorder.events]
+    assert reasons[0] == "RolloutStarted" and reasons[-1] == "Promoted"
+    steps = [e.weight_pct for e in recorder.events if e.reason == "StepStarted"]
+    assert steps == [10, 50, 100]
+    assert reasons.index("Promoting") < reasons.index("Promoted")
+    assert all(e.namespace == NS and e.name == "checkout" for e in recorder.events)
+    assert all(e.revision == "v2" for e in recorder.events)
+    passed = [e for e in recorder.events if e.reason == "StepPassed"]
+    assert len(passed) == 3 and all(e.verdict is not None for e in passed)
+    # the same events, in the same order, on the status API's stream and in the log ring
+    streamed = [ev.event for ev in h.daemon.hub.events_after(None) or [] if ev.event is not None]
+    assert [e.id for e in streamed] == [e.id for e in recorder.events]
+    assert [e.id for e in h.daemon.told] == [e.id for e in recorder.events]
+    # and as Kubernetes Events, with the same reasons and messages
+    kube = sorted(cluster.list_objects("", "v1", "events", NS), key=lambda e: e["firstTimestamp"])
+    told = [(str(e.reason), e.message) for e in recorder.events]
+    assert sorted((e["reason"], e["message"]) for e in kube) == sorted(told)
 
 
 def test_bad_canary_is_rolled_back_within_its_first_step(cluster: KubeApiServer) -> None:
