@@ -18,8 +18,9 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 import yaml
@@ -31,14 +32,19 @@ from analysis.verdict import format_duration
 from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
 from canaryd.cli import duration_arg, http_url_arg, number_arg, one_line
 from canaryd.kube import (
+    CanaryObject,
     Kube,
     KubeError,
     NotFoundError,
     UnavailableError,
 )
 from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
-from canaryd.rollout import CommandKind
+from canaryd.rollout import Command, CommandKind
 from canaryd.status import Phase
+
+if TYPE_CHECKING:
+    from canaryd.outbox import Notifier
+    from canaryd.slack import SlackInteractions
 
 EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -273,6 +279,7 @@ async def _command(args: argparse.Namespace, backend: Backend, ref: CanaryRef, o
 async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: TextIO) -> int:
     from canaryd import logs  # noqa: PLC0415
     from canaryd.daemon import Daemon, DaemonSettings  # noqa: PLC0415
+    from canaryd.hub import StatusHub  # noqa: PLC0415
     from canaryd.istio import IstioRouter  # noqa: PLC0415
     from canaryd.leader import LeaseSettings  # noqa: PLC0415
     from canaryd.workloads import Deployments  # noqa: PLC0415
@@ -299,7 +306,13 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         metrics_timeout_s=metrics_timeout_s,
         status_refresh_s=args.status_refresh,
     )
-    daemon = Daemon(kube, metrics, router, Deployments(kube), settings)
+    hub = StatusHub()
+    leading: list[Callable[[], bool]] = []  # the daemon's, once it exists
+    notifier, interactions = _notifications(
+        args, kube, hub.get, lambda: bool(leading) and leading[0]()
+    )
+    daemon = Daemon(kube, metrics, router, Deployments(kube), settings, hub=hub, notifier=notifier)
+    leading.append(lambda: daemon.acting)
     sock = None
     if args.listen != "off":
         from canaryd import api  # noqa: PLC0415
@@ -328,6 +341,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
             api_settings,
             readiness=daemon.readiness,
             leader=lambda: daemon.acting,
+            slack_interactions=interactions.handle if interactions is not None else None,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -338,6 +352,95 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
             group.create_task(api.serve_threaded(app, sock, stop, daemon.hub.close), name="api")
         group.create_task(daemon.run(stop), name="daemon")
     return EXIT_OK
+
+
+def read_secret(path: str | None, env: str, what: str) -> str | None:
+    """A secret from the file ``path``, else from the environment variable ``env``
+    (stripped; None when neither is set).  The value is never shown in an error."""
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClusterError(
+                f"cannot read the {what} from {path}: {exc.__class__.__name__}"
+            ) from None
+        if not value:
+            raise ClusterError(f"the {what} file {path} is empty")
+        return value
+    return os.environ.get(env, "").strip() or None
+
+
+def _notifications(
+    args: argparse.Namespace,
+    kube: Kube,
+    lookup: Callable[[CanaryRef], CanaryObject | None],
+    acting: Callable[[], bool],
+) -> tuple[Notifier, SlackInteractions | None]:
+    """The notifier (Slack, webhooks, MQTT sinks the flags ask for) and the Slack
+    interactions handler (None without a signing secret)."""
+    from canaryd.outbox import EventSink, Notifier  # noqa: PLC0415
+    from canaryd.webhooks import WebhookSettings, WebhookSink  # noqa: PLC0415
+
+    sinks: list[EventSink] = []
+    interactions = None
+    webhook_key = read_secret(args.webhook_secret_file, "CANARYD_WEBHOOK_SECRET", "webhook key")
+    sinks.append(
+        WebhookSink(WebhookSettings(key=webhook_key.encode() if webhook_key else None), lookup)
+    )
+    token = read_secret(args.slack_token_file, "CANARYD_SLACK_TOKEN", "Slack bot token")
+    signing = read_secret(
+        args.slack_signing_secret_file, "CANARYD_SLACK_SIGNING_SECRET", "Slack signing secret"
+    )
+    hook = read_secret(
+        args.slack_webhook_url_file, "CANARYD_SLACK_WEBHOOK_URL", "Slack incoming-webhook URL"
+    )
+    if token or hook or signing:
+        from canaryd.slack import SlackInteractions, SlackSettings, SlackSink  # noqa: PLC0415
+
+        slack = SlackSettings(
+            token=token,
+            signing_secret=signing,
+            channel=args.slack_channel,
+            webhook_url=hook,
+            api_url=args.slack_api_url,
+            dashboard_url=args.dashboard_url,
+        )
+        if token or hook:
+            sinks.append(SlackSink(slack, lookup))
+        if signing:
+            if not token:
+                raise ClusterError(
+                    "--slack-signing-secret-file needs --slack-token-file too: approving "
+                    "in Slack updates the message with the bot token"
+                )
+            interactions = SlackInteractions(slack, lookup, kube.add_command)
+    if args.mqtt_url:
+        from canaryd.mqtt import MqttSettings, MqttSink  # noqa: PLC0415
+
+        try:
+            mqtt = MqttSettings(
+                url=args.mqtt_url,
+                username=args.mqtt_username,
+                password=read_secret(
+                    args.mqtt_password_file, "CANARYD_MQTT_PASSWORD", "MQTT password"
+                ),
+                client_id=args.mqtt_client_id or f"canaryd-{socket.gethostname()}",
+                topic_prefix=args.mqtt_topic_prefix,
+                ca_file=args.mqtt_ca_file,
+                commands=bool(args.mqtt_command_user),
+                command_users=frozenset(args.mqtt_command_user or ()),
+            )
+        except ValueError as exc:
+            raise ClusterError(f"--mqtt-url: {exc}") from None
+
+        async def submit_if_leading(ref: CanaryRef, command: Command) -> None:
+            # every replica reads the command topic; only the one that acts writes
+            # the command, so that it is not written once per replica
+            if acting():
+                await kube.add_command(ref, command)
+
+        sinks.append(MqttSink(mqtt, submit_if_leading))
+    return Notifier(sinks), interactions
 
 
 def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[MetricsSource, float]:
@@ -621,6 +724,62 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         metavar="ORIGIN",
         help="let browser pages of this origin call the API (repeatable; default: none)",
     )
+    note = run.add_argument_group(
+        "notifications: Slack, webhooks, MQTT",
+        "Secrets come from files (or the environment variables named), never from flags' "
+        "values or the Canary spec.  Sinks never slow the control loop: each has a "
+        "bounded queue (drops counted in canaryd_events_dropped_total).",
+    )
+    note.add_argument(
+        "--slack-token-file", metavar="FILE",
+        help="Slack bot token (xoxb-…; chat:write, usergroups:read) for messages updated "
+        "in place and approval buttons (or $CANARYD_SLACK_TOKEN)",
+    )  # fmt: skip
+    note.add_argument(
+        "--slack-signing-secret-file", metavar="FILE",
+        help="Slack signing secret: enables POST /slack/interactions, the Approve and "
+        "Abort buttons (or $CANARYD_SLACK_SIGNING_SECRET)",
+    )  # fmt: skip
+    note.add_argument(
+        "--slack-webhook-url-file", metavar="FILE",
+        help="Slack incoming-webhook URL: notifications only, no buttons, when there is no "
+        "bot token (or $CANARYD_SLACK_WEBHOOK_URL)",
+    )  # fmt: skip
+    note.add_argument(
+        "--slack-channel", metavar="CHANNEL",
+        help="default channel for Canaries that name none (notifications.slack.channel, "
+        "approvals.slack.channel)",
+    )  # fmt: skip
+    note.add_argument("--slack-api-url", metavar="URL", help=argparse.SUPPRESS)  # tests' double
+    note.add_argument(
+        "--dashboard-url", metavar="URL",
+        help="the dashboard's public URL, for links in messages (e.g. https://canaryd.example.com)",
+    )  # fmt: skip
+    note.add_argument(
+        "--webhook-secret-file", metavar="FILE",
+        help="key that signs webhooks (X-Canaryd-Signature: sha256=HMAC of '<timestamp>.<body>'); "
+        "without it no webhook is sent (or $CANARYD_WEBHOOK_SECRET)",
+    )  # fmt: skip
+    note.add_argument(
+        "--mqtt-url", metavar="URL",
+        help="broker, mqtt://HOST:1883 or mqtts://HOST:8883: events to "
+        "<prefix>/<ns>/<name>/events (QoS 1), state retained on …/state",
+    )  # fmt: skip
+    note.add_argument("--mqtt-username", metavar="USER")
+    note.add_argument("--mqtt-password-file", metavar="FILE", help="(or $CANARYD_MQTT_PASSWORD)")
+    note.add_argument(
+        "--mqtt-client-id", metavar="ID",
+        help="unique per replica (default: canaryd-<hostname>; a broker disconnects a "
+        "client when another connects with the same id)",
+    )  # fmt: skip
+    note.add_argument("--mqtt-topic-prefix", default="canaryd", metavar="PREFIX")
+    note.add_argument("--mqtt-ca-file", metavar="FILE", help="CA bundle for mqtts://")
+    note.add_argument(
+        "--mqtt-command-user", action="append", metavar="USER",
+        help="accept commands from this MQTT user on <prefix>/<ns>/<name>/commands/<USER> "
+        "(repeatable; the broker's ACL must bind the topic to the user; default: no "
+        "commands over MQTT)",
+    )  # fmt: skip
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="json", choices=["json", "console"])
     run.set_defaults(cluster_handler="run", check=check_run)

@@ -106,6 +106,51 @@ def test_run_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         "--watch-namespace",
         "--leader-elect",
         "--lease-duration",
+        "--slack-token-file",
+        "--slack-signing-secret-file",
+        "--webhook-secret-file",
+        "--mqtt-url",
+        "--mqtt-command-user",
     ):
         assert flag in text
     assert "SIGTERM" in text
+    assert "--slack-api-url" not in text  # the tests' double only
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--slack-token-file", "/nonexistent/token"], "cannot read the Slack bot token"),
+        (["--mqtt-url", "tcp://broker:1883"], "--mqtt-url"),
+        (["--slack-signing-secret-file", "SECRET"], "needs --slack-token-file too"),
+    ],
+)
+def test_run_says_what_is_wrong_with_its_notification_settings(
+    kubeconfig: Path, tmp_path: Path, flags: list[str], error: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-value\n")
+    flags = [str(secret) if f == "SECRET" else f for f in flags]
+    code, _, err = run(
+        "run", "--kubeconfig", str(kubeconfig), "--listen", "off", "--simulate", "healthy", *flags
+    )
+    assert code == 2 and error in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "s3cr3t-value" not in err
+
+
+def test_secrets_come_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from canaryd.cluster_cli import ClusterError, read_secret
+
+    path = tmp_path / "token"
+    path.write_text("  xoxb-1  \n")
+    assert read_secret(str(path), "CANARYD_TEST_SECRET", "token") == "xoxb-1"
+    monkeypatch.setenv("CANARYD_TEST_SECRET", "from-env")
+    assert read_secret(None, "CANARYD_TEST_SECRET", "token") == "from-env"
+    monkeypatch.delenv("CANARYD_TEST_SECRET")
+    assert read_secret(None, "CANARYD_TEST_SECRET", "token") is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ClusterError, match="is empty"):
+        read_secret(str(tmp_path / "empty"), "CANARYD_TEST_SECRET", "token")
