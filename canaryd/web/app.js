@@ -638,12 +638,18 @@
 
   function eventsNode(events) {
     if (!events || !events.length) return el("p", { class: "muted", text: "No events yet." });
-    const recent = events.slice(-15).reverse();
-    return el(
-      "ol",
-      { class: "events" },
-      ...recent.map((e) => el("li", {}, el("time", { class: "num muted", datetime: e.at, text: clock(e.at) }), el("span", { class: "etype et-" + e.type, text: e.type }), el("span", { class: "emsg", text: e.message })))
-    );
+    // Rollout events tell phase changes and verdicts in words: when there are any, the
+    // derived phase and verdict events would only say the same thing twice.
+    const told = events.some((e) => e.type === "rollout" && e.event);
+    const shown = told ? events.filter((e) => e.type !== "phase" && e.type !== "verdict") : events;
+    const recent = shown.slice(-15).reverse();
+    const row = (e) => {
+      const ev = e.type === "rollout" ? e.event : null;
+      const kind = ev ? ev.reason : e.type;
+      const cls = "etype et-" + e.type + (ev && ev.warning ? " et-warning" : "");
+      return el("li", {}, el("time", { class: "num muted", datetime: e.at, text: clock(e.at) }), el("span", { class: cls, text: kind }), el("span", { class: "emsg", text: ev ? ev.message : e.message }));
+    };
+    return el("ol", { class: "events" }, ...recent.map(row));
   }
 
   // -- charts (hand-written SVG) ------------------------------------------------------------
