@@ -166,6 +166,7 @@ class MqttSettings:
         command_users: the MQTT users whose commands are accepted.
         keepalive_s: MQTT keepalive.
         timeout_s: how long connecting and each publish may take.
+        reconnect_max_s: the longest pause between reconnection attempts.
     """
 
     url: str
@@ -178,6 +179,7 @@ class MqttSettings:
     command_users: frozenset[str] = frozenset()
     keepalive_s: int = 30
     timeout_s: float = 10.0
+    reconnect_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         broker = parse_url(self.url)
@@ -195,7 +197,7 @@ class MqttSettings:
                 raise ValueError(f"bad MQTT command user {user!r}: one topic level, no wildcards")
         if not self.client_id:
             raise ValueError("the MQTT client id must not be empty")
-        if self.keepalive_s < 1 or self.timeout_s <= 0:
+        if self.keepalive_s < 1 or self.timeout_s <= 0 or self.reconnect_max_s <= 0:
             raise ValueError("the MQTT keepalive and timeout must be positive")
 
     @property
@@ -375,13 +377,13 @@ class MqttSink:
         if self.settings.commands and self.submit is None:
             log.warning("MQTT commands are on but nothing takes them: not subscribing")
         where = f"{self._broker.host}:{self._broker.port}"
-        delays = backoff_delays(rng=self._rng)
+        delays = backoff_delays(cap_s=self.settings.reconnect_max_s, rng=self._rng)
         while True:
             problem = "disconnected"
             try:
                 async with self._client() as client:
                     self._set_connected(True)
-                    delays = backoff_delays(rng=self._rng)
+                    delays = backoff_delays(cap_s=self.settings.reconnect_max_s, rng=self._rng)
                     log.info(
                         "MQTT connected", broker=where, tls=self._broker.tls,
                         commands=self.reads_commands, queued=len(self.outbox),

@@ -33,7 +33,11 @@ def test_a_broker_outage_mid_rollout_delays_no_step_and_loses_no_event(
     require_mosquitto()
 
     async def scenario(broker: MosquittoServer) -> tuple[Obj, list[str], list[str], Obj]:
-        sink = MqttSink(MqttSettings(url=broker.url, client_id="daemon-flow", timeout_s=3.0))
+        sink = MqttSink(
+            MqttSettings(
+                url=broker.url, client_id="daemon-flow", timeout_s=3.0, reconnect_max_s=2.0
+            )
+        )
         sub = Subscriber(broker, "canaryd/shop/checkout/events", "flow-sub", persistent=True)
         async with (
             running(sub.run()),
@@ -49,7 +53,7 @@ def test_a_broker_outage_mid_rollout_delays_no_step_and_loses_no_event(
             told = [e.id for e in h.daemon.told]
             assert len(sink.outbox) > 0  # the events of the outage wait for the broker
             await asyncio.to_thread(broker.start)
-            await wait_until(lambda: sub.event_ids() == told, "every event, in order", 20.0)
+            await wait_until(lambda: sub.event_ids() == told, "every event, in order", 30.0)
             async with aiomqtt.Client("127.0.0.1", broker.port, identifier="late") as late:
                 await late.subscribe("canaryd/shop/checkout/state", qos=1)
                 message = await asyncio.wait_for(anext(aiter(late.messages)), 10)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,47 @@ def test_an_approval_given_before_a_killed_daemon_acts_is_acted_on_after_restart
     approvals = moved["status"]["approvals"]
     assert len(approvals) == 1 and approvals[0]["weight"] == 50
     assert ALICE in approvals[0]["by"] and approvals[0]["at"]
+
+
+def test_slack_rate_limiting_and_failing_delays_no_step(cluster: KubeApiServer) -> None:
+    client = cluster.api_client()
+    try:
+        k8s.CustomObjectsApi(client).patch_namespaced_custom_object(
+            "canaryd.io", "v1alpha1", NS, "canaries", "checkout",
+            {"spec": {"notifications": {"slack": {"channel": "#deploys"}}}},
+        )  # fmt: skip
+    finally:
+        client.close()
+
+    async def scenario(slack: SlackDouble) -> tuple[Obj, int]:
+        settings = SlackSettings(token=slack.token, api_url=slack.api_url, min_interval_s=0.0)
+        holder: list[Harness] = []
+        sink = SlackSink(settings, lambda ref: holder[0].daemon.hub.get(ref))  # noqa: PLW0108
+        async with Harness(cluster, get_scenario("healthy"), notifier=Notifier([sink])) as h:
+            holder.append(h)
+            slack.fail("chat.postMessage", 429, times=2)  # Retry-After: 1
+            slack.fail("chat.postMessage", 500, times=3)
+            slack.fail("chat.update", 500, times=3)
+            await h.command(CommandKind.PROMOTE, revision="v2")
+            done = await h.until(lambda o: phase(o) == "Succeeded")
+            told = len(h.daemon.told)
+            deadline = time.monotonic() + 30
+            while len(sink.outbox) or not slack.calls("chat.update", ok_only=True):
+                assert time.monotonic() < deadline, "Slack never caught up"
+                await asyncio.sleep(0.1)
+            return done, told
+
+    with SlackDouble() as slack:
+        done, told = asyncio.run(scenario(slack))
+        failed = [c for c in slack.calls() if c.status in (429, 500)]
+        posted = slack.calls("chat.postMessage", ok_only=True)
+        updates = slack.calls("chat.update", ok_only=True)
+    assert len(failed) == 8  # every failure was met, and retried past
+    assert posted and updates and told >= 8
+    texts = json.dumps([c.args for c in posted + updates])
+    assert "Promoted" in texts or "promoted" in texts
+    for step in done["status"]["history"]:  # on time: Slack's trouble cost no step
+        took_s = (
+            datetime.fromisoformat(step["endedAt"]) - datetime.fromisoformat(step["startedAt"])
+        ).total_seconds()
+        assert took_s <= 6.0 + 3.0, f"the {step['weight']}% step took {took_s:.1f} s"
