@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import statistics
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from kubernetes import client as k8s
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,7 +43,7 @@ from canaryd.slack import SlackInteractions, SlackSettings, SlackSink
 from canaryd.workloads import Deployments
 from kubedouble.apiserver import KubeApiServer
 from simulator import get_scenario
-from tests.conftest import DESTINATION_RULE, NS, VIRTUAL_SERVICE, canary, deployment
+from tests.conftest import NS, canary, populate
 from tests.slackdouble import SlackDouble, interaction_body, sign
 
 SECRET = "bench-signing-secret-0123456789ab"
@@ -53,22 +51,9 @@ REF = CanaryRef(NS, "checkout")
 
 
 def setup(server: KubeApiServer) -> None:
-    server.put_raw("networking.istio.io", "v1", "virtualservices", copy.deepcopy(VIRTUAL_SERVICE))
-    server.put_raw("networking.istio.io", "v1", "destinationrules", copy.deepcopy(DESTINATION_RULE))
-    client = server.api_client()
-    try:
-        apps = k8s.AppsV1Api(client)
-        apps.create_namespaced_deployment(NS, deployment("checkout", "shop/checkout:1", "stable"))
-        apps.create_namespaced_deployment(
-            NS, deployment("checkout-canary", "shop/checkout:2", "canary", replicas=1)
-        )
-        body = canary(stepDuration="2s", minStepDuration="1s")
-        body["spec"]["approvals"] = {"before": [50], "slack": {"channel": "#deploys"}}
-        k8s.CustomObjectsApi(client).create_namespaced_custom_object(
-            "canaryd.io", "v1alpha1", NS, "canaries", body
-        )
-    finally:
-        client.close()
+    body = canary(stepDuration="2s", minStepDuration="1s")
+    body["spec"]["approvals"] = {"before": [50], "slack": {"channel": "#deploys"}}
+    populate(server, body)
 
 
 def weight(server: KubeApiServer) -> int:

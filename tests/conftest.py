@@ -109,14 +109,11 @@ def kubeapi() -> Iterator[KubeApiServer]:
         yield server
 
 
-@pytest.fixture
-def cluster(kubeapi: KubeApiServer) -> KubeApiServer:
-    """The double with a VirtualService, DestinationRule, two Deployments and a Canary."""
-    kubeapi.put_raw("networking.istio.io", "v1", "virtualservices", copy.deepcopy(VIRTUAL_SERVICE))
-    kubeapi.put_raw(
-        "networking.istio.io", "v1", "destinationrules", copy.deepcopy(DESTINATION_RULE)
-    )
-    api = kubeapi.api_client()
+def populate(server: KubeApiServer, canary_body: dict[str, Any] | None = None) -> None:
+    """A VirtualService, DestinationRule, two Deployments and a Canary in ``server``."""
+    server.put_raw("networking.istio.io", "v1", "virtualservices", copy.deepcopy(VIRTUAL_SERVICE))
+    server.put_raw("networking.istio.io", "v1", "destinationrules", copy.deepcopy(DESTINATION_RULE))
+    api = server.api_client()
     try:
         apps = k8s.AppsV1Api(api)
         apps.create_namespaced_deployment(NS, deployment("checkout", "shop/checkout:1", "stable"))
@@ -124,10 +121,16 @@ def cluster(kubeapi: KubeApiServer) -> KubeApiServer:
             NS, deployment("checkout-canary", "shop/checkout:2", "canary", replicas=1)
         )
         k8s.CustomObjectsApi(api).create_namespaced_custom_object(
-            "canaryd.io", "v1alpha1", NS, "canaries", canary()
+            "canaryd.io", "v1alpha1", NS, "canaries", canary_body or canary()
         )
     finally:
         api.close()
+
+
+@pytest.fixture
+def cluster(kubeapi: KubeApiServer) -> KubeApiServer:
+    """The double with a VirtualService, DestinationRule, two Deployments and a Canary."""
+    populate(kubeapi)
     return kubeapi
 
 

@@ -66,6 +66,21 @@ def forget_cached(daemon: Daemon) -> None:
         tracked.raw = tracked.parsed = None
 
 
+def wait_for_canary(
+    server: KubeApiServer, predicate: Callable[[Obj], bool], timeout_s: float = 30.0
+) -> Obj:
+    """The Canary once ``predicate`` holds (polling the double from this thread)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        obj = canary_obj(server)
+        if predicate(obj):
+            return obj
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {canary_obj(server).get('status')}")
+
+
 def phase(obj: Obj) -> str:
     return str((obj.get("status") or {}).get("phase", ""))
 
@@ -431,13 +446,7 @@ def test_a_killed_daemon_resumes_the_same_step_at_the_same_weight(
             "--listen", "127.0.0.1:0"]  # fmt: skip
 
     def wait(predicate: Callable[[Obj], bool], timeout_s: float = 30.0) -> Obj:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            obj = canary_obj(cluster)
-            if predicate(obj):
-                return obj
-            time.sleep(0.05)
-        raise AssertionError(f"timed out: {canary_obj(cluster).get('status')}")
+        return wait_for_canary(cluster, predicate, timeout_s)
 
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

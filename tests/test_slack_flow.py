@@ -32,7 +32,7 @@ from kubedouble.apiserver import KubeApiServer
 from simulator import get_scenario
 from tests.conftest import NS
 from tests.slackdouble import SlackDouble, interaction_body, sign
-from tests.test_daemon import Harness, canary_obj, canary_weight, phase
+from tests.test_daemon import Harness, canary_obj, canary_weight, phase, wait_for_canary
 
 REF = CanaryRef(NS, "checkout")
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -165,13 +165,7 @@ def test_an_approval_given_before_a_killed_daemon_acts_is_acted_on_after_restart
                 str(secret_file), "--slack-api-url", slack.api_url]  # fmt: skip
 
         def wait(predicate: Callable[[Obj], bool], timeout_s: float = 40.0) -> Obj:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                obj = canary_obj(cluster)
-                if predicate(obj):
-                    return obj
-                time.sleep(0.05)
-            raise AssertionError(f"timed out: {canary_obj(cluster).get('status')}")
+            return wait_for_canary(cluster, predicate, timeout_s)
 
         first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
