@@ -192,6 +192,19 @@ def _build_suite() -> tuple[BenchScenario, ...]:
         BenchScenario("p99-x2", "latency p99 ×2", p99_2, False, latency_quantile=0.99),
         BenchScenario("p50-x1.3", "latency p50 ×1.3", p50_13, False, latency_quantile=0.5),
         BenchScenario("gradual-degradation", "gradual degradation", gradual, False),
+        # Overdispersed errors (issue 15): the built-ins, on the same base.
+        BenchScenario(
+            "bursty-healthy",
+            "healthy, bursty errors (CV 0.5)",
+            get_scenario("bursty-healthy"),
+            True,
+        ),
+        BenchScenario(
+            "client-bursts", "healthy, client bursts", get_scenario("client-bursts"), True
+        ),
+        BenchScenario(
+            "bursty-x2", "errors ×2, bursty (CV 0.5)", get_scenario("bursty-regression"), False
+        ),
     )
 
 

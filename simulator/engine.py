@@ -8,7 +8,12 @@ event takes effect exactly at its ``at_s``.  For each sub-interval ``[a, b)``:
 * canary requests ~ Binomial(total, canary_weight_pct / 100), the rest go to stable;
 * 5xx errors per arm ~ Binomial(arm requests, arm error rate);
 * latency bucket counts per arm ~ Multinomial(arm requests, bucket probabilities),
-  drawn independently of the errors.
+  drawn independently of the errors;
+* with the scenario's ``noise``: each arm's error rate times its own Gamma multiplier
+  (mean 1, CV ``error_cv``) for the ``period_s`` it falls in, and Poisson-many bursts of
+  failed requests from one client, each on the canary with the canary's weight as
+  probability.  The noise has its own random stream, so a scenario without noise draws
+  exactly what it drew before noise existed.
 
 Counters accumulate like Prometheus counters: requests, errors and the cumulative
 latency histogram (entry ``i`` counts requests at or below ``LATENCY_EDGES_MS[i]``; the
@@ -63,6 +68,13 @@ class Simulation:
         self.clock = VirtualClock(start_s)
         self.mesh = Mesh()
         self._rng = np.random.default_rng(seed)
+        noise = scenario.noise if scenario.noise is not None and scenario.noise.active else None
+        self._noise = noise
+        self._noise_rng = (
+            seed if isinstance(seed, np.random.Generator) else np.random.default_rng((seed, 1))
+        )
+        # Gamma multipliers per (arm, period index), drawn when first needed.
+        self._multipliers: dict[tuple[int, int], float] = {}
         self._stable_runs: VersionName = "stable"
         self._change_points = scenario.change_points()
         # Behaviour per (version, segment between change points): constant within a segment.
@@ -118,6 +130,11 @@ class Simulation:
         end_s = start_s + dt_s
         if end_s > start_s:
             cuts = [t for t in self._change_points if start_s < t < end_s]
+            if self._noise is not None and self._noise.error_cv > 0:
+                period_s = self._noise.period_s
+                first = math.floor(start_s / period_s) + 1
+                cuts += [k * period_s for k in range(first, math.ceil(end_s / period_s))]
+                cuts = sorted(set(cuts))
             bounds = [start_s, *cuts, end_s]
             for sub_start_s, sub_end_s in itertools.pairwise(bounds):
                 self._serve(sub_start_s, sub_end_s)
@@ -135,12 +152,51 @@ class Simulation:
         stable_behaviour = self._behaviour_at(self._stable_runs, start_s)
         canary_behaviour = self._behaviour_at("canary", start_s)
         error_rates = np.array([stable_behaviour.error_rate, canary_behaviour.error_rate])
+        errors = rng.binomial(served, self._noisy(error_rates, start_s)).astype(np.int64)
         self._requests += served
-        self._errors += rng.binomial(served, error_rates).astype(np.int64)
+        self._errors += errors
         for arm, behaviour in ((_STABLE, stable_behaviour), (_CANARY, canary_behaviour)):
             if served[arm]:
                 counts = rng.multinomial(int(served[arm]), behaviour.bucket_probabilities())
                 self._buckets[arm] += np.cumsum(counts, dtype=np.int64)
+        if self._noise is not None and self._noise.bursts_per_hour > 0:
+            self._bursts(start_s, end_s, (stable_behaviour, canary_behaviour))
+
+    def _noisy(self, error_rates: npt.NDArray[np.float64], t_s: float) -> npt.NDArray[np.float64]:
+        """The arms' error rates times their Gamma multipliers for the period of ``t_s``."""
+        noise = self._noise
+        if noise is None or noise.error_cv <= 0:
+            return error_rates
+        period = math.floor(t_s / noise.period_s)
+        shape = 1.0 / noise.error_cv**2
+        factors = []
+        for arm in (_STABLE, _CANARY):
+            factor = self._multipliers.get((arm, period))
+            if factor is None:
+                factor = float(self._noise_rng.gamma(shape, 1.0 / shape))
+                self._multipliers[arm, period] = factor
+            factors.append(factor)
+        if len(self._multipliers) > 64:  # only the current period is ever asked for again
+            for key in [k for k in self._multipliers if k[1] < period]:
+                del self._multipliers[key]
+        return np.asarray(np.minimum(error_rates * np.array(factors), 1.0), dtype=np.float64)
+
+    def _bursts(
+        self, start_s: float, end_s: float, behaviours: tuple[Behaviour, Behaviour]
+    ) -> None:
+        """One client's bursts of failed requests in ``[start_s, end_s)``: each lands
+        whole on one arm (a client's connections go to one version's pods)."""
+        noise, rng = self._noise, self._noise_rng
+        assert noise is not None
+        n = int(rng.poisson(noise.bursts_per_hour * (end_s - start_s) / 3600.0))
+        weight = self.mesh.canary_weight_pct / 100.0
+        for _ in range(n):
+            arm = _CANARY if rng.random() < weight else _STABLE
+            size = int(rng.geometric(1.0 / noise.burst_errors))
+            self._requests[arm] += size
+            self._errors[arm] += size
+            counts = rng.multinomial(size, behaviours[arm].bucket_probabilities())
+            self._buckets[arm] += np.cumsum(counts, dtype=np.int64)
 
     def _behaviour_at(self, version: VersionName, t_s: float) -> Behaviour:
         """``scenario.behaviour_at(version, t_s)``, memoised per segment."""

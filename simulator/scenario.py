@@ -11,6 +11,13 @@ A scenario is written in YAML (this format is a contract with users)::
     events:                              # optional; each changes one version from at_s on
       - {at_s: 300, version: canary, error_rate: 0.05}
       - {at_s: 600, version: both, latency_ms: {p99: 400}}
+    noise: {error_cv: 0.5, period_s: 60} # optional: bursty, not independent, errors
+
+``noise`` makes errors overdispersed, as real traffic's are: ``error_cv`` is the
+coefficient of variation of a Gamma multiplier (mean 1) on each arm's error rate, drawn
+independently for each arm every ``period_s``; ``bursts_per_hour`` bursts of failed
+requests from one client (``burst_errors`` of them on average, geometric) land on one
+arm, chosen by traffic share.  Without it, requests are independent.
 
 An event's ``version`` is ``stable``, ``canary`` or ``both``; it may change any subset of
 ``error_rate``, ``latency_ms.p50``, ``latency_ms.p99`` and ``rps`` (total traffic, for
@@ -179,6 +186,33 @@ class Event(BaseModel):
         )
 
 
+class Noise(BaseModel):
+    """Overdispersed errors: what makes real traffic's error counts burstier than a
+    binomial's (a sick pod, one bad client, a retry storm)."""
+
+    model_config = _MODEL_CONFIG
+
+    error_cv: float = Field(
+        default=0.0,
+        ge=0,
+        le=3,
+        description="coefficient of variation of each arm's Gamma error-rate multiplier",
+    )
+    period_s: float = Field(
+        default=60.0, gt=0, le=3600, description="how often the multipliers are redrawn, in s"
+    )
+    bursts_per_hour: float = Field(
+        default=0.0, ge=0, le=3600, description="bursts of failed requests from one client"
+    )
+    burst_errors: float = Field(
+        default=20.0, ge=1, le=1e6, description="mean failed requests in one burst"
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.error_cv > 0 or self.bursts_per_hour > 0
+
+
 class Scenario(BaseModel):
     """A complete simulated situation: traffic, both versions, and timed changes."""
 
@@ -193,6 +227,7 @@ class Scenario(BaseModel):
     stable: VersionSpec
     canary: VersionSpec
     events: tuple[Event, ...] = Field(default=(), max_length=MAX_EVENTS)
+    noise: Noise | None = Field(default=None, description="overdispersed errors, or none")
 
     @model_validator(mode="after")
     def _check_events(self) -> Self:
@@ -282,6 +317,8 @@ class Scenario(BaseModel):
         if data["events"]:
             lines.append("events:")
             lines.extend(f"  - {_yaml_flow(event)}" for event in data["events"])
+        if "noise" in data:
+            lines.append(f"noise: {_yaml_flow(data['noise'])}")
         return "\n".join(lines) + "\n"
 
 
@@ -450,6 +487,7 @@ def _builtin(
     canary: VersionSpec | None = None,
     rps: float = _BASE_RPS,
     events: tuple[Event, ...] = (),
+    noise: Noise | None = None,
 ) -> Scenario:
     return Scenario(
         name=name,
@@ -459,6 +497,7 @@ def _builtin(
         stable=_version(),
         canary=_version() if canary is None else canary,
         events=events,
+        noise=noise,
     )
 
 
@@ -515,6 +554,26 @@ BUILTIN_SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 "canary identical to stable at only 2 rps: 0.5% errors, p50 40 ms, "
                 "p99 180 ms, 3600 s",
                 rps=2.0,
+            ),
+            _builtin(
+                "bursty-healthy",
+                "canary identical to stable, but each arm's error rate varies from minute "
+                "to minute (Gamma multiplier, CV 0.5, independently per arm, mean 0.5%); "
+                + _COMMON,
+                noise=Noise(error_cv=0.5, period_s=60.0),
+            ),
+            _builtin(
+                "bursty-regression",
+                "canary errors 2x stable (1.0% vs 0.5%) on bursty traffic (each arm's rate "
+                f"varies minute to minute, Gamma CV 0.5); {_COMMON}",
+                canary=_version(error_rate=0.010),
+                noise=Noise(error_cv=0.5, period_s=60.0),
+            ),
+            _builtin(
+                "client-bursts",
+                "canary identical to stable; 12 times an hour one client's retry storm "
+                f"fails ~30 requests at once, on whichever arm serves it; {_COMMON}",
+                noise=Noise(bursts_per_hour=12.0, burst_errors=30.0),
             ),
             _builtin(
                 "stable-incident",

@@ -59,6 +59,9 @@ BUILTIN_NAMES = (
     "latency-tail",
     "gradual-degradation",
     "low-traffic",
+    "bursty-healthy",
+    "bursty-regression",
+    "client-bursts",
     "stable-incident",
 )
 
@@ -729,3 +732,31 @@ def test_warmed_up_starts_at_zero_with_stable_history_only() -> None:
     assert obs.canary is not None and obs.canary.requests == 0
     assert obs.stable is not None
     assert abs(obs.stable.requests - 100 * WARMUP_S) < 4 * (100 * WARMUP_S) ** 0.5
+
+
+def _minute_errors(name: str, seed: int, minutes: int = 120) -> list[int]:
+    sim = Simulation(get_scenario(name), seed=seed)
+    sim.set_canary_weight(50)
+    counts, previous = [], sim.observe()
+    for _ in range(minutes):
+        sim.advance(60.0)
+        now = sim.observe()
+        assert now.stable is not None and previous.stable is not None
+        counts.append(now.stable.errors - previous.stable.errors)
+        previous = now
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    # stable serves ~3000 requests a minute at 0.5%: mean ~15 errors a minute.
+    # Binomial: variance/mean ≈ 1.  Gamma CV 0.5: 1 + 15·0.25 ≈ 4.75.  Bursts of ~30
+    # failed requests 12 times an hour, half on stable: ≈ 1 + 6·(2·30²−30)/(60·15) ≈ 6.8.
+    [("healthy", 0.6, 1.5), ("bursty-healthy", 3.0, 7.0), ("client-bursts", 3.0, 12.0)],
+)
+def test_noise_makes_error_counts_overdispersed(name: str, low: float, high: float) -> None:
+    counts = _minute_errors(name, seed=3)
+    mean = sum(counts) / len(counts)
+    variance = sum((c - mean) ** 2 for c in counts) / (len(counts) - 1)
+    assert 12.0 < mean < (30.0 if name == "client-bursts" else 18.0)
+    assert low < variance / mean < high
