@@ -41,6 +41,7 @@ from enum import StrEnum
 import numpy as np
 
 from analysis.counts import LATENCY_EDGES_MS, ArmCounts
+from analysis.dispersion import Moments, canary_inflation, error_inflation
 from analysis.evalue import (
     combine_steps,
     log_evalue_lower,
@@ -295,6 +296,9 @@ class StepData:
         window_carry_log_e: per check, log e-value of this step's earlier windows when
             the step's window was restarted (shared incident, counter reset): the step's
             factor is their product with the current window's, never a fresh start.
+        error_blocks: both arms' error counts in blocks, (stable, canary), the open
+            block included (:mod:`analysis.dispersion`): the error comparison is widened
+            by the dispersion they show.  None treats requests as independent.
     """
 
     steps: tuple[int, ...]
@@ -305,6 +309,7 @@ class StepData:
     prior_log_e: Mapping[str, Sequence[float]]
     stable_reference: ArmCounts | None = None
     window_carry_log_e: Mapping[str, float] = field(default_factory=dict)
+    error_blocks: tuple[Moments, Moments] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +326,15 @@ class _Inputs:
     stable_x: int = 0  #: stable's bad events (limit: for shared incidents)
     edge_ms: float | None = None
     missing: str = ""  #: non-empty: the check is not applicable, and why
+    scale: float = 1.0  #: overdispersion factor φ: the test counts x/φ and y/φ
+
+    @property
+    def x_eff(self) -> float:
+        return self.x / self.scale if self.scale != 1.0 else self.x
+
+    @property
+    def y_eff(self) -> float:
+        return self.y / self.scale if self.scale != 1.0 else self.y
 
 
 def _inputs(plan: CheckPlan, settings: Settings, data: StepData) -> _Inputs:
@@ -357,20 +371,30 @@ def _inputs(plan: CheckPlan, settings: Settings, data: StepData) -> _Inputs:
         y = _slower_than(s, edge) if edge is not None else s.errors
         w = c.requests / (c.requests + s.requests)
         ratio_pass = settings.early_pass_ratio or math.inf
+        theta0 = theta0_for_ratio(w, 1.0 + plan.tolerance)
+        scale = 1.0
+        if edge is None and data.error_blocks is not None:
+            scale = error_inflation(
+                theta0, s.requests, c.requests, x + y, data.elapsed_s, *data.error_blocks
+            )
         return _Inputs(
             x=x,
             y=y,
-            theta0=theta0_for_ratio(w, 1.0 + plan.tolerance),
+            theta0=theta0,
             theta_pass=theta0_for_ratio(w, ratio_pass) if math.isfinite(ratio_pass) else 0.5,
             weight=w,
             canary_n=c.requests,
             stable_n=s.requests,
             edge_ms=edge_ms,
+            scale=scale,
         )
     if c.requests == 0:
         return _Inputs(missing="no canary traffic yet")
     x = _slower_than(c, edge) if edge is not None else c.errors
     stable_x = (_slower_than(s, edge) if s.latency_buckets else 0) if edge is not None else s.errors
+    scale = 1.0
+    if edge is None and data.error_blocks is not None:
+        scale = canary_inflation(c.requests, x, data.elapsed_s, *data.error_blocks)
     return _Inputs(
         x=x,
         y=c.requests - x,
@@ -380,33 +404,34 @@ def _inputs(plan: CheckPlan, settings: Settings, data: StepData) -> _Inputs:
         stable_n=s.requests,
         stable_x=stable_x,
         edge_ms=edge_ms,
+        scale=scale,
     )
 
 
 #: Computes log e-values for lists of (x, y, θ): scalar or vectorised.
-EvalFn = Callable[[Sequence[int], Sequence[int], Sequence[float], float], Sequence[float]]
+EvalFn = Callable[[Sequence[float], Sequence[float], Sequence[float], float], Sequence[float]]
 
 
 def _scalar_upper(
-    x: Sequence[int], y: Sequence[int], t: Sequence[float], k: float
+    x: Sequence[float], y: Sequence[float], t: Sequence[float], k: float
 ) -> Sequence[float]:
     return [mixture_log_evalue(a, b, c, k) for a, b, c in zip(x, y, t, strict=True)]
 
 
 def _scalar_lower(
-    x: Sequence[int], y: Sequence[int], t: Sequence[float], k: float
+    x: Sequence[float], y: Sequence[float], t: Sequence[float], k: float
 ) -> Sequence[float]:
     return [mixture_log_evalue(b, a, 1.0 - c, k) for a, b, c in zip(x, y, t, strict=True)]
 
 
 def _array_upper(
-    x: Sequence[int], y: Sequence[int], t: Sequence[float], k: float
+    x: Sequence[float], y: Sequence[float], t: Sequence[float], k: float
 ) -> Sequence[float]:
     return [float(v) for v in log_evalue_upper(np.array(x), np.array(y), np.array(t), k)]
 
 
 def _array_lower(
-    x: Sequence[int], y: Sequence[int], t: Sequence[float], k: float
+    x: Sequence[float], y: Sequence[float], t: Sequence[float], k: float
 ) -> Sequence[float]:
     return [float(v) for v in log_evalue_lower(np.array(x), np.array(y), np.array(t), k)]
 
@@ -419,9 +444,12 @@ class _Column:
     inputs: list[_Inputs]
     log_e: list[float] = field(default_factory=list)
     log_pass: list[float] = field(default_factory=list)
+    #: limit checks widened for overdispersion: the e-value of the raw counts, which
+    #: decides whether stable's breach makes a shared incident
+    log_raw: dict[int, float] = field(default_factory=dict)
 
-    def row(self, i: int) -> tuple[_Inputs, float, float]:
-        return self.inputs[i], self.log_e[i], self.log_pass[i]
+    def row(self, i: int) -> tuple[_Inputs, float, float, float | None]:
+        return self.inputs[i], self.log_e[i], self.log_pass[i], self.log_raw.get(i)
 
 
 def _fill(column: _Column, settings: Settings, upper: EvalFn, lower: EvalFn) -> None:
@@ -435,10 +463,19 @@ def _fill(column: _Column, settings: Settings, upper: EvalFn, lower: EvalFn) -> 
     column.log_pass = [0.0] * len(column.inputs)
     if not live:
         return
-    xs = [column.inputs[i].x for i in live]
-    ys = [column.inputs[i].y for i in live]
+    xs = [column.inputs[i].x_eff for i in live]
+    ys = [column.inputs[i].y_eff for i in live]
     for i, v in zip(live, upper(xs, ys, [column.inputs[i].theta0 for i in live], k), strict=True):
         column.log_e[i] = v
+    widened = [i for i in live if column.inputs[i].scale != 1.0]
+    if column.plan.kind is CheckKind.LIMIT and widened:
+        raw = upper(
+            [column.inputs[i].x for i in widened],
+            [column.inputs[i].y for i in widened],
+            [column.inputs[i].theta0 for i in widened],
+            k,
+        )
+        column.log_raw = dict(zip(widened, raw, strict=True))
     if settings.early_pass_ratio is not None:
         pass_bounds = [column.inputs[i].theta_pass for i in live]
         for i, v in zip(live, lower(xs, ys, pass_bounds, k), strict=True):
@@ -458,6 +495,7 @@ def _result(
     inp: _Inputs,
     step_log_e: float,
     log_pass: float,
+    log_raw: float | None = None,
 ) -> CheckResult:
     prior = data.prior_log_e.get(plan.name, ())
     carry = data.window_carry_log_e.get(plan.name, 0.0) if data.window_carry_log_e else 0.0
@@ -497,6 +535,7 @@ def _result(
             "ratio_bound": 1.0 + plan.tolerance,
             "canary_share": inp.weight,
             "theta0": inp.theta0,
+            "dispersion_factor": inp.scale,
         }
         what = "errors" if inp.edge_ms is None else f"{plan.name} ({slower})"
         reason = (
@@ -504,6 +543,8 @@ def _result(
             f"{fmt_pct(stable_rate)} ({inp.y}/{inp.stable_n}), ratio {_fmt_ratio(ratio)}, "
             f"e-value {fmt_e(e_value)} {compare} {fmt_e(threshold)}"
         )
+        if inp.scale >= 1.05:
+            reason += f"; errors overdispersed: evidence counted at 1/{inp.scale:.2g}"
         return CheckResult(
             plan.name, status, step_log_e, log_e, threshold, reason, stats, pass_ok=pass_ok
         )
@@ -516,6 +557,7 @@ def _result(
         "alpha": plan.alpha,
         "limit": plan.bound,
         "stable_requests": inp.stable_n,
+        "dispersion_factor": inp.scale,
     }
     reason = (
         f"{plan.name}: canary {what} {fmt_pct(canary_rate)} ({inp.x}/{inp.canary_n}) vs "
@@ -523,13 +565,22 @@ def _result(
         + (f" ({fmt_pct(plan.bound)} allowed)" if inp.edge_ms is not None else "")
         + f", e-value {fmt_e(e_value)} {compare} {fmt_e(threshold)}"
     )
-    if breach and inp.stable_n:
+    if inp.scale >= 1.05:
+        reason += f"; errors overdispersed: evidence counted at 1/{inp.scale:.2g}"
+    # A shared incident is judged on the raw counts: the widening for overdispersion
+    # must not hide that both arms crossed the limit together.
+    raw_breach = breach
+    if log_raw is not None:
+        raw_breach = combine_steps((*prior, log_raw + carry), plan.n_steps) >= plan.log_threshold
+    if raw_breach and inp.stable_n:
         stable_rate = inp.stable_x / inp.stable_n
         stable_log_e = mixture_log_evalue(
             inp.stable_x, inp.stable_n - inp.stable_x, plan.bound, settings.guard_concentration
         )
         if stable_rate >= plan.bound or stable_log_e >= plan.log_threshold:
             status = CheckStatus.SHARED
+            if not breach:
+                reason += " (the raw counts cross it)"
             reason += f"; stable is at {fmt_pct(stable_rate)} too: shared incident, not the canary"
         stats["stable_rate"] = stable_rate
     return CheckResult(
@@ -664,8 +715,8 @@ def evaluate_many(
                 if column.plan.kind is CheckKind.COMPARE
                 else settings.guard_concentration
             )
-            xs = [column.inputs[r].x for r in rows]
-            ys = [column.inputs[r].y for r in rows]
+            xs = [column.inputs[r].x_eff for r in rows]
+            ys = [column.inputs[r].y_eff for r in rows]
             if vectorised:
                 lo_a, hi_a = theta_bounds(np.array(xs), np.array(ys), settings.cs_level, k)
                 pairs = list(zip(lo_a.tolist(), hi_a.tolist(), strict=True))

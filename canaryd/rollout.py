@@ -26,6 +26,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from analysis.counts import ArmCounts, Observation
+from analysis.dispersion import Blocks, Moments
 from analysis.engine import LatencySettings, Settings, StepData, evaluate
 from analysis.verdict import CheckStatus, Decision, Verdict, format_duration
 from canaryd.events import EventReason
@@ -33,6 +34,7 @@ from canaryd.spec import CanarySpec
 from canaryd.status import (
     ApprovalRecord,
     Baseline,
+    BlocksRecord,
     CanaryStatus,
     CheckRecord,
     Counts,
@@ -370,9 +372,10 @@ class _Run:
             self.update(last_data_at=self.now, last_canary_requests=metrics.canary.requests)
         elif self.no_data_expired("no new canary requests"):
             return
+        blocks = self.count_blocks(metrics.stable, metrics.canary)
         # series read a moment apart may disagree (more errors than requests): mended
         # as Prometheus mends histograms, so the statistics only ever see counts
-        verdict = self.evaluate(stable.coherent(), canary.coherent())
+        verdict = self.evaluate(stable.coherent(), canary.coherent(), blocks)
         self.record(verdict)
         decision = verdict.decision
         if self.status.phase is Phase.WAITING_APPROVAL:
@@ -485,7 +488,54 @@ class _Run:
             **changes,
         )
 
-    def evaluate(self, stable: ArmCounts, canary: ArmCounts) -> Verdict:
+    def count_blocks(self, stable: ArmCounts, canary: ArmCounts) -> tuple[Moments, Moments]:
+        """Add this reading to the error-count blocks; the extra variance they show.
+
+        Blocks lie within one window of one step (a block open when the window
+        restarted is dropped), so each has one canary weight.
+        """
+        st = self.status
+        assert st.step_started_at is not None and st.baseline is not None
+        record = st.blocks
+        if record is None or record.started_at < st.step_started_at:
+            base_s, base_c = st.baseline.stable, st.baseline.canary
+            blocks = Blocks(
+                st.step_started_at.timestamp(),
+                (base_s.requests, base_s.errors),
+                (base_c.requests, base_c.errors),
+                Moments.from_list(record.stable) if record else Moments(),
+                Moments.from_list(record.canary) if record else Moments(),
+            )
+        else:
+            blocks = Blocks(
+                record.started_at.timestamp(),
+                (record.stable_at[0], record.stable_at[1]),
+                (record.canary_at[0], record.canary_at[1]),
+                Moments.from_list(record.stable),
+                Moments.from_list(record.canary),
+            )
+        before = blocks
+        now_s, stable_now = self.now.timestamp(), (stable.requests, stable.errors)
+        canary_now = (canary.requests, canary.errors)
+        blocks = blocks.advance(now_s, stable_now, canary_now)
+        if blocks is not before or record is None or record.started_at < st.step_started_at:
+            self.update(
+                blocks=BlocksRecord(
+                    started_at=datetime.fromtimestamp(blocks.started_s, tz=self.now.tzinfo),
+                    stable_at=list(blocks.stable_at),
+                    canary_at=list(blocks.canary_at),
+                    stable=blocks.stable.as_list(),
+                    canary=blocks.canary.as_list(),
+                )
+            )
+        return blocks.including(stable_now, canary_now)
+
+    def evaluate(
+        self,
+        stable: ArmCounts,
+        canary: ArmCounts,
+        blocks: tuple[Moments, Moments] | None = None,
+    ) -> Verdict:
         st = self.status
         assert st.step_started_at is not None
         data = StepData(
@@ -497,6 +547,7 @@ class _Run:
             prior_log_e=st.evidence,
             stable_reference=st.baseline.stable.arm() if st.baseline else None,
             window_carry_log_e=st.window_carry,
+            error_blocks=blocks,
         )
         return evaluate(self.settings, data)
 

@@ -98,6 +98,18 @@ class Baseline(_Model):
     canary: Counts
 
 
+class BlocksRecord(_Model):
+    """Blocks of the arms' error counters, for the overdispersion estimate
+    (:class:`analysis.dispersion.Blocks`): where the current block began and the
+    running sums of the completed ones (seven numbers an arm)."""
+
+    started_at: datetime
+    stable_at: list[int] = Field(default_factory=list)
+    canary_at: list[int] = Field(default_factory=list)
+    stable: list[float] = Field(default_factory=list)
+    canary: list[float] = Field(default_factory=list)
+
+
 class CheckRecord(_Model):
     """One check of a verdict, as recorded (numbers for machines, reason for people)."""
 
@@ -174,6 +186,8 @@ class CanaryStatus(_Model):
             step's windows).
         window_carry: per check, log e-value of the step's windows before the current
             one (the window restarts on a shared incident or a counter reset).
+        blocks: the rollout's error counters cut into blocks, for the overdispersion
+            estimate that widens the error comparison.
         last_verdict: the latest verdict with its reasons and numbers.
         history: every step entered, with its outcome.
         approvals: approvals given for this revision.
@@ -200,6 +214,7 @@ class CanaryStatus(_Model):
     evidence: dict[str, list[float]] = Field(default_factory=dict)
     step_evidence: dict[str, float] = Field(default_factory=dict)
     window_carry: dict[str, float] = Field(default_factory=dict)
+    blocks: BlocksRecord | None = None
     last_verdict: VerdictRecord | None = None
     history: list[StepRecord] = Field(default_factory=list)
     approvals: list[ApprovalRecord] = Field(default_factory=list)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from analysis.counts import ArmCounts
+from analysis.verdict import format_duration
 from canaryd.report import (
     CANARY_COLOR,
     STABLE_COLOR,
@@ -331,7 +332,7 @@ def test_header_facts_and_reasons(spike: RunResult, spec: CanarySpec) -> None:
     header = parse(render_report(spike, spec)).find("header")
     facts = definitions(header)
     assert facts["seed"] == str(spike.seed)
-    assert facts["duration"] == "30s"
+    assert facts["duration"] == format_duration(spike.duration_s)
     assert facts["canary requests"] == f"{spike.canary_requests:,}"
     assert facts["canary errors"].startswith(f"{spike.canary_errors:,} (")
     reasons = [li.text for li in header.find("ul").find_all("li")]

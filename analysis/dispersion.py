@@ -1,0 +1,255 @@
+"""Extra-binomial variance of error counts, and the widening it calls for (design §5).
+
+The count tests of :mod:`analysis.engine` assume independent requests: given the bad
+events of both arms, each is the canary's with a fixed probability.  Real errors are
+not independent: an arm's error rate drifts from minute to minute (a sick pod, a
+retry storm, one client's burst), and the totals then vary more than a binomial
+allows, which makes any count test over-confident.
+
+We measure that drift from the data and widen the test by it, in three pure steps:
+
+1. **Blocks.** The rollout cuts each arm's counters into blocks of at least
+   ``BLOCK_S`` seconds (``Blocks.advance``) and keeps running sums of each arm's
+   block requests ``n`` and bad events ``b`` (``Moments``): seven numbers an arm,
+   whatever the rollout's length.
+2. **Extra variance.** With an arm's error rate ``r·g`` in a block, ``g`` a multiplier
+   of mean 1 and variance ``v`` (``v = CV²``), ``Var(b) = r·n + v·r²·n²``.  The method
+   of moments, corrected for ``r`` being estimated, gives ``v̂`` (``extra_variance``),
+   pooled over both arms: the drift both arms show is the service's, not the canary's.
+   With few blocks the estimate leans on a prior (``PRIOR_V`` worth ``PRIOR_BLOCKS``
+   blocks), so that the first minute of a rollout is not judged as if errors were
+   independent.
+3. **Inflation.** Over a step of ``k`` blocks with ``μc``, ``μs`` bad events expected
+   in the window, the canary's share of bad events has ``φ`` times the binomial
+   variance, ``φ = 1 + v·[(1−θ)²·μc² + θ²·μs²] / (k·[(1−θ)²·μc + θ²·μs])``
+   (``inflation``).  The test then counts ``x/φ`` and ``y/φ`` bad events: the
+   quasi-likelihood widening, which keeps the binomial case (``φ = 1``) unchanged.
+
+Validity is approximate (the widening is estimated, not known) and is measured, not
+assumed: Monte Carlo on the simulator's overdispersed scenarios, in the test suite
+and ``bench/detection.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Shortest block, seconds.  Error-rate drift slower than this is not seen as
+#: dispersion (it shows as a difference between the arms' levels instead).
+BLOCK_S: float = 60.0
+#: Prior extra variance (a CV of 0.5 per block), and how many blocks it is worth.
+PRIOR_V: float = 0.25
+PRIOR_BLOCKS: float = 0.0
+#: Estimated extra variance is raised by this many relative standard errors.
+UNCERTAINTY_Z: float = 1.5
+#: The widening never exceeds this: beyond it the test is told to learn nothing.
+MAX_INFLATION: float = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """Running sums over one arm's blocks: ``k`` blocks, Σn, Σn², Σn³, Σb, Σb², Σbn."""
+
+    blocks: int = 0
+    n: float = 0.0
+    n2: float = 0.0
+    n3: float = 0.0
+    b: float = 0.0
+    b2: float = 0.0
+    bn: float = 0.0
+
+    def add(self, requests: int, bad: int) -> Moments:
+        """These sums with one more block of ``requests`` and ``bad`` events."""
+        n, b = float(requests), float(bad)
+        return Moments(
+            self.blocks + 1,
+            self.n + n,
+            self.n2 + n * n,
+            self.n3 + n * n * n,
+            self.b + b,
+            self.b2 + b * b,
+            self.bn + b * n,
+        )
+
+    def as_list(self) -> list[float]:
+        return [float(self.blocks), self.n, self.n2, self.n3, self.b, self.b2, self.bn]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> Moments:
+        if len(values) != 7:
+            return cls()
+        k, *rest = values
+        return cls(int(k), *rest)
+
+    def excess(self) -> tuple[float, float]:
+        """(numerator, denominator) of this arm's moment estimate of ``v``.
+
+        ``E[Σ(b − r̂n)²] = Σ (r·n + v·r²·n²)(1 − 2n/N + Σn²/N²)`` for blocks with
+        independent multipliers, so ``v̂ = (S − r̂·Σn·c) / (r̂²·Σn²·c)`` with the
+        correction ``c`` written out in sums.  (0, 0) when the arm tells nothing.
+        """
+        if self.blocks < 2 or self.n <= 0 or self.b <= 0:
+            return 0.0, 0.0
+        rate = self.b / self.n
+        spread = self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
+        p2 = self.n2 / (self.n * self.n)
+        poisson = rate * (self.n - 2.0 * self.n2 / self.n + p2 * self.n)
+        extra = rate * rate * (self.n2 - 2.0 * self.n3 / self.n + p2 * self.n2)
+        if extra <= 0.0:
+            return 0.0, 0.0
+        return spread - poisson, extra
+
+    def pearson(self) -> tuple[float, float] | None:
+        """(dispersion ``D̂``, its standard error) of this arm's blocks, or None.
+
+        ``D = Var(b) / E(b)`` per block: 1 for independent requests, more when errors
+        drift or come in bursts, whatever the cause.  Corrected for the rate being
+        estimated; the standard error is the Poisson one, ``√(2/(k−1))``.
+        """
+        if self.blocks < 2 or self.n <= 0 or self.b <= 0:
+            return None
+        rate = self.b / self.n
+        spread = self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
+        expected = rate * (self.n - 2.0 * self.n2 / self.n + self.n2 * self.n2 / self.n**3)
+        if expected <= 0.0:
+            return None
+        return max(spread, 0.0) / expected, math.sqrt(2.0 / (self.blocks - 1))
+
+
+def extra_variance(stable: Moments, canary: Moments) -> float:
+    """Pooled estimate of the error-rate multiplier's variance ``v`` (≥ 0), with the prior."""
+    num_s, den_s = stable.excess()
+    num_c, den_c = canary.excess()
+    den = den_s + den_c
+    blocks = max(stable.blocks, canary.blocks) - 1
+    if den <= 0.0 or blocks <= 0:
+        return PRIOR_V
+    measured = max(0.0, (num_s + num_c) / den) * (1.0 + UNCERTAINTY_Z * math.sqrt(2.0 / blocks))
+    return (PRIOR_BLOCKS * PRIOR_V + blocks * measured) / (PRIOR_BLOCKS + blocks)
+
+
+def arm_dispersion(moments: Moments, v: float, bad_per_block: float) -> float:
+    """The dispersion ``D ≥ 1`` to assume for one arm's bad events per block.
+
+    The larger of what the shared drift ``v`` implies at this arm's level
+    (``1 + v·μ``) and what the arm's own blocks show beyond doubt (``D̂`` less one
+    standard error): the second catches bursts that land on one arm, which a drift
+    in rate does not describe.
+    """
+    model = 1.0 + v * max(bad_per_block, 0.0)
+    own = moments.pearson()
+    if own is None:
+        return model
+    d_hat, se = own
+    return max(model, d_hat - se)
+
+
+def inflation(
+    theta: float,
+    canary_bad: float,
+    stable_bad: float,
+    canary_dispersion: float,
+    stable_dispersion: float,
+) -> float:
+    """Variance factor ``φ ≥ 1`` of the canary's share of bad events.
+
+    Args:
+        theta: the share under test (the null bound).
+        canary_bad: bad events expected on the canary side over the window.
+        stable_bad: bad events expected on the stable side over the window.
+        canary_dispersion: ``D`` of the canary's counts (``arm_dispersion``).
+        stable_dispersion: ``D`` of the stable's counts.
+
+    With blocks independent, ``Var(x) = D_c·μc`` and ``Var(y) = D_s·μs``; the share's
+    variance is ``[(1−θ)²·Var(x) + θ²·Var(y)] / B²`` against the binomial
+    ``[(1−θ)²·μc + θ²·μs] / B²``.
+    """
+    wc, ws = (1.0 - theta) ** 2 * canary_bad, theta**2 * stable_bad
+    base = wc + ws
+    if base <= 0.0:
+        return 1.0
+    phi = (wc * max(canary_dispersion, 1.0) + ws * max(stable_dispersion, 1.0)) / base
+    return min(phi, MAX_INFLATION)
+
+
+def error_inflation(
+    theta: float,
+    stable_requests: int,
+    canary_requests: int,
+    bad: int,
+    elapsed_s: float,
+    stable: Moments,
+    canary: Moments,
+) -> float:
+    """``φ`` of a window of ``elapsed_s`` with these requests and ``bad`` events in all.
+
+    Expected bad events per arm are at the pooled rate (the null's), per block at the
+    window's block length.  ``stable`` and ``canary`` are the arms' block sums,
+    including the block still open.
+    """
+    total = stable_requests + canary_requests
+    if bad <= 0 or total <= 0:
+        return 1.0
+    rate = bad / total
+    per_block = min(1.0, BLOCK_S / elapsed_s) if elapsed_s > 0 else 1.0
+    v = extra_variance(stable, canary)
+    d_s = arm_dispersion(stable, v, rate * stable_requests * per_block)
+    d_c = arm_dispersion(canary, v, rate * canary_requests * per_block)
+    return inflation(theta, rate * canary_requests, rate * stable_requests, d_c, d_s)
+
+
+def canary_inflation(
+    canary_requests: int, canary_bad: int, elapsed_s: float, stable: Moments, canary: Moments
+) -> float:
+    """``φ`` of the canary's own error count (the one-sample limit test): its ``D``."""
+    if canary_bad <= 0 or canary_requests <= 0:
+        return 1.0
+    per_block = min(1.0, BLOCK_S / elapsed_s) if elapsed_s > 0 else 1.0
+    v = extra_variance(stable, canary)
+    return min(max(arm_dispersion(canary, v, canary_bad * per_block), 1.0), MAX_INFLATION)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """Block accounting of one rollout: where the current block began, and the sums.
+
+    Attributes:
+        started_s: when the current block began (seconds, any origin).
+        stable_at: stable's (requests, bad) counters when it began.
+        canary_at: canary's (requests, bad) counters when it began.
+        stable: sums over stable's completed blocks.
+        canary: sums over canary's completed blocks.
+    """
+
+    started_s: float
+    stable_at: tuple[int, int]
+    canary_at: tuple[int, int]
+    stable: Moments = Moments()
+    canary: Moments = Moments()
+
+    def advance(self, now_s: float, stable: tuple[int, int], canary: tuple[int, int]) -> Blocks:
+        """These blocks after a reading at ``now_s`` of both arms' cumulative counters.
+
+        A block closes once it is ``BLOCK_S`` old; a reading with a counter below the
+        block's start (a reset) starts the block again and adds nothing.  The same
+        reading twice changes nothing.
+        """
+        ds = (stable[0] - self.stable_at[0], stable[1] - self.stable_at[1])
+        dc = (canary[0] - self.canary_at[0], canary[1] - self.canary_at[1])
+        if min(*ds, *dc) < 0:
+            return Blocks(now_s, stable, canary, self.stable, self.canary)
+        if now_s - self.started_s < BLOCK_S - 1e-3:  # timestamps as floats: 1 ms slack
+            return self
+        return Blocks(now_s, stable, canary, self.stable.add(*ds), self.canary.add(*dc))
+
+    def including(
+        self, stable: tuple[int, int], canary: tuple[int, int]
+    ) -> tuple[Moments, Moments]:
+        """Both arms' sums with the open block, read now, counted as a block: a burst
+        is seen as dispersion from the moment it is seen as evidence."""
+        ds = (stable[0] - self.stable_at[0], stable[1] - self.stable_at[1])
+        dc = (canary[0] - self.canary_at[0], canary[1] - self.canary_at[1])
+        if min(*ds, *dc) < 0 or ds[0] + dc[0] <= 0:
+            return self.stable, self.canary
+        return self.stable.add(*ds), self.canary.add(*dc)
