@@ -13,7 +13,10 @@ canaries the median time to 100 % weight and to promotion.  A Markdown table
 (``detection.md``), a chart (``detection.png``) and the numbers (``summary.json``) go to
 ``--out``; the tables are also printed.  Run from the repository root::
 
-    python bench/detection.py [--runs N] [--out DIR] [--jobs J] [--scenarios a,b] [--methods x,y]
+    python bench/detection.py [--runs N] [--interval S] [--out DIR] [--jobs J] [--scenarios a,b] [--methods x,y]
+
+``--interval`` (seconds, default 60) sets every method's evaluation interval; issue 15's
+targets are stated at 10 s.
 
 The result does not depend on ``--jobs``: work is split into (scenario, method, seed
 chunk) tasks and put back in seed order.
@@ -69,11 +72,29 @@ _OUTCOMES: dict[str, Outcome] = {
 }
 
 
+#: Every method's evaluation interval, seconds (``--interval``; set before workers fork).
+_INTERVAL = {"s": 60.0}
+
+
+def set_interval(seconds: float) -> None:
+    """Evaluate every method every ``seconds`` (call before :func:`run_benchmark`)."""
+    _INTERVAL["s"] = float(seconds)
+    _canaryd_spec.cache_clear()
+
+
+def interval_s() -> float:
+    return _INTERVAL["s"]
+
+
 @functools.cache
 def _canaryd_spec(early_pass: bool) -> Any:
     from canaryd.spec import parse_spec
+    from analysis.verdict import format_duration
 
-    return parse_spec({} if early_pass else {"analysis": {"earlyPassRatio": None}})
+    analysis: dict[str, Any] = {"interval": format_duration(interval_s())}
+    if not early_pass:
+        analysis["earlyPassRatio"] = None
+    return parse_spec({"analysis": analysis})
 
 
 def run_canaryd(bench: BenchScenario, seed: int, *, early_pass: bool = True) -> RunRecord:
@@ -102,10 +123,18 @@ def run_canaryd(bench: BenchScenario, seed: int, *, early_pass: bool = True) -> 
 METHODS: dict[str, Runner] = {
     "canaryd": functools.partial(run_canaryd, early_pass=True),
     "canaryd-no-early-pass": functools.partial(run_canaryd, early_pass=False),
-    "oracle-sprt": lambda bench, seed: run_rollout(bench, OracleSprtJudge(bench), seed),
-    "kayenta": lambda bench, seed: run_rollout(bench, KayentaJudge(), seed),
-    "flagger-1": lambda bench, seed: run_rollout(bench, FlaggerJudge(1), seed),
-    "flagger-5": lambda bench, seed: run_rollout(bench, FlaggerJudge(5), seed),
+    "oracle-sprt": lambda bench, seed: run_rollout(
+        bench, OracleSprtJudge(bench), seed, interval_s=interval_s()
+    ),
+    "kayenta": lambda bench, seed: run_rollout(
+        bench, KayentaJudge(), seed, interval_s=interval_s()
+    ),
+    "flagger-1": lambda bench, seed: run_rollout(
+        bench, FlaggerJudge(1), seed, interval_s=interval_s()
+    ),
+    "flagger-5": lambda bench, seed: run_rollout(
+        bench, FlaggerJudge(5), seed, interval_s=interval_s()
+    ),
 }
 
 METHOD_NOTES = {
@@ -416,6 +445,11 @@ def target_lines(summaries: Sequence[Summary]) -> list[str]:
     return lines
 
 
+def _interval_text() -> str:
+    seconds = interval_s()
+    return "1-minute" if seconds == 60 else f"{seconds:g}-second"
+
+
 def markdown_report(
     summaries: Sequence[Summary], *, runs: int, base_seed: int, wall_s: float | None = None
 ) -> str:
@@ -427,7 +461,8 @@ def markdown_report(
         "",
         f"{runs} runs per scenario and method, seeds {base_seed}..{base_seed + runs - 1} "
         f"(the same seeds, so the same simulated traffic, for every method){timing}.",
-        "Every method uses steps 10 → 50 → 100%, 1-minute intervals and 10-minute steps.",
+        f"Every method uses steps 10 → 50 → 100%, {_interval_text()} intervals and "
+        "10-minute steps.",
         "",
         *(f"- `{m}`: {METHOD_NOTES.get(m, m)}" for m in methods),
         "",
@@ -566,6 +601,12 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (fork)"
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed: run i uses seed + i")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=60.0,
+        help="seconds between evaluations, for every method (issue 15's targets: 10)",
+    )
     parser.add_argument("--chunk", type=int, default=50, help="runs per worker task")
     parser.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(BY_KEY)}")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
@@ -582,6 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.runs < 1 or args.jobs < 1 or args.chunk < 1:
         parser.error("--runs, --jobs and --chunk must be at least 1")
+    if not 1.0 <= args.interval <= 600.0:
+        parser.error("--interval must lie between 1 and 600 seconds")
+    set_interval(args.interval)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
