@@ -13,7 +13,8 @@ canaries the median time to 100 % weight and to promotion.  A Markdown table
 (``detection.md``), a chart (``detection.png``) and the numbers (``summary.json``) go to
 ``--out``; the tables are also printed.  Run from the repository root::
 
-    python bench/detection.py [--runs N] [--interval S] [--out DIR] [--jobs J] [--scenarios a,b] [--methods x,y]
+    python bench/detection.py [--runs N] [--interval S] [--out DIR] [--jobs J]
+        [--scenarios a,b] [--methods x,y]
 
 ``--interval`` (seconds, default 60) sets every method's evaluation interval; issue 15's
 targets are stated at 10 s.
@@ -88,8 +89,8 @@ def interval_s() -> float:
 
 @functools.cache
 def _canaryd_spec(early_pass: bool) -> Any:
-    from canaryd.spec import parse_spec
     from analysis.verdict import format_duration
+    from canaryd.spec import parse_spec
 
     analysis: dict[str, Any] = {"interval": format_duration(interval_s())}
     if not early_pass:
