@@ -82,6 +82,13 @@ class Moments:
         k, *rest = values
         return cls(int(k), *rest)
 
+    def _spread(self) -> tuple[float, float] | None:
+        """(rate r̂, Σ(b − r̂n)²) over the blocks, or None with too little to tell."""
+        if self.blocks < 2 or self.n <= 0 or self.b <= 0:
+            return None
+        rate = self.b / self.n
+        return rate, self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
+
     def excess(self) -> tuple[float, float]:
         """(numerator, denominator) of this arm's moment estimate of ``v``.
 
@@ -89,10 +96,10 @@ class Moments:
         independent multipliers, so ``v̂ = (S − r̂·Σn·c) / (r̂²·Σn²·c)`` with the
         correction ``c`` written out in sums.  (0, 0) when the arm tells nothing.
         """
-        if self.blocks < 2 or self.n <= 0 or self.b <= 0:
+        fit = self._spread()
+        if fit is None:
             return 0.0, 0.0
-        rate = self.b / self.n
-        spread = self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
+        rate, spread = fit
         p2 = self.n2 / (self.n * self.n)
         poisson = rate * (self.n - 2.0 * self.n2 / self.n + p2 * self.n)
         extra = rate * rate * (self.n2 - 2.0 * self.n3 / self.n + p2 * self.n2)
@@ -107,10 +114,10 @@ class Moments:
         drift or come in bursts, whatever the cause.  Corrected for the rate being
         estimated; the standard error is the Poisson one, ``√(2/(k−1))``.
         """
-        if self.blocks < 2 or self.n <= 0 or self.b <= 0:
+        fit = self._spread()
+        if fit is None:
             return None
-        rate = self.b / self.n
-        spread = self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
+        rate, spread = fit
         expected = rate * (self.n - 2.0 * self.n2 / self.n + self.n2 * self.n2 / self.n**3)
         if expected <= 0.0:
             return None
@@ -173,6 +180,11 @@ def inflation(
     return min(phi, MAX_INFLATION)
 
 
+def _block_share(elapsed_s: float) -> float:
+    """The share of a window of ``elapsed_s`` that one block covers (1 within a block)."""
+    return min(1.0, BLOCK_S / elapsed_s) if elapsed_s > 0 else 1.0
+
+
 def error_inflation(
     theta: float,
     stable_requests: int,
@@ -192,7 +204,7 @@ def error_inflation(
     if bad <= 0 or total <= 0:
         return 1.0
     rate = bad / total
-    per_block = min(1.0, BLOCK_S / elapsed_s) if elapsed_s > 0 else 1.0
+    per_block = _block_share(elapsed_s)
     v = extra_variance(stable, canary)
     d_s = arm_dispersion(stable, v, rate * stable_requests * per_block)
     d_c = arm_dispersion(canary, v, rate * canary_requests * per_block)
@@ -205,7 +217,7 @@ def canary_inflation(
     """``φ`` of the canary's own error count (the one-sample limit test): its ``D``."""
     if canary_bad <= 0 or canary_requests <= 0:
         return 1.0
-    per_block = min(1.0, BLOCK_S / elapsed_s) if elapsed_s > 0 else 1.0
+    per_block = _block_share(elapsed_s)
     v = extra_variance(stable, canary)
     return min(max(arm_dispersion(canary, v, canary_bad * per_block), 1.0), MAX_INFLATION)
 
@@ -228,6 +240,15 @@ class Blocks:
     stable: Moments = Moments()
     canary: Moments = Moments()
 
+    def _since(
+        self, stable: tuple[int, int], canary: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Both arms' (requests, bad) accrued since the open block began."""
+        return (
+            (stable[0] - self.stable_at[0], stable[1] - self.stable_at[1]),
+            (canary[0] - self.canary_at[0], canary[1] - self.canary_at[1]),
+        )
+
     def advance(self, now_s: float, stable: tuple[int, int], canary: tuple[int, int]) -> Blocks:
         """These blocks after a reading at ``now_s`` of both arms' cumulative counters.
 
@@ -235,8 +256,7 @@ class Blocks:
         block's start (a reset) starts the block again and adds nothing.  The same
         reading twice changes nothing.
         """
-        ds = (stable[0] - self.stable_at[0], stable[1] - self.stable_at[1])
-        dc = (canary[0] - self.canary_at[0], canary[1] - self.canary_at[1])
+        ds, dc = self._since(stable, canary)
         if min(*ds, *dc) < 0:
             return Blocks(now_s, stable, canary, self.stable, self.canary)
         if now_s - self.started_s < BLOCK_S - 1e-3:  # timestamps as floats: 1 ms slack
@@ -248,8 +268,7 @@ class Blocks:
     ) -> tuple[Moments, Moments]:
         """Both arms' sums with the open block, read now, counted as a block: a burst
         is seen as dispersion from the moment it is seen as evidence."""
-        ds = (stable[0] - self.stable_at[0], stable[1] - self.stable_at[1])
-        dc = (canary[0] - self.canary_at[0], canary[1] - self.canary_at[1])
+        ds, dc = self._since(stable, canary)
         if min(*ds, *dc) < 0 or ds[0] + dc[0] <= 0:
             return self.stable, self.canary
         return self.stable.add(*ds), self.canary.add(*dc)

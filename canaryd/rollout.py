@@ -497,28 +497,27 @@ class _Run:
         st = self.status
         assert st.step_started_at is not None and st.baseline is not None
         record = st.blocks
-        if record is None or record.started_at < st.step_started_at:
-            base_s, base_c = st.baseline.stable, st.baseline.canary
-            blocks = Blocks(
-                st.step_started_at.timestamp(),
-                (base_s.requests, base_s.errors),
-                (base_c.requests, base_c.errors),
-                Moments.from_list(record.stable) if record else Moments(),
-                Moments.from_list(record.canary) if record else Moments(),
-            )
-        else:
-            blocks = Blocks(
-                record.started_at.timestamp(),
-                (record.stable_at[0], record.stable_at[1]),
-                (record.canary_at[0], record.canary_at[1]),
-                Moments.from_list(record.stable),
-                Moments.from_list(record.canary),
-            )
+        # a new rollout, or a window begun since the open block: start at the window
+        fresh = record is None or record.started_at < st.step_started_at
+        start_s = st.step_started_at.timestamp()
+        base_s, base_c = st.baseline.stable, st.baseline.canary
+        stable_at, canary_at = (base_s.requests, base_s.errors), (base_c.requests, base_c.errors)
+        if record is not None and not fresh:
+            start_s = record.started_at.timestamp()
+            stable_at = (record.stable_at[0], record.stable_at[1])
+            canary_at = (record.canary_at[0], record.canary_at[1])
+        blocks = Blocks(
+            start_s,
+            stable_at,
+            canary_at,
+            Moments.from_list(record.stable) if record else Moments(),
+            Moments.from_list(record.canary) if record else Moments(),
+        )
         before = blocks
         now_s, stable_now = self.now.timestamp(), (stable.requests, stable.errors)
         canary_now = (canary.requests, canary.errors)
         blocks = blocks.advance(now_s, stable_now, canary_now)
-        if blocks is not before or record is None or record.started_at < st.step_started_at:
+        if blocks is not before or fresh:
             self.update(
                 blocks=BlocksRecord(
                     started_at=datetime.fromtimestamp(blocks.started_s, tz=self.now.tzinfo),
