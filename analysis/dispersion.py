@@ -33,7 +33,7 @@ and ``bench/detection.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: Shortest block, seconds.  Error-rate drift slower than this is not seen as
 #: dispersion (it shows as a difference between the arms' levels instead).
@@ -49,7 +49,14 @@ MAX_INFLATION: float = 1e6
 
 @dataclass(frozen=True, slots=True)
 class Moments:
-    """Running sums over one arm's blocks: ``k`` blocks, Σn, Σn², Σn³, Σb, Σb², Σbn."""
+    """Running sums over one arm's blocks of the current step: ``k`` blocks, Σn, Σn²,
+    Σn³, Σb, Σb², Σbn; and the figures of the earlier steps, folded in (``fold``).
+
+    An arm's error rate may differ from one step to the next (the canary's does, when a
+    regression shows only under more load): each step's blocks are measured around
+    that step's own rate, and the steps pooled, so a change of level between steps is
+    never taken for dispersion.
+    """
 
     blocks: int = 0
     n: float = 0.0
@@ -58,44 +65,73 @@ class Moments:
     b: float = 0.0
     b2: float = 0.0
     bn: float = 0.0
+    #: earlier steps: moment-estimate numerator and denominator, Pearson spread and
+    #: expectation, and degrees of freedom (blocks less one per step)
+    past_num: float = 0.0
+    past_den: float = 0.0
+    past_spread: float = 0.0
+    past_expected: float = 0.0
+    past_dof: float = 0.0
 
     def add(self, requests: int, bad: int) -> Moments:
         """These sums with one more block of ``requests`` and ``bad`` events."""
         n, b = float(requests), float(bad)
+        return replace(
+            self,
+            blocks=self.blocks + 1,
+            n=self.n + n,
+            n2=self.n2 + n * n,
+            n3=self.n3 + n * n * n,
+            b=self.b + b,
+            b2=self.b2 + b * b,
+            bn=self.bn + b * n,
+        )
+
+    def fold(self) -> Moments:
+        """No blocks in a new step, with this step's figures added to the earlier ones'."""
+        num, den = self._excess_here()
+        spread, expected, dof = self._pearson_here()
         return Moments(
-            self.blocks + 1,
-            self.n + n,
-            self.n2 + n * n,
-            self.n3 + n * n * n,
-            self.b + b,
-            self.b2 + b * b,
-            self.bn + b * n,
+            past_num=self.past_num + num,
+            past_den=self.past_den + den,
+            past_spread=self.past_spread + spread,
+            past_expected=self.past_expected + expected,
+            past_dof=self.past_dof + dof,
         )
 
     def as_list(self) -> list[float]:
-        return [float(self.blocks), self.n, self.n2, self.n3, self.b, self.b2, self.bn]
+        return [
+            float(self.blocks),
+            self.n,
+            self.n2,
+            self.n3,
+            self.b,
+            self.b2,
+            self.bn,
+            self.past_num,
+            self.past_den,
+            self.past_spread,
+            self.past_expected,
+            self.past_dof,
+        ]
 
     @classmethod
     def from_list(cls, values: list[float]) -> Moments:
-        if len(values) != 7:
+        """From :meth:`as_list`; a record of this step's seven sums alone (written
+        before steps were pooled) reads with no earlier steps; anything else as none."""
+        if len(values) not in (7, 12):
             return cls()
         k, *rest = values
         return cls(int(k), *rest)
 
     def _spread(self) -> tuple[float, float] | None:
-        """(rate r̂, Σ(b − r̂n)²) over the blocks, or None with too little to tell."""
+        """(rate r̂, Σ(b − r̂n)²) over this step's blocks, or None with too little to tell."""
         if self.blocks < 2 or self.n <= 0 or self.b <= 0:
             return None
         rate = self.b / self.n
         return rate, self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
 
-    def excess(self) -> tuple[float, float]:
-        """(numerator, denominator) of this arm's moment estimate of ``v``.
-
-        ``E[Σ(b − r̂n)²] = Σ (r·n + v·r²·n²)(1 − 2n/N + Σn²/N²)`` for blocks with
-        independent multipliers, so ``v̂ = (S − r̂·Σn·c) / (r̂²·Σn²·c)`` with the
-        correction ``c`` written out in sums.  (0, 0) when the arm tells nothing.
-        """
+    def _excess_here(self) -> tuple[float, float]:
         fit = self._spread()
         if fit is None:
             return 0.0, 0.0
@@ -107,21 +143,48 @@ class Moments:
             return 0.0, 0.0
         return spread - poisson, extra
 
+    def excess(self) -> tuple[float, float]:
+        """(numerator, denominator) of this arm's moment estimate of ``v``, all steps.
+
+        ``E[Σ(b − r̂n)²] = Σ (r·n + v·r²·n²)(1 − 2n/N + Σn²/N²)`` for blocks with
+        independent multipliers, so ``v̂ = (S − r̂·Σn·c) / (r̂²·Σn²·c)`` with the
+        correction ``c`` written out in sums; steps add their numerators and
+        denominators.  (0, 0) when the arm tells nothing.
+        """
+        num, den = self._excess_here()
+        return num + self.past_num, den + self.past_den
+
+    def _pearson_here(self) -> tuple[float, float, float]:
+        """(spread, its expectation for independent requests, degrees of freedom)."""
+        fit = self._spread()
+        if fit is None:
+            return 0.0, 0.0, 0.0
+        rate, spread = fit
+        expected = rate * (self.n - self.n2 / self.n)
+        if expected <= 0.0:
+            return 0.0, 0.0, 0.0
+        return max(spread, 0.0), expected, float(self.blocks - 1)
+
+    @property
+    def dof(self) -> float:
+        """Degrees of freedom of the estimates: blocks less one per step."""
+        return self.past_dof + self._pearson_here()[2]
+
     def pearson(self) -> tuple[float, float] | None:
         """(dispersion ``D̂``, its standard error) of this arm's blocks, or None.
 
         ``D = Var(b) / E(b)`` per block: 1 for independent requests, more when errors
-        drift or come in bursts, whatever the cause.  Corrected for the rate being
-        estimated; the standard error is the Poisson one, ``√(2/(k−1))``.
+        drift or come in bursts, whatever the cause.  ``E[Σ(b − r̂n)²] = D·r·(N − Σn²/N)``
+        corrects for the rate being estimated; the standard error is the Poisson one,
+        ``√(2/dof)``.
         """
-        fit = self._spread()
-        if fit is None:
+        spread, expected, dof = self._pearson_here()
+        spread += self.past_spread
+        expected += self.past_expected
+        dof += self.past_dof
+        if expected <= 0.0 or dof < 1.0:
             return None
-        rate, spread = fit
-        expected = rate * (self.n - 2.0 * self.n2 / self.n + self.n2 * self.n2 / self.n**3)
-        if expected <= 0.0:
-            return None
-        return max(spread, 0.0) / expected, math.sqrt(2.0 / (self.blocks - 1))
+        return spread / expected, math.sqrt(2.0 / dof)
 
 
 def extra_variance(stable: Moments, canary: Moments) -> float:
@@ -129,7 +192,7 @@ def extra_variance(stable: Moments, canary: Moments) -> float:
     num_s, den_s = stable.excess()
     num_c, den_c = canary.excess()
     den = den_s + den_c
-    blocks = max(stable.blocks, canary.blocks) - 1
+    blocks = max(stable.dof, canary.dof)
     if den <= 0.0 or blocks <= 0:
         return PRIOR_V
     measured = max(0.0, (num_s + num_c) / den) * (1.0 + UNCERTAINTY_Z * math.sqrt(2.0 / blocks))

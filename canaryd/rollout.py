@@ -499,6 +499,11 @@ class _Run:
         record = st.blocks
         # a new rollout, or a window begun since the open block: start at the window
         fresh = record is None or record.started_at < st.step_started_at
+        # sums of an earlier window (step) are folded in: a new window has its own rates
+        earlier = False
+        if record is not None:
+            window = record.window_started_at
+            earlier = window < st.step_started_at if window is not None else fresh
         start_s = st.step_started_at.timestamp()
         base_s, base_c = st.baseline.stable, st.baseline.canary
         stable_at, canary_at = (base_s.requests, base_s.errors), (base_c.requests, base_c.errors)
@@ -506,21 +511,20 @@ class _Run:
             start_s = record.started_at.timestamp()
             stable_at = (record.stable_at[0], record.stable_at[1])
             canary_at = (record.canary_at[0], record.canary_at[1])
-        blocks = Blocks(
-            start_s,
-            stable_at,
-            canary_at,
-            Moments.from_list(record.stable) if record else Moments(),
-            Moments.from_list(record.canary) if record else Moments(),
-        )
+        stable_m = Moments.from_list(record.stable) if record else Moments()
+        canary_m = Moments.from_list(record.canary) if record else Moments()
+        if earlier:
+            stable_m, canary_m = stable_m.fold(), canary_m.fold()
+        blocks = Blocks(start_s, stable_at, canary_at, stable_m, canary_m)
         before = blocks
         now_s, stable_now = self.now.timestamp(), (stable.requests, stable.errors)
         canary_now = (canary.requests, canary.errors)
         blocks = blocks.advance(now_s, stable_now, canary_now)
-        if blocks is not before or fresh:
+        if blocks is not before or fresh or earlier:
             self.update(
                 blocks=BlocksRecord(
                     started_at=datetime.fromtimestamp(blocks.started_s, tz=self.now.tzinfo),
+                    window_started_at=st.step_started_at,
                     stable_at=list(blocks.stable_at),
                     canary_at=list(blocks.canary_at),
                     stable=blocks.stable.as_list(),

@@ -100,10 +100,13 @@ class Baseline(_Model):
 
 class BlocksRecord(_Model):
     """Blocks of the arms' error counters, for the overdispersion estimate
-    (:class:`analysis.dispersion.Blocks`): where the current block began and the
-    running sums of the completed ones (seven numbers an arm)."""
+    (:class:`analysis.dispersion.Blocks`): where the current block began, the window
+    (step) the sums belong to, and the sums (:class:`analysis.dispersion.Moments`:
+    this window's completed blocks and the earlier windows' figures, twelve numbers an
+    arm)."""
 
     started_at: datetime
+    window_started_at: datetime | None = None
     stable_at: list[int] = Field(default_factory=list)
     canary_at: list[int] = Field(default_factory=list)
     stable: list[float] = Field(default_factory=list)

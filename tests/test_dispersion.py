@@ -23,7 +23,7 @@ from analysis.engine import ERRORS, ERRORS_LIMIT, Settings, StepData, evaluate
 from analysis.verdict import CheckStatus, Decision
 from canaryd.simulate import simulate_once
 from canaryd.spec import parse_spec
-from simulator import get_scenario
+from simulator import Event, Scenario, Traffic, VersionSpec, get_scenario
 
 
 def blocks_of(rng: np.random.Generator, n: int, rate: float, v: float, k: int) -> Moments:
@@ -208,9 +208,52 @@ def test_the_rollout_keeps_its_blocks_in_status() -> None:
     with_blocks = [st for st in seen if st.blocks is not None]
     assert with_blocks
     last = with_blocks[-1].blocks
-    assert last is not None and Moments.from_list(last.stable).blocks >= 5
+    assert last is not None
+    # the last step's blocks, with the earlier steps' figures folded in
+    assert Moments.from_list(last.stable).dof >= 15
+    for st in with_blocks:
+        window = st.blocks.window_started_at if st.blocks else None
+        assert window is not None and window <= st.step_started_at
     # a block is never older than a minute and a reading
     for st in with_blocks:
         assert st.blocks is not None and st.step_started_at is not None
         assert st.blocks.started_at >= st.step_started_at - timedelta(seconds=1)
     assert isinstance(last.started_at, datetime) and last.started_at.tzinfo is UTC
+
+
+def test_a_change_of_rate_between_steps_is_not_dispersion() -> None:
+    """Each step's blocks are measured around that step's own rates: a canary whose
+    errors jump ×5 when its 50% step begins is caught within two minutes, not held back
+    by a dispersion estimate that took the jump for noise (it was, before steps were
+    pooled: φ ≈ 9 and four minutes)."""
+    spec = parse_spec({})
+    jump = Scenario(
+        name="jump",
+        duration_s=3600,
+        traffic=Traffic(rps=100),
+        stable=VersionSpec(),
+        canary=VersionSpec(),
+        events=(Event(at_s=600, version="canary", error_rate=0.025),),
+    )
+    times = []
+    for seed in range(10):
+        result = simulate_once(spec, jump, seed)
+        assert result.outcome == "rolled_back"
+        times.append(result.duration_s - 600)
+    assert sorted(times)[5] <= 120
+
+
+def test_folding_a_step_keeps_its_figures_and_starts_a_new_one() -> None:
+    rng = np.random.default_rng(3)
+    first = blocks_of(rng, 3000, 0.005, 0.0, 10)
+    folded = first.fold()
+    assert folded.blocks == 0 and folded.n == 0
+    assert folded.excess() == first.excess() and folded.pearson() == first.pearson()
+    assert folded.dof == first.dof == 9
+    # a second step at another rate: pooled, not one rate for both
+    second = folded
+    for _ in range(10):
+        second = second.add(3000, int(rng.poisson(75)))
+    d_hat, _ = second.pearson() or (0.0, 0.0)
+    assert d_hat < 2.0  # one rate over both steps would see D ≈ 20
+    assert Moments.from_list(second.as_list()) == second
