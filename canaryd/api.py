@@ -46,16 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from canaryd.hub import StatusHub
-from canaryd.kube import (
-    CanaryObject,
-    ConflictError,
-    KubeError,
-    NotFoundError,
-    UnavailableError,
-    new_command,
-)
+from canaryd.kube import CanaryObject, new_command
 from canaryd.metrics import HubCollector, exposition
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, ConflictError, KubeError, NotFoundError, UnavailableError
 from canaryd.rollout import Command, CommandKind
 from canaryd.status import Phase
 from canaryd.views import (

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from canaryd.kube import Kube, NotFoundError, UnavailableError, new_command
-from canaryd.ports import CanaryRef
+from canaryd.kube import Kube, new_command
+from canaryd.ports import CanaryRef, NotFoundError, UnavailableError
 from canaryd.rollout import Command, CommandKind
 from canaryd.status import CanaryStatus
 

@@ -582,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     from canaryd import cluster_cli  # noqa: PLC0415 - the kubernetes client loads only here
 
     cluster_cli.add_parsers(sub, fmt)
-    from canaryd import playground  # noqa: PLC0415
+    from canaryd import plan_cli, playground  # noqa: PLC0415
 
+    plan_cli.add_parser(sub, fmt)
     playground.add_parser(sub, fmt)
     for command in sub.choices.values():  # also after the command: canaryd status --debug
         command.add_argument(

@@ -31,14 +31,15 @@ from kubernetes.config.config_exception import ConfigException
 from analysis.verdict import format_duration
 from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
 from canaryd.cli import duration_arg, http_url_arg, number_arg, one_line
-from canaryd.kube import (
-    CanaryObject,
-    Kube,
+from canaryd.kube import CanaryObject, Kube
+from canaryd.ports import (
+    CanaryRef,
     KubeError,
+    MetricsSource,
     NotFoundError,
+    TrafficRouter,
     UnavailableError,
 )
-from canaryd.ports import CanaryRef, MetricsSource, TrafficRouter
 from canaryd.rollout import Command, CommandKind
 from canaryd.status import Phase
 

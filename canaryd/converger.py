@@ -27,8 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from canaryd.kube import KubeError
-from canaryd.ports import CanaryRef, RoutingError, TrafficRouter, WorkloadError, Workloads
+from canaryd.ports import (
+    CanaryRef,
+    KubeError,
+    RoutingError,
+    TrafficRouter,
+    WorkloadError,
+    Workloads,
+)
 from canaryd.spec import CanarySpec
 from canaryd.status import CanaryStatus, Phase
 

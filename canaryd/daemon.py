@@ -49,10 +49,7 @@ from canaryd.kube import (
     PLURAL,
     VERSION,
     CanaryObject,
-    ConflictError,
     Kube,
-    KubeError,
-    NotFoundError,
     to_canary,
 )
 from canaryd.leader import LeaderElector, LeaseSettings
@@ -60,8 +57,11 @@ from canaryd.metrics import METRIC_QUERIES, RECONCILE_SECONDS, ROLLOUT_SECONDS
 from canaryd.outbox import Notifier
 from canaryd.ports import (
     CanaryRef,
+    ConflictError,
+    KubeError,
     MetricsError,
     MetricsSource,
+    NotFoundError,
     RoutingError,
     TrafficRouter,
     WorkloadError,

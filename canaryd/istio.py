@@ -20,8 +20,8 @@ import asyncio
 import copy
 from typing import Any
 
-from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
-from canaryd.ports import CanaryRef, RoutingError
+from canaryd.kube import Kube
+from canaryd.ports import CanaryRef, ConflictError, KubeError, NotFoundError, RoutingError
 from canaryd.spec import CanarySpec
 
 GROUP = "networking.istio.io"

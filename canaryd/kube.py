@@ -34,7 +34,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from canaryd.metrics import KUBE_REQUESTS, kube_verb
-from canaryd.ports import CanaryRef
+from canaryd.ports import (  # the error types live in the ports module
+    CanaryRef,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    KubeError,
+    NotFoundError,
+    UnavailableError,
+)
 from canaryd.redact import redact, redact_tree
 from canaryd.rollout import Command, CommandKind
 from canaryd.spec import API_GROUP, CanarySpec, SpecError, parse_spec
@@ -50,35 +58,6 @@ FINALIZER = f"{API_GROUP}/restore-traffic"
 MAX_PENDING_COMMANDS = 20
 
 T = TypeVar("T")
-
-
-class KubeError(Exception):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0: no answer)."""
-
-    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-class NotFoundError(KubeError):
-    pass
-
-
-class ConflictError(KubeError):
-    pass
-
-
-class InvalidError(KubeError):
-    pass
-
-
-class ForbiddenError(KubeError):
-    pass
-
-
-class UnavailableError(KubeError):
-    """Worth retrying: the API server is unreachable, overloaded or slow."""
 
 
 def _message(exc: ApiException) -> str:

@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
+from canaryd.kube import Kube
+from canaryd.ports import ConflictError, KubeError, NotFoundError
 
 log = structlog.get_logger("canaryd.leader")
 

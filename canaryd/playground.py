@@ -42,8 +42,8 @@ from canaryd.cli import duration_arg, number_arg
 from canaryd.daemon import Daemon, DaemonSettings
 from canaryd.hub import StatusHub
 from canaryd.istio import IstioRouter
-from canaryd.kube import Kube, KubeError, new_command
-from canaryd.ports import CanaryRef
+from canaryd.kube import Kube, new_command
+from canaryd.ports import CanaryRef, KubeError
 from canaryd.rollout import CommandKind
 from canaryd.simsource import SimulatedMetrics
 from canaryd.views import EventType, EventView

@@ -41,6 +41,35 @@ class WorkloadError(Exception):
     """A Deployment the Canary names is missing or unusable; says which."""
 
 
+class KubeError(Exception):
+    """A Kubernetes API call failed; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class NotFoundError(KubeError):
+    """404: the object is not there."""
+
+
+class ConflictError(KubeError):
+    """409: a stale resourceVersion, or the object exists already."""
+
+
+class InvalidError(KubeError):
+    """422: the API server rejected the object."""
+
+
+class ForbiddenError(KubeError):
+    """401/403: RBAC or credentials."""
+
+
+class UnavailableError(KubeError):
+    """Worth retrying: the API server is unreachable, overloaded or slow."""
+
+
 class QueryRejectedError(MetricsError):
     """The metrics source refused a query as malformed (HTTP 400 and kin): retrying
     the same text cannot help, and the fault may lie in one Canary's input."""

@@ -413,6 +413,54 @@ class PrometheusMetrics:
                 )
                 await asyncio.sleep(wait_s)
 
+    # -- a service's traffic (canaryd plan --from-prometheus) ----------------------------
+
+    async def traffic(self, spec: CanarySpec, namespace: str, window_s: float) -> ServiceTraffic:
+        """Stable's request rate, error ratio, p50 and p99 over the last ``window_s``,
+        and how much its error ratio varies from minute to minute beyond chance.
+
+        The spec's own query templates are used (Istio's by default), each metric
+        selector wrapped in ``rate(…[window])``; one query per figure, in parallel,
+        within the source's deadline.
+
+        Raises:
+            MetricsError: Prometheus failed, or has no traffic for stable there.
+        """
+        queries = traffic_queries(spec, namespace, window_s)
+        deadline = self.clock() + self.settings.timeout_s
+        at = time.time()
+        names = list(queries)
+        answers = await asyncio.gather(
+            *(self._query("requests", queries[n], at, deadline) for n in names)
+        )
+        values: dict[str, float] = {}
+        for name, answer in zip(names, answers, strict=True):
+            if answer:
+                values[name] = float(answer[0].value)
+        stable = _stable_value(spec)
+        where = f"{stable} in namespace {namespace}" if spec.metrics.namespace_label else stable
+        rps = values.get("rps", 0.0)
+        if not math.isfinite(rps) or rps <= 0:
+            raise MetricsError(
+                f"Prometheus has no requests to {where} in the last {window_s:g}s: check "
+                "--namespace, and the spec's stable.deployment or metrics section"
+            )
+        error_rate = values.get("error_ratio", 0.0)
+        error_rate = error_rate if math.isfinite(error_rate) else 0.0
+        unit = spec.metrics.latency_edge_ms()
+        p50 = values.get("p50", math.nan) * unit
+        p99 = values.get("p99", math.nan) * unit
+        if not (math.isfinite(p50) and math.isfinite(p99) and 0 < p50 <= p99):
+            raise MetricsError(
+                f"Prometheus has no latency histogram for {where} in the last {window_s:g}s"
+            )
+        sd = values.get("error_ratio_sd", 0.0)
+        per_minute = rps * 60.0
+        binomial = error_rate * (1 - error_rate) / per_minute
+        extra = max(sd * sd - binomial, 0.0) if math.isfinite(sd) else 0.0
+        cv = math.sqrt(extra) / error_rate if error_rate > 0 else 0.0
+        return ServiceTraffic(rps, error_rate, p50, p99, min(cv, 3.0), window_s)
+
     def _blocking_query(self, name: str, query: str, at: float, timeout_s: float) -> list[Any]:
         """The HTTP call (in a worker thread), its failures mapped to our errors."""
         client = self._clients[name]
@@ -672,3 +720,66 @@ def _rebucket(edges: Mapping[float, int]) -> tuple[int, ...]:
             i += 1
         out.append(last)
     return tuple(out)
+
+
+# -- a service's traffic -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTraffic:
+    """Stable's traffic over a window, as ``canaryd plan --from-prometheus`` reads it."""
+
+    rps: float
+    error_rate: float
+    p50_ms: float
+    p99_ms: float
+    error_cv: float
+    window_s: float
+
+
+_METRIC_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^{}]*)\}")
+
+
+def _rated(template: str, window: str) -> str:
+    """``template`` with each ``metric{…}`` selector as ``rate(metric{…}[window])``."""
+    if "[" in template:
+        raise MetricsError("a query template with a range ([…]) cannot be read as a rate")
+    return _METRIC_SELECTOR.sub(lambda m: f"rate({m.group(0)}[{window}])", template)
+
+
+def _stable_value(spec: CanarySpec) -> str:
+    value = spec.metrics.stable_value or (spec.stable.deployment if spec.stable else None)
+    if not value:
+        raise MetricsError(
+            "cannot find stable's series: set spec.stable.deployment (or "
+            "spec.metrics.stableValue) in --spec"
+        )
+    return value
+
+
+def traffic_queries(spec: CanarySpec, namespace: str, window_s: float) -> dict[str, str]:
+    """The PromQL of :meth:`PrometheusMetrics.traffic`, by figure."""
+    metrics = spec.metrics
+    matchers = [metrics.selector] if metrics.selector else []
+    if metrics.namespace_label:
+        matchers.append(f'{metrics.namespace_label}="{promql_string(namespace)}"')
+    matchers.append(f'{metrics.arm_label}="{promql_string(_stable_value(spec))}"')
+    requests_t, errors_t, latency_t = metrics.templates()
+    window = f"{max(round(window_s), 60)}s"
+
+    def render(template: str, over: str) -> str:
+        text = _rated(template, over)
+        return Template(text).safe_substitute(selector=",".join(matchers), by=metrics.arm_label)
+
+    req, err = f"sum({render(requests_t, window)})", f"sum({render(errors_t, window)})"
+    req_1m, err_1m = f"sum({render(requests_t, '1m')})", f"sum({render(errors_t, '1m')})"
+    queries = {
+        "rps": req,
+        "error_ratio": f"({err} or vector(0)) / {req}",
+        "error_ratio_sd": f"stddev_over_time((({err_1m} or vector(0)) / {req_1m})[{window}:1m])",
+    }
+    if latency_t is not None:
+        buckets = render(latency_t, window)
+        for label, q in (("p50", 0.5), ("p99", 0.99)):
+            queries[label] = f"histogram_quantile({q}, sum by (le) ({buckets}))"
+    return queries

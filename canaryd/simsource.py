@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from analysis.counts import Observation
-from canaryd.kube import KubeError
-from canaryd.ports import CanaryRef, MetricsError, RoutingError, TrafficRouter
+from canaryd.ports import CanaryRef, KubeError, MetricsError, RoutingError, TrafficRouter
 from canaryd.spec import CanarySpec
 from simulator import Scenario, Simulation
 

@@ -225,6 +225,8 @@ def simulate_once(
     seed: int,
     on_sample: Callable[[Sample, CanaryStatus], None] | None = None,
     on_event: Callable[[Event], None] | None = None,
+    simulation: Simulation | None = None,
+    status: CanaryStatus | None = None,
 ) -> RunResult:
     """Run one rollout of ``spec`` against ``scenario`` with ``seed``, in virtual time.
 
@@ -233,12 +235,20 @@ def simulate_once(
     ``promote`` command and is evaluated every
     ``spec.analysis.interval`` until it ends or the scenario's duration is over.
     Promotion to stable completes at once (the simulated stable rolls out instantly).
+    ``simulation``, when given, is played instead of a fresh warmed-up one (``canaryd
+    plan`` passes an :class:`~simulator.expected.ExpectedSimulation`); with ``status``
+    too, the rollout resumes from that status at the simulation's time, as a restarted
+    daemon would (``canaryd plan`` forks one healthy rollout at each step's start).
     """
-    sim = Simulation.warmed_up(scenario, seed)
-    status = CanaryStatus()
-    commands = [
-        Command(id="simulate-promote", kind=CommandKind.PROMOTE, revision="canary", by="simulate")
-    ]
+    sim = simulation if simulation is not None else Simulation.warmed_up(scenario, seed)
+    commands = []
+    if status is None:
+        status = CanaryStatus()
+        commands.append(
+            Command(
+                id="simulate-promote", kind=CommandKind.PROMOTE, revision="canary", by="simulate"
+            )
+        )
     workloads = _SimWorkloads(sim)
     converger = Converger(_SimRoutes(sim), workloads)
     samples: list[Sample] = []

@@ -63,9 +63,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from canaryd.events import EventReason, RolloutEvent
-from canaryd.kube import CanaryObject, KubeError, new_command
+from canaryd.kube import CanaryObject, new_command
 from canaryd.outbox import EVENTS_SENT, OUTBOX_SIZE, Outbox, backoff_delays
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, KubeError
 from canaryd.rollout import CommandKind
 from canaryd.spec import CanarySpec
 from canaryd.status import CheckRecord, Phase, VerdictRecord

@@ -17,8 +17,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from canaryd.kube import ConflictError, Kube, KubeError, NotFoundError
-from canaryd.ports import CanaryRef, WorkloadError
+from canaryd.kube import Kube
+from canaryd.ports import CanaryRef, ConflictError, KubeError, NotFoundError, WorkloadError
 from canaryd.spec import API_GROUP, CanarySpec
 
 REVISION_ANNOTATION = f"{API_GROUP}/revision"

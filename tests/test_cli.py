@@ -21,9 +21,9 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def run_json(*argv: str) -> tuple[int, dict[str, Any]]:
-    code, out, _ = run(*argv, "--json")
+    code, out, err = run(*argv, "--json")
     lines = out.strip().splitlines()
-    assert len(lines) == 1, "--json prints exactly one JSON object"
+    assert len(lines) == 1, f"--json prints exactly one JSON object (stderr: {err!r})"
     return code, json.loads(lines[0])
 
 

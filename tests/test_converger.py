@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from canaryd.converger import Converger, Stage
-from canaryd.kube import KubeError
-from canaryd.ports import CanaryRef, RoutingError
+from canaryd.ports import CanaryRef, KubeError, RoutingError
 from canaryd.spec import CanarySpec, parse_spec
 from canaryd.status import CanaryStatus, Phase
 

@@ -213,7 +213,8 @@ def test_the_rollout_keeps_its_blocks_in_status() -> None:
     assert Moments.from_list(last.stable).dof >= 15
     for st in with_blocks:
         window = st.blocks.window_started_at if st.blocks else None
-        assert window is not None and window <= st.step_started_at
+        assert window is not None and st.step_started_at is not None
+        assert window <= st.step_started_at
     # a block is never older than a minute and a reading
     for st in with_blocks:
         assert st.blocks is not None and st.step_started_at is not None

@@ -49,7 +49,8 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_top_level_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--help")[0] == 0
+    status, _, err = run("--help")
+    assert status == 0, err
     text = capsys.readouterr().out
     assert "exit codes" in text
     for code, meaning in (

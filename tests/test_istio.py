@@ -87,8 +87,8 @@ def test_set_weights_retries_conflicts_and_reads_every_route_back(cluster: KubeA
     import asyncio
 
     from canaryd.istio import IstioRouter
-    from canaryd.kube import Kube, KubeError
-    from canaryd.ports import CanaryRef
+    from canaryd.kube import Kube
+    from canaryd.ports import CanaryRef, KubeError
 
     ref = CanaryRef(NS, "checkout")
 

@@ -15,9 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from canaryd.events import EventReason, RolloutEvent
-from canaryd.kube import CanaryObject, ConflictError, to_canary
+from canaryd.kube import CanaryObject, to_canary
 from canaryd.metrics import REGISTRY
-from canaryd.ports import CanaryRef
+from canaryd.ports import CanaryRef, ConflictError
 from canaryd.rollout import Command, CommandKind
 from canaryd.slack import (
     ABORT_ACTION,
