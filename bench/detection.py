@@ -443,6 +443,138 @@ def target_lines(summaries: Sequence[Summary]) -> list[str]:
             f"- Errors ×2 at 1,000 rps caught by canaryd in "
             f"{fmt_share(caught.rolled_back, caught.runs)} of runs (target ≥ 99%: {verdict})."
         )
+    return lines + issue_15_lines(summaries)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _rate(cell: Summary) -> float:
+    return cell.rolled_back / cell.runs if cell.runs else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.inf
+
+
+def _healthy_rate(summaries: Sequence[Summary], method: str, keys: Sequence[str]) -> float | None:
+    """False rollbacks of ``method`` over the healthy scenarios in ``keys`` (pooled)."""
+    cells = [s for s in summaries if s.method == method and s.healthy and s.scenario in keys]
+    runs = sum(s.runs for s in cells)
+    return sum(s.rolled_back for s in cells) / runs if runs else None
+
+
+def issue_15_lines(summaries: Sequence[Summary]) -> list[str]:
+    """Issue 15's targets and its restated comparison rows, where the cells were run."""
+    cells = {(s.scenario, s.method): s for s in summaries}
+    lines: list[str] = []
+    c2, o2 = cells.get(("errors-x2", "canaryd")), cells.get(("errors-x2", "oracle-sprt"))
+    if c2 and o2:
+        r = _ratio(c2.median_requests, o2.median_requests)
+        lines.append(
+            f"- Errors ×2 at 100 rps, median requests to rollback: canaryd "
+            f"{fmt_count(c2.median_requests)} vs the oracle SPRT's {fmt_count(o2.median_requests)}"
+            f" ({r:.2f}×; target ≤ 1.3×: {_met(r <= 1.3)})."
+        )
+        r = _ratio(c2.median_bad_canary_requests, o2.median_bad_canary_requests)
+        lines.append(
+            f"- Errors ×2, median bad canary requests: canaryd "
+            f"{fmt_count(c2.median_bad_canary_requests)} vs the oracle's "
+            f"{fmt_count(o2.median_bad_canary_requests)} ({r:.2f}×; target ≤ 1.5×: "
+            f"{_met(r <= 1.5)})."
+        )
+    healthy_keys = [s.scenario for s in summaries if s.healthy]
+    independent = [k for k in healthy_keys if k not in ("bursty-healthy", "client-bursts")]
+    ours = _healthy_rate(summaries, "canaryd", independent)
+    if c2:
+        for rule in ("flagger-1", "flagger-5"):
+            theirs, cell = (
+                _healthy_rate(summaries, rule, independent),
+                cells.get(("errors-x2", rule)),
+            )
+            if theirs is None or ours is None or cell is None:
+                continue
+            if theirs < ours:
+                lines.append(
+                    f"- Errors ×2 against {rule}: its false-rollback rate is lower "
+                    f"({100 * theirs:.1f}% vs {100 * ours:.1f}%), so the comparison does not apply."
+                )
+                continue
+            ok = c2.median_bad_canary_requests <= cell.median_bad_canary_requests
+            lines.append(
+                f"- Errors ×2 against {rule} (false rollbacks {100 * theirs:.1f}% vs canaryd's "
+                f"{100 * ours:.1f}%): median bad canary requests "
+                f"{fmt_count(c2.median_bad_canary_requests)} vs "
+                f"{fmt_count(cell.median_bad_canary_requests)} (target: no more: {_met(ok)})."
+            )
+    regressions = sorted({s.scenario for s in summaries if not s.healthy})
+
+    def detection(method: str) -> float | None:
+        rows = [cells[k, method] for k in regressions if (k, method) in cells]
+        runs = sum(r.runs for r in rows)
+        return sum(r.rolled_back for r in rows) / runs if runs else None
+
+    mine = detection("canaryd")
+    for base in ("kayenta", "flagger-1", "flagger-5"):
+        theirs = _healthy_rate(summaries, base, healthy_keys)
+        ours_all = _healthy_rate(summaries, "canaryd", healthy_keys)
+        found = detection(base)
+        if theirs is None or ours_all is None or found is None or mine is None:
+            continue
+        fewer = theirs / ours_all if ours_all > 0 else math.inf
+        fewer_text = "∞" if math.isinf(fewer) else f"{fewer:.1f}"
+        comparable = mine >= found - 0.05
+        lines.append(
+            f"- False rollbacks against {base}, every healthy scenario: canaryd "
+            f"{100 * ours_all:.2f}% vs {100 * theirs:.2f}% ({fewer_text}× fewer), detection "
+            f"{100 * mine:.1f}% vs {100 * found:.1f}% (target ≥ 3× fewer at comparable "
+            f"detection: {_met(fewer >= 3.0 and comparable)})."
+        )
+    for key in regressions:
+        k, o, c = (
+            cells.get((key, "kayenta")),
+            cells.get((key, "oracle-sprt")),
+            cells.get((key, "canaryd")),
+        )
+        if not (k and o and c):
+            continue
+        slow = _ratio(k.median_time_to_rollback_s, o.median_time_to_rollback_s)
+        if slow < 3.0:
+            continue
+        fast = _ratio(k.median_time_to_rollback_s, c.median_time_to_rollback_s)
+        lines.append(
+            f"- {_title(key)}: Kayenta {fmt_minutes(k.median_time_to_rollback_s)} is {slow:.1f}× "
+            f"the oracle's; canaryd {fmt_minutes(c.median_time_to_rollback_s)} ({fast:.1f}× "
+            f"faster than Kayenta; target ≥ 3×: {_met(fast >= 3.0)})."
+        )
+    c15 = cells.get(("errors-x1.5", "canaryd"))
+    if c15:
+        lines.append(
+            f"- Errors ×1.5 detected by canaryd in {fmt_share(c15.rolled_back, c15.runs)} "
+            f"(target ≥ 85%: {_met(_rate(c15) >= 0.85)})."
+        )
+    worst = [cells[k, "canaryd"] for k in independent if (k, "canaryd") in cells]
+    if worst:
+        top = max(worst, key=_rate)
+        lines.append(
+            f"- Healthy scenarios (independent requests), worst false-rollback rate: "
+            f"{_title(top.scenario)} {fmt_share(top.rolled_back, top.runs)} "
+            f"(target ≤ 0.5% each: {_met(_rate(top) <= 0.005)})."
+        )
+    for key in ("bursty-healthy", "client-bursts"):
+        cell = cells.get((key, "canaryd"))
+        if cell:
+            lines.append(
+                f"- {_title(key)}: {fmt_share(cell.rolled_back, cell.runs)} false rollbacks "
+                f"(target ≤ 1%: {_met(_rate(cell) <= 0.01)})."
+            )
+    bursty = cells.get(("bursty-x2", "canaryd"))
+    if bursty:
+        lines.append(
+            f"- {_title('bursty-x2')}: detected in {fmt_share(bursty.rolled_back, bursty.runs)} "
+            f"(target ≥ 99%: {_met(_rate(bursty) >= 0.99)})."
+        )
     return lines
 
 
@@ -611,6 +743,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=50, help="runs per worker task")
     parser.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(BY_KEY)}")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: rewrite DIR's detection.md and detection.png from its summary.json",
+    )
     return parser
 
 
@@ -627,6 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1.0 <= args.interval <= 600.0:
         parser.error("--interval must lie between 1 and 600 seconds")
     set_interval(args.interval)
+    if args.render is not None:
+        return render(args.render, args.runs, args.seed)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -658,6 +798,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_chart(summaries, out / "detection.png")
     print(report)
     progress(f"done in {wall_s:.1f} s; wrote {out / 'detection.md'}, {out / 'detection.png'}")
+    return 0
+
+
+def load_summaries(path: Path) -> list[Summary]:
+    """The summaries a run wrote to ``summary.json`` ("inf" back to ∞, null to NaN)."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for row in rows:
+        fixed: dict[str, Any] = {
+            k: (math.inf if v == "inf" else math.nan if v is None else v) for k, v in row.items()
+        }
+        out.append(Summary(**fixed))
+    return out
+
+
+def render(out: Path, runs: int, base_seed: int) -> int:
+    """``--render``: the report and chart again from a run's numbers (``--interval``
+    must be the run's, for the notes)."""
+    summaries = load_summaries(out / "summary.json")
+    runs = max((s.runs for s in summaries), default=runs)
+    report = markdown_report(summaries, runs=runs, base_seed=base_seed)
+    (out / "detection.md").write_text(report, encoding="utf-8")
+    write_chart(summaries, out / "detection.png")
+    print(report)
     return 0
 
 

@@ -346,6 +346,24 @@ def create_app(
         return Response(cached[1], media_type="application/json")
 
     @app.get(
+        "/api/v1/slos",
+        responses=_ERRORS,
+        tags=["slos"],
+        summary="Every released service's SLO figures and error-budget policy tier",
+    )
+    async def list_slos(
+        _: Identity | None = Depends(reader),
+        namespace: Annotated[str | None, Query(max_length=253)] = None,
+    ) -> JSONResponse:
+        with hub.lock:
+            rows = [
+                slo.to_json()
+                for key, slo in sorted(hub.slos.items())
+                if namespace is None or key[0] == namespace
+            ]
+        return JSONResponse(rows)
+
+    @app.get(
         "/api/v1/canaries/{namespace}/{name}",
         response_model=CanaryDetail,
         responses=_ERRORS,

@@ -36,7 +36,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -63,6 +63,7 @@ from canaryd.ports import (
     MetricsSource,
     NotFoundError,
     RoutingError,
+    SloEventsSource,
     TrafficRouter,
     WorkloadError,
     Workloads,
@@ -76,6 +77,7 @@ from canaryd.rollout import (
     PromoteStable,
     reconcile,
 )
+from canaryd.slo import SloMonitor
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
 from canaryd.workloads import template_digest
@@ -116,6 +118,8 @@ class DaemonSettings:
             wakes its Canary at once instead of at the next resync.
         finalize_timeout_s: how long a deleted Canary's traffic is tried to be restored
             before its finalizer is dropped anyway (with a warning Event), seconds.
+        slo_refresh_s: how often every service's SLO figures are read (when the metrics
+            source can read them: Prometheus), seconds.
         readiness_recheck_s: how often an idle, ready Canary's routes and workloads are
             looked at again, seconds (at once when its spec changes; every round while
             they are missing).
@@ -123,6 +127,7 @@ class DaemonSettings:
 
     namespaces: tuple[str, ...] = ()
     lease: LeaseSettings | None = None
+    slo_refresh_s: float = 60.0
     resync_s: float = 30.0
     watch_timeout_s: float = 60.0
     conflict_attempts: int = 6
@@ -327,6 +332,14 @@ class Daemon:
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
             background.append(group.create_task(self.notifier.run(), name="notifier"))
+            if hasattr(self.metrics, "slo_events"):  # every replica: the figures are reads
+                monitor = SloMonitor(
+                    cast(SloEventsSource, self.metrics),
+                    self.hub,
+                    refresh_s=self.settings.slo_refresh_s,
+                    timeout_s=self.settings.metrics_timeout_s,
+                )
+                background.append(group.create_task(monitor.run(stop), name="slo"))
             if self.settings.watch_deployments:
                 background.append(
                     group.create_task(self._watch_deployments(), name="watch-deployments")

@@ -39,6 +39,7 @@ from analysis.counts import ArmCounts, Observation
 from canaryd.events import RolloutEvent
 from canaryd.kube import CanaryObject
 from canaryd.ports import CanaryRef
+from canaryd.slo import ServiceSlo
 from canaryd.status import Phase, VerdictDecision, VerdictRecord
 from canaryd.views import (
     CanaryDetail,
@@ -130,6 +131,8 @@ class StatusHub:
         self.version = 0
         #: held by every method: the daemon's loop writes, the API's thread reads
         self.lock = threading.RLock()
+        #: every service's SLO figures, by (namespace, service) (``canaryd.slo``)
+        self.slos: dict[tuple[str, str], ServiceSlo] = {}
 
     # -- fed by the daemon ---------------------------------------------------------------
 
@@ -227,6 +230,12 @@ class StatusHub:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @_locked
+    def set_slos(self, slos: Iterable[ServiceSlo]) -> None:
+        """Replace every service's SLO figures (a service no longer released drops out)."""
+        self.slos = {(s.namespace, s.service): s for s in slos}
+        self.version += 1
 
     @_locked
     def refs(self) -> list[CanaryRef]:

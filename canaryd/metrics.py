@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from analysis.budget import Tier, window_label
 from canaryd.status import Phase
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class HubCollector(Collector):
             for ref, outcomes in self.hub.rollouts.items():
                 for outcome, n in outcomes.items():
                     rollouts.add_metric([ref.namespace, ref.name, outcome], n)
+        yield from self._slo()
         leader = GaugeMetricFamily(
             "canaryd_leader", "1 when this replica acts (leads, or runs alone), else 0."
         )
@@ -121,6 +123,51 @@ class HubCollector(Collector):
         )
         subscribers.add_metric([], self.hub.subscribers)
         yield from (weight, phase, step, evalue, decisions, rollouts, leader, dropped, subscribers)
+
+    def _slo(self) -> Iterator[Metric]:
+        """Every service's SLO figures (``canaryd.slo``), by service and objective."""
+        labels = ["namespace", "service", "objective"]
+        availability = GaugeMetricFamily(
+            "slo_availability",
+            "Good / total events over the SLO's compliance window.",
+            labels=labels,
+        )
+        remaining = GaugeMetricFamily(
+            "slo_error_budget_remaining",
+            "Fraction of the error budget left over the compliance window (negative: overspent).",
+            labels=labels,
+        )
+        burn = GaugeMetricFamily(
+            "slo_error_budget_burn_rate",
+            "Bad-event ratio over the window, in units of the budget's (1: spends it exactly).",
+            labels=[*labels, "window"],
+        )
+        objective = GaugeMetricFamily(
+            "slo_objective", "The objective, as a fraction of good events.", labels=labels
+        )
+        tier = GaugeMetricFamily(
+            "canaryd_slo_policy_tier",
+            "1 for the release-policy tier the error budget puts the service in.",
+            labels=["namespace", "service", "tier"],
+        )
+        with self.hub.lock:
+            slos = list(self.hub.slos.values())
+        for slo in slos:
+            for name, figures in slo.objectives.items():
+                key = [slo.namespace, slo.service, name]
+                objective.add_metric(key, figures.objective)
+                if figures.availability is not None:
+                    availability.add_metric(key, figures.availability)
+                if figures.budget_remaining is not None:
+                    remaining.add_metric(key, figures.budget_remaining)
+                for window_s, rate in figures.burn_rates.items():
+                    if rate is not None:
+                        burn.add_metric([*key, window_label(window_s)], rate)
+            for t in Tier:
+                tier.add_metric(
+                    [slo.namespace, slo.service, str(t)], 1.0 if slo.decision.tier is t else 0.0
+                )
+        yield from (availability, remaining, burn, objective, tier)
 
 
 def exposition(hub_registry: CollectorRegistry) -> bytes:

@@ -1,7 +1,8 @@
 """The ports (design §2): what the core needs from the world, as small Protocols.
 
 Each integration lives in one module behind one of these; the errors the ports raise
-(``MetricsError``, ``RoutingError``, ``WorkloadError``) live here, so the daemon
+(``MetricsError``, ``RoutingError``, ``WorkloadError``, ``KubeError`` and its kinds)
+live here, so the daemon
 handles them without importing any integration.  The simulator provides fakes of
 the metrics source, the router and the workloads.
 ``canaryd simulate`` drives the simulator directly in virtual time; the daemon
@@ -10,9 +11,11 @@ the metrics source, the router and the workloads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from analysis.budget import Events
 from analysis.counts import Observation
 from canaryd.spec import CanarySpec
 
@@ -73,6 +76,29 @@ class UnavailableError(KubeError):
 class QueryRejectedError(MetricsError):
     """The metrics source refused a query as malformed (HTTP 400 and kin): retrying
     the same text cannot help, and the fault may lie in one Canary's input."""
+
+
+@dataclass(frozen=True, slots=True)
+class SloService:
+    """A service whose error budget is read: its namespace and name, the label values
+    of its arms' series (stable and canary serve its users alike), and the spec that
+    holds its objectives and says where its series are."""
+
+    namespace: str
+    service: str
+    arms: tuple[str, ...]
+    spec: CanarySpec
+
+
+class SloEventsSource(Protocol):
+    """Good and total events of services' objectives over windows (Prometheus)."""
+
+    async def slo_events(
+        self, services: Sequence[SloService], windows_s: Sequence[float]
+    ) -> dict[tuple[str, str], dict[str, dict[float, Events]]]:
+        """``{(namespace, service): {objective: {window_s: Events}}}``; raises
+        :class:`MetricsError` when the source fails."""
+        ...
 
 
 class MetricsSource(Protocol):

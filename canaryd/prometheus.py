@@ -49,8 +49,9 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
+from analysis.budget import Events
 from analysis.counts import LATENCY_EDGES_MS, N_BUCKETS, ArmCounts, Observation
-from canaryd.ports import CanaryRef, MetricsError, QueryRejectedError
+from canaryd.ports import CanaryRef, MetricsError, QueryRejectedError, SloService
 from canaryd.redact import redact
 from canaryd.spec import CanarySpec, Metrics
 
@@ -461,6 +462,67 @@ class PrometheusMetrics:
         cv = math.sqrt(extra) / error_rate if error_rate > 0 else 0.0
         return ServiceTraffic(rps, error_rate, p50, p99, min(cv, 3.0), window_s)
 
+    # -- SLO events (error budgets) ----------------------------------------------------
+
+    async def slo_events(
+        self, services: Sequence[SloService], windows_s: Sequence[float]
+    ) -> dict[tuple[str, str], dict[str, dict[float, Events]]]:
+        """Good and total events of every service's objectives over every window.
+
+        Batched as the analysis is: per query shape, one query per metric and window
+        covers every service of that shape (``increase`` over the window, summed by
+        namespace and arm label); a service's events are its stable's and canary's
+        together.  Returns ``{(namespace, service): {objective: {window_s: Events}}}``
+        with the objectives ``availability`` and, where set, ``latency``.
+
+        Raises:
+            MetricsError: Prometheus failed (the figures are then left as they were).
+        """
+        by_shape: dict[_Shape, list[SloService]] = {}
+        for service in services:
+            by_shape.setdefault(_Shape.of(service.spec.metrics), []).append(service)
+        deadline = self.clock() + self.settings.timeout_s
+        at = time.time()
+        out: dict[tuple[str, str], dict[str, dict[float, Events]]] = {}
+        for shape, members in by_shape.items():
+            queries = _slo_queries(shape, members, windows_s)
+            names = list(queries)
+            answers = await asyncio.gather(
+                *(self._query("requests", queries[n], at, deadline) for n in names)
+            )
+            sums: dict[tuple[str, float, str, str], float] = {}
+            for (metric, window, _), answer in zip(names, answers, strict=True):
+                for series in answer:
+                    value = float(series.value)
+                    if not math.isfinite(value):
+                        continue
+                    ns = (
+                        series.labels.get(shape.namespace_label, "")
+                        if shape.namespace_label
+                        else ""
+                    )
+                    arm = series.labels.get(shape.arm_label, "")
+                    key = (metric, window, ns, arm)
+                    sums[key] = sums.get(key, 0.0) + value
+            for member in members:
+                ns = member.namespace if shape.namespace_label else ""
+                arms = member.arms
+                objectives: dict[str, dict[float, Events]] = {"availability": {}}
+                slo = member.spec.analysis.slo
+                fast = _fast_key(member) if slo and slo.latency else None
+                if fast:
+                    objectives["latency"] = {}
+                for w in windows_s:
+                    requests = _arms_sum(sums, "requests", w, ns, arms)
+                    errors = _arms_sum(sums, "errors", w, ns, arms)
+                    objectives["availability"][w] = Events(requests - errors, requests)
+                    if fast:
+                        objectives["latency"][w] = Events(
+                            _arms_sum(sums, fast, w, ns, arms), requests
+                        )
+                out[member.namespace, member.service] = objectives
+        return out
+
     def _blocking_query(self, name: str, query: str, at: float, timeout_s: float) -> list[Any]:
         """The HTTP call (in a worker thread), its failures mapped to our errors."""
         client = self._clients[name]
@@ -782,4 +844,66 @@ def traffic_queries(spec: CanarySpec, namespace: str, window_s: float) -> dict[s
         buckets = render(latency_t, window)
         for label, q in (("p50", 0.5), ("p99", 0.99)):
             queries[label] = f"histogram_quantile({q}, sum by (le) ({buckets}))"
+    return queries
+
+
+# -- SLO events ----------------------------------------------------------------------------
+
+
+def _arms_sum(
+    sums: Mapping[tuple[str, float, str, str], float],
+    metric: str,
+    window: float,
+    namespace: str,
+    arms: Sequence[str],
+) -> float:
+    """One metric's increase over a window, summed over a service's arms."""
+    return sum(sums.get((metric, window, namespace, arm), 0.0) for arm in arms)
+
+
+def _fast_key(service: SloService) -> str:
+    """The query name of a service's 'answered within the latency threshold' events."""
+    slo = service.spec.analysis.slo
+    assert slo is not None and slo.latency is not None
+    return f"fast:{slo.latency.threshold_ms:g}"
+
+
+def _increased(template: str, window: str) -> str:
+    """``template`` with each ``metric{…}`` selector as ``increase(metric{…}[window])``."""
+    if "[" in template:
+        raise MetricsError("a query template with a range ([…]) cannot be read over a window")
+    return _METRIC_SELECTOR.sub(lambda m: f"increase({m.group(0)}[{window}])", template)
+
+
+def _slo_queries(
+    shape: _Shape, members: Sequence[SloService], windows_s: Sequence[float]
+) -> dict[tuple[str, float, str], str]:
+    """The PromQL of :meth:`PrometheusMetrics.slo_events` for one shape, by (metric,
+    window, text)."""
+    matchers = [shape.selector] if shape.selector else []
+    if shape.namespace_label:
+        namespaces = {m.namespace for m in members}
+        matchers.append(f'{shape.namespace_label}=~"{_regex(namespaces)}"')
+    matchers.append(f'{shape.arm_label}=~"{_regex({a for m in members for a in m.arms})}"')
+    by = ", ".join(label for label in (shape.namespace_label, shape.arm_label) if label)
+    thresholds = sorted(
+        {_fast_key(m) for m in members if m.spec.analysis.slo and m.spec.analysis.slo.latency}
+    )
+    queries: dict[tuple[str, float, str], str] = {}
+    for w in windows_s:
+        window = f"{round(w)}s"
+        for metric, template in (("requests", shape.requests), ("errors", shape.errors)):
+            text = Template(_increased(template, window)).safe_substitute(
+                selector=",".join(matchers), by=by
+            )
+            queries[metric, w, text] = f"sum by ({by}) ({text})"
+        if shape.latency is not None:
+            for key in thresholds:
+                threshold_ms = float(key.split(":", 1)[1])
+                edge = threshold_ms / shape.edge_ms
+                le = f'le=~"{edge:g}|{edge:.1f}"'
+                text = Template(_increased(shape.latency, window)).safe_substitute(
+                    selector=",".join([*matchers, le]), by=by
+                )
+                queries[key, w, text] = f"sum by ({by}) ({text})"
     return queries

@@ -14,6 +14,7 @@ cluster would miss.
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import math
 import re
@@ -48,7 +49,9 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 MAX_DURATION_S = 7 * 86400.0
-"""Longest duration any field takes: a week (``1e9h`` is a typo, not a plan)."""
+"""Longest duration any field takes but an SLO window: a week (``1e9h`` is a typo, not a plan)."""
+MAX_SLO_WINDOW_S = 90 * 86400.0
+"""Longest SLO compliance window: 90 days."""
 MIN_INTERVAL_S = 1.0
 """Shortest ``analysis.interval``: Prometheus scrapes every 15 s or so; 1 ms only spins."""
 MAX_INTERVAL_S = 3600.0
@@ -67,15 +70,16 @@ class SpecError(ValueError):
         super().__init__(head + "; ".join(self.problems))
 
 
-def parse_duration(value: object) -> float:
-    """A duration in seconds from ``90``, ``"90s"``, ``"1m30s"``, ``"1.5h"``, ``"500ms"``."""
+def parse_duration(value: object, maximum_s: float = MAX_DURATION_S) -> float:
+    """A duration in seconds from ``90``, ``"90s"``, ``"1m30s"``, ``"1.5h"``, ``"500ms"``,
+    at most ``maximum_s``."""
     if isinstance(value, bool):
         raise ValueError("a duration must be a number of seconds or a string like '1m'")
     if isinstance(value, int | float):
         try:
             seconds = float(value)
         except OverflowError:  # an integer past 1.8e308
-            raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}") from None
+            raise ValueError(f"durations are at most {format_duration(maximum_s)}") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         negative = text.startswith("-")
@@ -96,11 +100,25 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration must be finite")
     if seconds < 0:
         raise ValueError(f"durations cannot be negative (got {short_repr(value)})")
-    if seconds > MAX_DURATION_S:
-        raise ValueError(f"durations are at most {format_duration(MAX_DURATION_S)}")
+    if seconds > maximum_s:
+        raise ValueError(f"durations are at most {format_duration(maximum_s)}")
     return seconds
 
 
+_DURATION_SCHEMA = WithJsonSchema(
+    {
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "description": "duration: seconds, or a string like 30s, 1m, 1h30m",
+    }
+)
+#: An SLO compliance window: a duration of up to 90 days (``30d``).
+Window = Annotated[
+    float,
+    BeforeValidator(functools.partial(parse_duration, maximum_s=MAX_SLO_WINDOW_S)),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    _DURATION_SCHEMA,
+]
 #: A duration: float seconds in Python, ``"10m"``-style strings in YAML/JSON.
 Duration = Annotated[
     float,
@@ -204,11 +222,53 @@ class LatencyCheck(_Model):
     )
 
 
+class LatencyObjective(_Model):
+    """A latency objective: ``targetPct`` of requests answered within ``thresholdMs``."""
+
+    threshold_ms: float = Field(gt=0, le=3_600_000, description="e.g. 500")
+    target_pct: float = Field(default=99.0, gt=0, lt=100, description="e.g. 99")
+
+
+class BudgetPolicy(_Model):
+    """The error-budget policy: what may ship as the budget runs low (design §5–6).
+
+    Budget remaining below ``approvalBelowPct``: every step after the first needs an
+    approval; below ``overrideBelowPct``: a new rollout needs an override command;
+    exhausted, or a pair of windows burning at ``fastBurnFactor``× or faster: only
+    fixes start (``canaryd promote --fix``) and running rollouts hold.
+    """
+
+    approval_below_pct: float = Field(default=50.0, ge=0, le=100)
+    override_below_pct: float = Field(default=20.0, ge=0, le=100)
+    fast_burn_factor: float = Field(default=6.0, gt=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetPolicy:
+        if self.override_below_pct > self.approval_below_pct:
+            raise ValueError(
+                f"overrideBelowPct ({self.override_below_pct:g}) must not exceed "
+                f"approvalBelowPct ({self.approval_below_pct:g})"
+            )
+        return self
+
+
 class SLO(_Model):
-    """The service's availability objective, for error-budget burn checks."""
+    """The service's objectives: the canary's burn check, the service's error budget
+    (figures from the same Prometheus source), and optionally the release policy."""
 
     availability_pct: float = Field(default=99.9, gt=0, lt=100)
     burn_rate_limit: float = Field(default=14.4, gt=0, le=10_000)
+    latency: LatencyObjective | None = Field(default=None, description="optional")
+    window: Window = Field(
+        default=30 * 86400.0,
+        ge=3600.0,
+        le=90 * 86400.0,
+        description="compliance window (default 30d; 1h to 90d)",
+    )
+    budget_policy: BudgetPolicy | None = Field(
+        default=None,
+        description="apply the error-budget policy to rollouts; null: figures only",
+    )
 
 
 class NoData(_Model):

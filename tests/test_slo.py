@@ -1,0 +1,241 @@
+"""Error budgets from a real Prometheus: a day of synthetic history backfilled with
+``promtool``, for services at 80%, 30%, 10% and −5% of their budget and one burning
+fast; the figures, the tiers, the ``slo_*`` metrics and the API's answer."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from analysis.budget import Tier
+from canaryd.api import ApiSettings, create_app
+from canaryd.hub import StatusHub
+from canaryd.kube import CanaryObject
+from canaryd.metrics import HubCollector
+from canaryd.ports import CanaryRef
+from canaryd.prometheus import PrometheusMetrics, PrometheusSettings
+from canaryd.slo import SloMonitor, slo_services
+from canaryd.spec import parse_spec
+from canaryd.status import CanaryStatus
+from tests.services import PrometheusServer, require_prometheus
+
+DAY_S = 86400
+STEP_S = 60
+pytestmark = pytest.mark.anyio
+
+RPS = 10.0  # per service: 9 on stable, 1 on the canary
+#: error ratio per service: a budget of 1% (objective 99%) → 80%, 30%, 10%, −5% left;
+#: "fast" is clean for 23 h and at 15% errors for the last hour (15× the budget's rate)
+ERRORS = {"a80": 0.002, "b30": 0.007, "c10": 0.009, "dneg": 0.0105, "fast": 0.0}
+FAST_ERRORS, FAST_S = 0.15, 3600
+#: a80 also has a latency objective: 99% within 250 ms, met by 99.6% (60% left)
+FAST_SHARE = 0.996
+
+
+def _labels(service: str, arm: str, code: str | None = None, le: str | None = None) -> str:
+    parts = [
+        'reporter="destination"',
+        f'destination_workload="{service}{arm}"',
+        'destination_workload_namespace="shop"',
+        f'pod="{service}{arm}-1"',
+    ]
+    if code is not None:
+        parts.append(f'response_code="{code}"')
+    if le is not None:
+        parts.append(f'le="{le}"')
+    return ",".join(parts)
+
+
+def openmetrics(now: int) -> str:
+    requests: list[str] = []
+    buckets: list[str] = []
+    for service, ratio in ERRORS.items():
+        for arm, share in (("", 0.9), ("-canary", 0.1)):
+            ok = bad = 0.0
+            ok_lines, bad_lines, le_lines, inf_lines = [], [], [], []
+            for i in range(DAY_S // STEP_S + 61):  # a day and an hour
+                t = now - DAY_S - 3600 + i * STEP_S
+                if i:
+                    n = RPS * share * STEP_S
+                    r = FAST_ERRORS if service == "fast" and t > now - FAST_S else ratio
+                    bad += n * r
+                    ok += n * (1 - r)
+                ok_lines.append(
+                    f"istio_requests_total{{{_labels(service, arm, '200')}}} {ok:.3f} {t}"
+                )
+                bad_lines.append(
+                    f"istio_requests_total{{{_labels(service, arm, '503')}}} {bad:.3f} {t}"
+                )
+                if service == "a80":
+                    total = ok + bad
+                    le_lines.append(
+                        "istio_request_duration_milliseconds_bucket"
+                        f"{{{_labels(service, arm, le='250')}}} {total * FAST_SHARE:.3f} {t}"
+                    )
+                    inf_lines.append(
+                        "istio_request_duration_milliseconds_bucket"
+                        f"{{{_labels(service, arm, le='+Inf')}}} {total:.3f} {t}"
+                    )
+            requests += ok_lines + bad_lines
+            buckets += le_lines + inf_lines
+    return (
+        "\n".join(
+            [
+                "# TYPE istio_requests counter",
+                *requests,
+                "# TYPE istio_request_duration_milliseconds_bucket gauge",
+                *buckets,
+                "# EOF",
+            ]
+        )
+        + "\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    require_prometheus()
+    workdir = tmp_path_factory.mktemp("prometheus-slo")
+    source = workdir / "history.om"
+    source.write_text(openmetrics(int(time.time())))
+    subprocess.run(
+        [
+            "promtool",
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(source),
+            str(workdir / "data"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with PrometheusServer([], workdir=workdir) as server:
+        yield server
+
+
+def canary(service: str) -> CanaryObject:
+    slo: dict[str, object] = {"availabilityPct": 99, "window": "1d", "budgetPolicy": {}}
+    if service == "a80":
+        slo["latency"] = {"thresholdMs": 250, "targetPct": 99}
+    spec = parse_spec(
+        {
+            "service": service,
+            "stable": {"deployment": service},
+            "canary": {"deployment": f"{service}-canary"},
+            "analysis": {"slo": slo},
+        }
+    )
+    return CanaryObject(
+        ref=CanaryRef("shop", service),
+        spec=spec,
+        spec_error=None,
+        status=CanaryStatus(),
+        commands=(),
+        resource_version="1",
+        generation=1,
+        uid=f"u-{service}",
+        raw={},
+    )
+
+
+@pytest.fixture
+def hub() -> StatusHub:
+    hub = StatusHub()
+    for service in ERRORS:
+        hub.update(canary(service))
+    return hub
+
+
+async def test_budgets_tiers_and_metrics_from_history(
+    prometheus: PrometheusServer, hub: StatusHub
+) -> None:
+    source = PrometheusMetrics(PrometheusSettings(url=prometheus.url, timeout_s=20.0))
+    try:
+        monitor = SloMonitor(source, hub, timeout_s=30.0)
+        slos = {s.service: s for s in await monitor.refresh()}
+    finally:
+        source.close()
+    assert set(slos) == set(ERRORS) and monitor.failures == 0
+    expected = {
+        "a80": (0.8, Tier.NORMAL),
+        "b30": (0.3, Tier.APPROVAL),
+        "c10": (0.1, Tier.OVERRIDE),
+        "dneg": (-0.05, Tier.FROZEN),
+        "fast": (1 - 15 / 24, Tier.FROZEN),
+    }
+    for service, (remaining, tier) in expected.items():
+        availability = slos[service].objectives["availability"]
+        assert availability.budget_remaining == pytest.approx(remaining, abs=0.02), service
+        assert slos[service].decision.tier is tier, (service, slos[service].decision.reason)
+    fast = slos["fast"].objectives["availability"]
+    assert fast.burn_rates[3600.0] == pytest.approx(15.0, rel=0.05)
+    assert fast.burn_rates[300.0] == pytest.approx(15.0, rel=0.05)
+    assert [p.label for p in fast.firing] == ["1h&5m"]
+    assert "fast burn 1h&5m" in slos["fast"].decision.reason
+    assert "budget exhausted" in slos["dneg"].decision.reason
+    latency = slos["a80"].objectives["latency"]
+    assert latency.budget_remaining == pytest.approx(0.6, abs=0.03)
+
+    registry = CollectorRegistry()
+    registry.register(HubCollector(hub, lambda: True))
+    text = generate_latest(registry).decode()
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("slo_error_budget_remaining{")
+        and 'service="c10"' in ln
+        and 'objective="availability"' in ln
+    )
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(0.1, abs=0.02)
+    assert (
+        'slo_error_budget_burn_rate{namespace="shop",objective="availability",service="fast",window="1h"}'
+        in text
+    )
+    assert 'canaryd_slo_policy_tier{namespace="shop",service="fast",tier="frozen"} 1.0' in text
+    assert 'slo_availability{namespace="shop",objective="latency",service="a80"}' in text
+
+    app = create_app(hub, lambda *_: None, ApiSettings())  # type: ignore[arg-type]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api"
+    ) as http:
+        rows = (await http.get("/api/v1/slos", params={"namespace": "shop"})).json()
+    assert [r["service"] for r in rows] == sorted(ERRORS)
+    by_service = {r["service"]: r for r in rows}
+    assert by_service["b30"]["tier"] == "approval" and by_service["b30"]["enforced"] is True
+    assert by_service["fast"]["objectives"]["availability"]["firing"] == ["1h&5m"]
+
+
+async def test_a_failed_read_keeps_the_last_figures(hub: StatusHub) -> None:
+    source = PrometheusMetrics(PrometheusSettings(url="http://127.0.0.1:9", timeout_s=1.0))
+    try:
+        monitor = SloMonitor(source, hub, timeout_s=2.0)
+        assert await monitor.refresh() == []
+    finally:
+        source.close()
+    assert monitor.failures == 1 and hub.slos == {}
+
+
+def test_canaries_of_one_service_share_its_objectives(tmp_path: Path) -> None:
+    first, second = canary("b30"), canary("b30")
+    second = CanaryObject(
+        ref=CanaryRef("shop", "b30-second"),
+        spec=second.spec,
+        spec_error=None,
+        status=CanaryStatus(),
+        commands=(),
+        resource_version="1",
+        generation=1,
+        uid="u2",
+        raw={},
+    )
+    services = slo_services([second, first, canary("a80")])
+    assert [(s.namespace, s.service) for s in services] == [("shop", "a80"), ("shop", "b30")]
+    assert services[1].arms == ("b30", "b30-canary")
