@@ -200,6 +200,10 @@ class PromoteBody(_Body):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$",
         description="revision label (default: a timestamp)",
     )
+    fix: bool = Field(
+        default=False,
+        description="the release is a fix: the error-budget policy lets it start when frozen",
+    )
 
 
 class ApproveBody(_Body):
@@ -506,7 +510,7 @@ def create_app(
         body = body or PromoteBody()
         return await command(
             CanaryRef(namespace, name), who, request, CommandKind.PROMOTE,
-            revision=body.revision, reason=body.reason,
+            revision=body.revision, reason=body.reason, fix=body.fix,
         )  # fmt: skip
 
     @app.post(

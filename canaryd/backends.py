@@ -43,6 +43,7 @@ class Backend(Protocol):
         revision: str | None = None,
         weight: int | None = None,
         reason: str = "",
+        fix: bool = False,
     ) -> Command: ...
 
     async def get(self, ref: CanaryRef) -> CanaryView:
@@ -67,8 +68,9 @@ class KubeBackend:
         revision: str | None = None,
         weight: int | None = None,
         reason: str = "",
+        fix: bool = False,
     ) -> Command:
-        command = new_command(kind, by, revision=revision, weight=weight, reason=reason)
+        command = new_command(kind, by, revision=revision, weight=weight, reason=reason, fix=fix)
         try:
             await self.kube.add_command(ref, command)
         except NotFoundError:
@@ -128,10 +130,13 @@ class HttpBackend:
         revision: str | None = None,
         weight: int | None = None,
         reason: str = "",
+        fix: bool = False,
     ) -> Command:
         body: dict[str, Any] = {"reason": reason} if reason else {}
         if kind is CommandKind.PROMOTE and revision:
             body["revision"] = revision
+        if kind is CommandKind.PROMOTE and fix:
+            body["fix"] = True
         if kind is CommandKind.APPROVE and weight is not None:
             body["step"] = weight
         try:

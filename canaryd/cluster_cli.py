@@ -178,7 +178,9 @@ def _line(canary: CanaryView) -> str:
 
 
 async def _promote(args: argparse.Namespace, backend: Backend, ref: CanaryRef, out: TextIO) -> int:
-    command = await backend.submit(ref, CommandKind.PROMOTE, _who(), revision=args.revision)
+    command = await backend.submit(
+        ref, CommandKind.PROMOTE, _who(), revision=args.revision, fix=args.fix
+    )
     revision = command.revision or args.revision
     out.write(f"promote of revision {revision} requested on {ref} (command {command.id})\n")
     if not args.wait:
@@ -805,6 +807,12 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     promote.add_argument("--revision", metavar="R", help="revision label (default: a timestamp)")
     promote.add_argument("--wait", action="store_true", help="follow the rollout to its end")
     promote.add_argument(
+        "--fix",
+        action="store_true",
+        help="the release is a fix: the error-budget policy lets it start when releases "
+        "are frozen (budget exhausted or burning fast)",
+    )
+    promote.add_argument(
         "--timeout",
         type=duration_arg(),
         default=3600.0,
@@ -825,6 +833,11 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         sub, fmt, "approve", "approve the step a Canary waits for",
         "Approve the next step of the Canary NAME (or, with --step, a step ahead of time).",
     )  # fmt: skip
+    approve.add_argument(
+        "--reason",
+        default="",
+        help="recorded with the approval; an override of the error-budget policy needs one",
+    )
     approve.add_argument(
         "--step",
         type=number_arg(int, maximum=100),

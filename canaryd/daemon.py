@@ -70,6 +70,7 @@ from canaryd.ports import (
 )
 from canaryd.redact import redact
 from canaryd.rollout import (
+    BudgetGate,
     Command,
     CommandKind,
     Notify,
@@ -77,7 +78,7 @@ from canaryd.rollout import (
     PromoteStable,
     reconcile,
 )
-from canaryd.slo import SloMonitor
+from canaryd.slo import SloMonitor, service_name
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
 from canaryd.workloads import template_digest
@@ -919,7 +920,21 @@ class Daemon:
             stable_revision=stable_revision,
             traffic_drift=drift.message if hold_for_drift and drift is not None else None,
             canary_template=template,
+            budget=self._budget(ref, spec),
         )
+
+    def _budget(self, ref: CanaryRef, spec: CanarySpec) -> BudgetGate | None:
+        """The error-budget policy's tier for this Canary's service, when its spec asks
+        for the policy and the figures have been read (``canaryd.slo``)."""
+        slo = spec.analysis.slo
+        service = service_name(spec)
+        if slo is None or slo.budget_policy is None or service is None:
+            return None
+        with self.hub.lock:
+            figures = self.hub.slos.get((ref.namespace, service))
+        if figures is None:
+            return None
+        return BudgetGate(figures.decision.tier, figures.decision.reason)
 
     async def _preflight(self, ref: CanaryRef, spec: CanarySpec) -> tuple[str, str] | None:
         """(reason, message) when the routes or workloads this Canary names are missing."""

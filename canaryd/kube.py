@@ -147,6 +147,7 @@ def parse_commands(annotation: str | None) -> tuple[Command, ...]:
                     weight=item.get("weight"),
                     by=str(item.get("by", "")),
                     reason=str(item.get("reason", "")),
+                    fix=item.get("fix") is True,
                 )
             )
         except (KeyError, ValueError, TypeError):
@@ -156,9 +157,9 @@ def parse_commands(annotation: str | None) -> tuple[Command, ...]:
 
 def command_json(command: Command, at: datetime) -> dict[str, Any]:
     data: dict[str, Any] = {"id": command.id, "kind": str(command.kind), "at": at.isoformat()}
-    for key in ("revision", "weight", "by", "reason"):
+    for key in ("revision", "weight", "by", "reason", "fix"):
         value = getattr(command, key)
-        if value not in (None, ""):
+        if value not in (None, "", False):
             data[key] = value
     return data
 
@@ -174,6 +175,7 @@ def new_command(
     revision: str | None = None,
     weight: int | None = None,
     reason: str = "",
+    fix: bool = False,
     now: datetime | None = None,
 ) -> Command:
     """A new command as the CLI and the status API write it (one code path): a fresh
@@ -188,6 +190,7 @@ def new_command(
         weight=weight if kind is CommandKind.APPROVE else None,
         by=by,
         reason=reason,
+        fix=fix and kind is CommandKind.PROMOTE,
     )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from analysis.budget import Tier
 from analysis.counts import ArmCounts, Observation
 from analysis.dispersion import Blocks, Moments
 from analysis.engine import LatencySettings, Settings, StepData, evaluate
@@ -69,7 +70,9 @@ class Command:
         weight: for ``approve``: the step weight (%) approved; None approves whatever
             step is waiting.
         by: who issued it (user, pipeline, Slack handle).
-        reason: free text recorded with it.
+        reason: free text recorded with it (for an approve, the override's why).
+        fix: for ``promote``: the release is a fix, which the error-budget policy lets
+            through when releases are frozen.
     """
 
     id: str
@@ -78,6 +81,20 @@ class Command:
     weight: int | None = None
     by: str = ""
     reason: str = ""
+    fix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGate:
+    """The error-budget policy's verdict on the Canary's service (``canaryd.slo``).
+
+    Attributes:
+        tier: what the budget allows.
+        reason: the figures behind it, for reasons and events.
+    """
+
+    tier: Tier
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,8 @@ class Observed:
         canary_template: a hash of the canary's pod template now, or None when unknown;
             recorded when a rollout starts, and a rollout whose template changes
             restarts from its first step.
+        budget: the error-budget policy's tier for the service, when the spec asks for
+            the policy (``analysis.slo.budgetPolicy``) and its figures are known.
     """
 
     metrics: Observation | None = None
@@ -100,6 +119,7 @@ class Observed:
     stable_revision: str | None = None
     traffic_drift: str | None = None
     canary_template: str | None = None
+    budget: BudgetGate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,22 +190,89 @@ class _Run:
 
     # -- transitions -----------------------------------------------------------------
 
-    def start(self, revision: str, by: str) -> None:
+    def start(self, revision: str, by: str, *, fix: bool = False) -> None:
         """A new rollout of ``revision`` from step 0."""
         fresh = CanaryStatus(
             revision=revision,
             template_hash=self.observed.canary_template,
             acknowledged=self.status.acknowledged,
             observed_generation=self.status.observed_generation,
+            fix=fix,
         )
         self.status = fresh
         who = f" by {by}" if by else ""
-        self.emit(EventReason.ROLLOUT_STARTED, f"rollout of revision {revision} started{who}")
+        what = " (a fix)" if fix else ""
+        self.emit(EventReason.ROLLOUT_STARTED, f"rollout of revision {revision}{what} started{who}")
         self.enter_or_wait(0)
 
-    def enter_or_wait(self, index: int) -> None:
-        """Enter step ``index``, or wait for approval if the spec asks for one first."""
+    # -- the error-budget policy -------------------------------------------------------
+
+    def budget_block(self, index: int) -> str | None:
+        """Why the error-budget policy keeps the rollout from entering step ``index``
+        now, or None.  Frozen: only a fix moves; a new rollout below the override
+        tier needs an approval with a reason (the override: who and why); below the
+        approval tier every step after the first needs an approval."""
+        gate = self.observed.budget
+        if gate is None or gate.tier is Tier.NORMAL:
+            return None
         weight = self.spec.steps[index]
+        approvals = [a for a in self.status.approvals if a.weight == weight]
+        if gate.tier is Tier.FROZEN:
+            if self.status.fix:
+                return None
+            return f"error-budget policy: {gate.reason}"
+        if index == 0:
+            if gate.tier is Tier.OVERRIDE and not any(a.reason for a in approvals):
+                return (
+                    f"error-budget policy: {gate.reason}; override with an approval that "
+                    "gives a reason (canaryd approve --reason WHY)"
+                )
+            return None
+        if not approvals:
+            return f"error-budget policy: {gate.reason}"
+        return None
+
+    def frozen(self) -> str | None:
+        """Why a running rollout must hold at its step (releases frozen), or None."""
+        gate = self.observed.budget
+        if gate is not None and gate.tier is Tier.FROZEN and not self.status.fix:
+            return f"error-budget policy: {gate.reason}"
+        return None
+
+    def recheck_budget(self) -> None:
+        """A rollout the policy stopped moves on once the policy allows it."""
+        st = self.status
+        if st.budget_hold is None:
+            return
+        if st.phase is Phase.WAITING_APPROVAL and st.pending_step_index is not None:
+            index = st.pending_step_index
+            if self.budget_block(index) is None:
+                self.update(budget_hold=None)
+                weight = self.spec.steps[index]
+                approved = any(a.weight == weight for a in st.approvals)
+                if weight in self.spec.approvals.before and not approved:
+                    return  # the spec's own approval is still to come
+                self.emit(EventReason.RESUMED, f"error-budget policy allows the {weight}% step now")
+                self.enter_step(index)
+        elif st.phase is Phase.HOLDING and self.frozen() is None:
+            self.update(budget_hold=None)  # the next pass moves on
+
+    def enter_or_wait(self, index: int) -> None:
+        """Enter step ``index``, or wait for approval if the spec (or the error-budget
+        policy) asks for one first."""
+        weight = self.spec.steps[index]
+        block = self.budget_block(index)
+        if block is not None:
+            if self.status.budget_hold != block or self.status.phase is not Phase.WAITING_APPROVAL:
+                self.emit(EventReason.WAITING_APPROVAL, f"{weight}% step: {block}", warning=True)
+            self.update(
+                phase=Phase.WAITING_APPROVAL,
+                phase_since=self.now,
+                pending_step_index=index,
+                budget_hold=block,
+                message=f"waiting before the {weight}% step: {block}",
+            )
+            return
         approved = any(a.weight == weight for a in self.status.approvals)
         if weight in self.spec.approvals.before and not approved:
             self.update(
@@ -307,7 +394,7 @@ class _Run:
                     f"revision {self.status.revision} superseded by {revision}",
                     warning=True,
                 )
-            self.start(revision, cmd.by)
+            self.start(revision, cmd.by, fix=cmd.fix)
         elif cmd.kind is CommandKind.ABORT:
             if phase.active and phase is not Phase.PROMOTING:
                 who = f" by {cmd.by}" if cmd.by else ""
@@ -327,7 +414,9 @@ class _Run:
         weight = cmd.weight if cmd.weight is not None else waiting_weight
         if weight is None or weight not in self.spec.steps:
             return
-        record = ApprovalRecord(weight=weight, by=cmd.by or "unknown", at=self.now)
+        record = ApprovalRecord(
+            weight=weight, by=cmd.by or "unknown", at=self.now, reason=cmd.reason
+        )
         self.update(approvals=[*self.status.approvals, record])
         if self.status.phase is Phase.WAITING_APPROVAL and weight == waiting_weight:
             assert pending is not None
@@ -335,6 +424,9 @@ class _Run:
             if pending == self.status.step_index and self.status.step_started_at is not None:
                 # a pause (noData.then: pause) resumes the step it interrupted
                 self.update(phase=Phase.PROGRESSING, pending_step_index=None, last_data_at=self.now)
+            elif self.status.budget_hold is not None:
+                self.update(budget_hold=None)
+                self.enter_or_wait(pending)  # the policy may still say no (frozen)
             else:
                 self.enter_step(pending)
 
@@ -384,7 +476,19 @@ class _Run:
             return
         if decision is Decision.ROLLBACK:
             self.rollback(verdict.reasons)
+        elif decision is Decision.PASS and (frozen := self.frozen()) is not None:
+            weight = self.spec.steps[self.status.step_index]
+            if self.status.budget_hold != frozen:
+                self.emit(
+                    EventReason.HOLDING, f"{weight}% step passed, held: {frozen}", warning=True
+                )
+            self.update(
+                phase=Phase.HOLDING,
+                budget_hold=frozen,
+                message=f"holding at {weight}%: the step passed, but {frozen}",
+            )
         elif decision is Decision.PASS:
+            self.update(budget_hold=None)
             self.advance(verdict.reasons)
         elif decision is Decision.HOLD:
             if self.status.phase is not Phase.HOLDING:
@@ -566,11 +670,15 @@ class _Run:
             )
             for c in verdict.checks
         ]
+        reasons = list(verdict.reasons)
+        gate = self.observed.budget
+        if gate is not None and gate.tier is not Tier.NORMAL:
+            reasons.append(f"error-budget policy ({gate.tier}): {gate.reason}")
         self.update(
             last_verdict=VerdictRecord(
                 decision=VerdictDecision(verdict.decision),
                 at=self.now,
-                reasons=list(verdict.reasons),
+                reasons=reasons,
                 checks=checks,
             ),
             step_evidence=verdict.step_log_es(),
@@ -679,6 +787,7 @@ def reconcile(
         run.command(cmd)
         run.update(acknowledged=[*run.status.acknowledged, cmd.id][-ACK_MEMORY:])
     run.template_changed()
+    run.recheck_budget()
     phase = run.status.phase
     if phase in (Phase.PROGRESSING, Phase.HOLDING, Phase.WAITING_APPROVAL):
         run.judge()

@@ -145,11 +145,13 @@ class StepRecord(_Model):
 
 
 class ApprovalRecord(_Model):
-    """An approval: who approved which step weight, when."""
+    """An approval: who approved which step weight, when, and why (an override of the
+    error-budget policy must say why)."""
 
     weight: int
     by: str
     at: datetime
+    reason: str = ""
 
 
 class Condition(_Model):
@@ -195,6 +197,10 @@ class CanaryStatus(_Model):
         history: every step entered, with its outcome.
         approvals: approvals given for this revision.
         acknowledged: ids of the commands already handled (newest last).
+        fix: the rollout was started as a fix (``promote --fix``): the error-budget
+            policy lets it through when releases are frozen.
+        budget_hold: why the error-budget policy stops the rollout (waiting before a
+            step, or holding at one), or None.
         message: one line saying what is happening and why.
         observed_generation: ``metadata.generation`` the status was computed from.
         conditions: ``Ready`` says whether canaryd can act (spec valid, VirtualService,
@@ -221,6 +227,8 @@ class CanaryStatus(_Model):
     last_verdict: VerdictRecord | None = None
     history: list[StepRecord] = Field(default_factory=list)
     approvals: list[ApprovalRecord] = Field(default_factory=list)
+    fix: bool = False
+    budget_hold: str | None = None
     acknowledged: list[str] = Field(default_factory=list)
     message: str = ""
     observed_generation: int | None = None
