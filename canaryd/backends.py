@@ -19,6 +19,9 @@ from canaryd.ports import CanaryRef, NotFoundError, UnavailableError
 from canaryd.rollout import Command, CommandKind
 from canaryd.status import CanaryStatus
 
+#: ``GET /api/v1/slos`` rows: each service's figures and tier (``ServiceSlo.to_json``).
+SloRows = list[dict[str, Any]]
+
 
 class BackendError(Exception):
     """A one-line error for the user (exit 2)."""
@@ -51,6 +54,10 @@ class Backend(Protocol):
         ...
 
     async def list(self, namespace: str | None) -> list[CanaryView]: ...
+
+    async def slos(self, namespace: str | None) -> SloRows:
+        """Every service's SLO figures as a running daemon last read them."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -91,6 +98,12 @@ class KubeBackend:
             CanaryView(c.ref, c.status, tuple(c.spec.steps if c.spec else ()))
             for c in await self.kube.list_canaries(namespace)
         ]
+
+    async def slos(self, namespace: str | None) -> SloRows:
+        raise BackendError(
+            "the SLO figures live in a running canaryd: ask it with --server URL, or give "
+            "--prometheus-url to read them now"
+        )
 
     async def close(self) -> None:
         return None
@@ -167,6 +180,14 @@ class HttpBackend:
             return [await self.get(CanaryRef(r["namespace"], r["name"])) for r in rows]
         except UnavailableError as exc:
             raise BackendError(str(exc)) from None
+
+    async def slos(self, namespace: str | None) -> SloRows:
+        params = {"namespace": namespace} if namespace else {}
+        try:
+            rows = await self._call("GET", "/api/v1/slos", params=params)
+        except UnavailableError as exc:
+            raise BackendError(str(exc)) from None
+        return [dict(r) for r in rows] if isinstance(rows, list) else []
 
     async def close(self) -> None:
         await self.http.aclose()

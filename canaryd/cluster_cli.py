@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 import yaml
@@ -224,6 +224,84 @@ def _outcome(word: str, message: str) -> str:
     if message.lower().startswith(word):
         return message
     return f"{word}: {message}" if message else word
+
+
+async def _slo(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
+    """Every released service's SLO figures and policy tier: from a running daemon's
+    API (``--server``), or read now from Prometheus for the cluster's Canaries."""
+    namespace = None if args.all_namespaces else (args.namespace or default_ns)
+    if isinstance(backend, KubeBackend):
+        rows = await _slo_from_prometheus(args, backend, namespace)
+    else:
+        rows = await backend.slos(namespace)
+    if args.json:
+        out.write(json.dumps(rows, allow_nan=False) + "\n")
+        return EXIT_OK
+    if not rows:
+        where = "any namespace" if namespace is None else f"namespace {namespace}"
+        out.write(f"no service with an SLO in {where}\n")
+        return EXIT_OK
+    table = [["NAMESPACE", "SERVICE", "OBJECTIVE", "TARGET", "ACHIEVED", "BUDGET LEFT",
+              "BURN 5m/1h/6h/1d", "FIRING", "TIER"]]  # fmt: skip
+    for row in rows:
+        for name, figures in row["objectives"].items():
+            burn = figures["burn_rates"]
+            rates = "/".join(
+                "-" if burn.get(w) is None else f"{burn[w]:.2g}"
+                for w in ("300", "3600", "21600", "86400")
+            )
+            tier = row["tier"] + ("" if row["enforced"] else " (not enforced)")
+            table.append([
+                row["namespace"], row["service"], name,
+                _pct(figures["objective"]), _pct(figures["availability"]),
+                _pct(figures["error_budget_remaining"]), rates,
+                ",".join(figures["firing"]) or "-", tier,
+            ])  # fmt: skip
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    if args.verbose:
+        for row in rows:
+            out.write(f"{row['namespace']}/{row['service']}: {row['reason']}\n")
+    return EXIT_OK
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.4g}%"
+
+
+async def _slo_from_prometheus(
+    args: argparse.Namespace, backend: KubeBackend, namespace: str | None
+) -> list[dict[str, Any]]:
+    from canaryd.hub import StatusHub  # noqa: PLC0415
+    from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
+    from canaryd.slo import SloMonitor  # noqa: PLC0415
+
+    if not args.prometheus_url:
+        raise ClusterError(
+            "canaryd slo reads the figures from Prometheus: give --prometheus-url URL (or "
+            "$CANARYD_PROMETHEUS_URL), or --server URL to ask a running canaryd"
+        )
+    hub = StatusHub()
+    for canary in await backend.kube.list_canaries(namespace):
+        hub.update(canary)
+    source = PrometheusMetrics(
+        PrometheusSettings(
+            url=args.prometheus_url,
+            bearer_token_file=args.prometheus_bearer_token_file,
+            timeout_s=args.request_timeout,
+        )
+    )
+    try:
+        monitor = SloMonitor(source, hub, timeout_s=args.request_timeout)
+        slos = await monitor.refresh()
+    finally:
+        source.close()
+    if monitor.failures:
+        raise ClusterError(
+            f"Prometheus at {args.prometheus_url}: the SLO figures could not be read"
+        )
+    return [s.to_json() for s in sorted(slos, key=lambda s: (s.namespace, s.service))]
 
 
 async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
@@ -849,6 +927,38 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         "Skip the current step of the Canary NAME.",
     )  # fmt: skip
 
+    slo = sub.add_parser(
+        "slo",
+        help="show each service's SLO figures and error-budget policy tier",
+        description=(
+            "Show every service's objectives: achieved availability (or latency), error\n"
+            "budget left, burn rates over 5m/1h/6h/1d, firing multi-window pairs, and the\n"
+            "release-policy tier they put the service in.\n\n"
+            "With --server, asks a running canaryd (its last reading); otherwise reads\n"
+            "the cluster's Canaries and their figures from Prometheus now.\n\n"
+            "examples:\n"
+            "  canaryd slo -n shop --prometheus-url http://prometheus.istio-system:9090\n"
+            "  canaryd slo -A --server http://canaryd.canaryd:8080 --json"
+        ),
+        epilog="exit codes: 0 shown, 2 usage or runtime error (e.g. Prometheus unreachable)",
+        formatter_class=fmt,
+    )
+    add_kube_flags(slo)
+    slo.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    slo.add_argument("--json", action="store_true", help="print one JSON array")
+    slo.add_argument("-v", "--verbose", action="store_true", help="also print each tier's reason")
+    slo.add_argument(
+        "--prometheus-url",
+        type=http_url_arg("http://prometheus.istio-system:9090", env="CANARYD_PROMETHEUS_URL"),
+        default=os.environ.get("CANARYD_PROMETHEUS_URL"),
+        metavar="URL",
+        help="Prometheus base URL, without --server (default: $CANARYD_PROMETHEUS_URL)",
+    )
+    slo.add_argument(
+        "--prometheus-bearer-token-file", metavar="FILE", help="bearer token for Prometheus"
+    )
+    slo.set_defaults(cluster_handler="slo")
+
     status = sub.add_parser(
         "status",
         help="show Canaries and their last verdicts",
@@ -921,6 +1031,8 @@ async def _through(args: argparse.Namespace, backend: Backend, default_ns: str, 
     try:
         if args.cluster_handler == "status":
             return await _status(args, backend, default_ns, out)
+        if args.cluster_handler == "slo":
+            return await _slo(args, backend, default_ns, out)
         ref = _ref(args, default_ns)
         if args.cluster_handler == "promote":
             return await _promote(args, backend, ref, out)

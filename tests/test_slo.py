@@ -4,17 +4,22 @@ fast; the figures, the tiers, the ``slo_*`` metrics and the API's answer."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import kubernetes.client as k8s
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from analysis.budget import Tier
-from canaryd.api import ApiSettings, create_app
+from canaryd.api import ApiSettings, bind, create_app, serve_threaded
+from canaryd.cli import main
 from canaryd.hub import StatusHub
 from canaryd.kube import CanaryObject
 from canaryd.metrics import HubCollector
@@ -23,6 +28,7 @@ from canaryd.prometheus import PrometheusMetrics, PrometheusSettings
 from canaryd.slo import SloMonitor, slo_services
 from canaryd.spec import parse_spec
 from canaryd.status import CanaryStatus
+from kubedouble.apiserver import KubeApiServer
 from tests.services import PrometheusServer, require_prometheus
 
 DAY_S = 86400
@@ -239,3 +245,81 @@ def test_canaries_of_one_service_share_its_objectives(tmp_path: Path) -> None:
     services = slo_services([second, first, canary("a80")])
     assert [(s.namespace, s.service) for s in services] == [("shop", "a80"), ("shop", "b30")]
     assert services[1].arms == ("b30", "b30-canary")
+
+
+# -- canaryd slo ---------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def canary_resource(service: str) -> dict[str, object]:
+    spec = canary(service).spec
+    assert spec is not None
+    return {
+        "apiVersion": "canaryd.io/v1alpha1",
+        "kind": "Canary",
+        "metadata": {"name": service, "namespace": "shop"},
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+
+
+def test_canaryd_slo_reads_the_clusters_services_from_prometheus(
+    prometheus: PrometheusServer, kubeapi: KubeApiServer, tmp_path: Path
+) -> None:
+    api = kubeapi.api_client()
+    try:
+        objects = k8s.CustomObjectsApi(api)
+        for service in ERRORS:
+            objects.create_namespaced_custom_object(
+                "canaryd.io", "v1alpha1", "shop", "canaries", canary_resource(service)
+            )
+    finally:
+        api.close()
+    kubeconfig = kubeapi.write_kubeconfig(tmp_path / "kubeconfig", namespace="shop")
+    flags = ["--kubeconfig", str(kubeconfig), "--prometheus-url", prometheus.url]
+    code, out, err = run_cli("slo", *flags, "--json")
+    assert code == 0, err
+    rows = {r["service"]: r for r in json.loads(out)}
+    assert set(rows) == set(ERRORS)
+    assert rows["c10"]["tier"] == "override"
+    budget = rows["dneg"]["objectives"]["availability"]["error_budget_remaining"]
+    assert budget == pytest.approx(-0.05, abs=0.02)
+    code, out, err = run_cli("slo", *flags, "-v")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["NAMESPACE", "SERVICE", "OBJECTIVE"]
+    fast = next(line for line in lines if line.startswith("shop") and " fast " in line)
+    assert "1h&5m" in fast and fast.rstrip().endswith("frozen")
+    assert any(line.startswith("shop/b30: availability SLO 99%") for line in lines)
+    code, _, err = run_cli("slo", "--kubeconfig", str(kubeconfig))
+    assert code == 2 and "give --prometheus-url" in err and err.count("\n") == 1
+
+
+async def test_canaryd_slo_asks_a_running_canaryd_with_server(
+    prometheus: PrometheusServer, hub: StatusHub
+) -> None:
+    source = PrometheusMetrics(PrometheusSettings(url=prometheus.url, timeout_s=20.0))
+    try:
+        await SloMonitor(source, hub, timeout_s=30.0).refresh()
+    finally:
+        source.close()
+    app = create_app(hub, lambda *_: None, ApiSettings())  # type: ignore[arg-type]
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_threaded(app, sock, stop, lambda: None))
+    try:
+        code, out, err = await asyncio.to_thread(
+            run_cli, "slo", "--server", f"http://127.0.0.1:{port}", "-n", "shop", "--json"
+        )
+    finally:
+        stop.set()
+        await server
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["service"] for r in rows] == sorted(ERRORS)
+    assert {r["service"]: r["tier"] for r in rows}["b30"] == "approval"
