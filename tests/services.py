@@ -531,3 +531,42 @@ def _main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
+
+
+def istio_openmetrics(requests: Sequence[str], buckets: Sequence[str]) -> str:
+    """An OpenMetrics file of Istio request counters and latency bucket series, each
+    series' samples in time order (``promtool`` backfills it)."""
+    return (
+        "\n".join(
+            [
+                "# TYPE istio_requests counter",
+                *requests,
+                "# TYPE istio_request_duration_milliseconds_bucket gauge",
+                *buckets,
+                "# EOF",
+            ]
+        )
+        + "\n"
+    )
+
+
+def backfilled_prometheus(workdir: Path, openmetrics: str) -> PrometheusServer:
+    """A Prometheus (not started) whose data directory holds ``openmetrics``'s
+    history, backfilled with ``promtool tsdb create-blocks-from openmetrics``."""
+    require_prometheus()
+    source = workdir / "history.om"
+    source.write_text(openmetrics)
+    subprocess.run(
+        [
+            "promtool",
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(source),
+            str(workdir / "data"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return PrometheusServer([], workdir=workdir)

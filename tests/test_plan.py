@@ -8,7 +8,6 @@ import io
 import json
 import math
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from canaryd.simulate import simulate_once
 from canaryd.spec import CanarySpec, parse_spec
 from simulator import BUILTIN_SCENARIOS, Behaviour, Scenario, Traffic, get_scenario
 from simulator.expected import ExpectedSimulation, two_point_multiplier
-from tests.services import PrometheusServer, require_prometheus
+from tests.services import PrometheusServer, backfilled_prometheus, istio_openmetrics
 
 # -- the expected-traffic simulation --------------------------------------------------------
 
@@ -307,41 +306,14 @@ def _openmetrics(now: int, rng: np.random.Generator) -> str:
     by_series: dict[str, list[str]] = {}
     for line in buckets:
         by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
-    return (
-        "\n".join(
-            [
-                "# TYPE istio_requests counter",
-                *ok,
-                *bad,
-                "# TYPE istio_request_duration_milliseconds_bucket gauge",
-                *(line for series in by_series.values() for line in series),
-                "# EOF",
-            ]
-        )
-        + "\n"
-    )
+    return istio_openmetrics([*ok, *bad], [ln for series in by_series.values() for ln in series])
 
 
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    require_prometheus()
     workdir = tmp_path_factory.mktemp("prometheus-plan")
-    source = workdir / "series.om"
-    source.write_text(_openmetrics(int(time.time()), np.random.default_rng(5)))
-    subprocess.run(
-        [
-            "promtool",
-            "tsdb",
-            "create-blocks-from",
-            "openmetrics",
-            str(source),
-            str(workdir / "data"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    with PrometheusServer([], workdir=workdir) as server:
+    text = _openmetrics(int(time.time()), np.random.default_rng(5))
+    with backfilled_prometheus(workdir, text) as server:
         yield server
 
 

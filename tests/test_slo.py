@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from canaryd.slo import SloMonitor, slo_services
 from canaryd.spec import parse_spec
 from canaryd.status import CanaryStatus
 from kubedouble.apiserver import KubeApiServer
-from tests.services import PrometheusServer, require_prometheus
+from tests.services import PrometheusServer, backfilled_prometheus, istio_openmetrics
 
 DAY_S = 86400
 STEP_S = 60
@@ -90,40 +89,13 @@ def openmetrics(now: int) -> str:
                     )
             requests += ok_lines + bad_lines
             buckets += le_lines + inf_lines
-    return (
-        "\n".join(
-            [
-                "# TYPE istio_requests counter",
-                *requests,
-                "# TYPE istio_request_duration_milliseconds_bucket gauge",
-                *buckets,
-                "# EOF",
-            ]
-        )
-        + "\n"
-    )
+    return istio_openmetrics(requests, buckets)
 
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    require_prometheus()
     workdir = tmp_path_factory.mktemp("prometheus-slo")
-    source = workdir / "history.om"
-    source.write_text(openmetrics(int(time.time())))
-    subprocess.run(
-        [
-            "promtool",
-            "tsdb",
-            "create-blocks-from",
-            "openmetrics",
-            str(source),
-            str(workdir / "data"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    with PrometheusServer([], workdir=workdir) as server:
+    with backfilled_prometheus(workdir, openmetrics(int(time.time()))) as server:
         yield server
 
 
