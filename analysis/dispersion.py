@@ -33,7 +33,7 @@ and ``bench/detection.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 #: Shortest block, seconds.  Error-rate drift slower than this is not seen as
 #: dispersion (it shows as a difference between the arms' levels instead).
@@ -54,7 +54,7 @@ MAX_INFLATION: float = 1e6
 
 
 @dataclass(frozen=True, slots=True)
-class _Sums:
+class BlockSums:
     """Sums over one window's blocks: ``k``, Σn, Σn², Σn³, Σb, Σb², Σbn."""
 
     blocks: int = 0
@@ -65,8 +65,13 @@ class _Sums:
     b2: float = 0.0
     bn: float = 0.0
 
-    def merge(self, other: _Sums) -> _Sums:
-        return _Sums(
+    def add(self, requests: int, bad: int) -> BlockSums:
+        """These sums with one more block of ``requests`` and ``bad`` events."""
+        n, b = float(requests), float(bad)
+        return self.merge(BlockSums(1, n, n * n, n * n * n, b, b * b, b * n))
+
+    def merge(self, other: BlockSums) -> BlockSums:
+        return BlockSums(
             self.blocks + other.blocks,
             self.n + other.n,
             self.n2 + other.n2,
@@ -76,6 +81,14 @@ class _Sums:
             self.bn + other.bn,
         )
 
+    def as_list(self) -> list[float]:
+        return [float(self.blocks), self.n, self.n2, self.n3, self.b, self.b2, self.bn]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> BlockSums:
+        k, n, n2, n3, b, b2, bn = values
+        return cls(int(k), n, n2, n3, b, b2, bn)
+
     def spread(self) -> tuple[float, float] | None:
         """(rate r̂, Σ(b − r̂n)²) over the blocks, or None with too little to tell."""
         if self.blocks < 2 or self.n <= 0 or self.b <= 0:
@@ -83,35 +96,58 @@ class _Sums:
         rate = self.b / self.n
         return rate, self.b2 - 2.0 * rate * self.bn + rate * rate * self.n2
 
-    def excess(self) -> tuple[float, float]:
-        """(numerator, denominator) of the moment estimate of ``v`` (see Moments)."""
+    def figures(self) -> Figures:
+        """This window's contribution to both estimates (see :class:`Figures`)."""
         fit = self.spread()
         if fit is None:
-            return 0.0, 0.0
+            return Figures()
         rate, spread = fit
         p2 = self.n2 / (self.n * self.n)
         poisson = rate * (self.n - 2.0 * self.n2 / self.n + p2 * self.n)
         extra = rate * rate * (self.n2 - 2.0 * self.n3 / self.n + p2 * self.n2)
-        if extra <= 0.0:
-            return 0.0, 0.0
-        return spread - poisson, extra
-
-    def pearson(self) -> tuple[float, float, float]:
-        """(spread, its expectation for independent requests, degrees of freedom)."""
-        fit = self.spread()
-        if fit is None:
-            return 0.0, 0.0, 0.0
-        rate, spread = fit
+        num, den = (spread - poisson, extra) if extra > 0.0 else (0.0, 0.0)
         expected = rate * (self.n - self.n2 / self.n)
         if expected <= 0.0:
-            return 0.0, 0.0, 0.0
-        return max(spread, 0.0), expected, float(self.blocks - 1)
+            return Figures(num, den)
+        return Figures(num, den, max(spread, 0.0), expected, float(self.blocks - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What windows add up to, each measured around its own rate.
+
+    Attributes:
+        num: numerator of the moment estimate of ``v``:
+            ``Σ(b − r̂n)² − r̂·Σn·c`` (see :meth:`Moments.excess`).
+        den: its denominator, ``r̂²·Σn²·c``.
+        spread: Pearson's ``Σ(b − r̂n)²``.
+        expected: its expectation for independent requests, ``r̂·(N − Σn²/N)``.
+        dof: degrees of freedom, blocks less one per window.
+    """
+
+    num: float = 0.0
+    den: float = 0.0
+    spread: float = 0.0
+    expected: float = 0.0
+    dof: float = 0.0
+
+    def __add__(self, other: Figures) -> Figures:
+        return Figures(
+            self.num + other.num,
+            self.den + other.den,
+            self.spread + other.spread,
+            self.expected + other.expected,
+            self.dof + other.dof,
+        )
+
+    def as_list(self) -> list[float]:
+        return [self.num, self.den, self.spread, self.expected, self.dof]
 
 
 @dataclass(frozen=True, slots=True)
 class Moments:
-    """One arm's block sums: the current window's (``k`` blocks, Σn, Σn², Σn³, Σb, Σb²,
-    Σbn), the previous window's (``last_*``), and the figures of the windows before.
+    """One arm's block sums: the current window's, the previous window's (``last``),
+    and the :class:`Figures` of the windows before (``past``).
 
     An arm's error rate may differ from one step to the next (the canary's does when a
     regression shows only under more load): each window's blocks are measured around
@@ -122,118 +158,45 @@ class Moments:
     evidence (a block or two cannot tell a burst from a new level).
     """
 
-    blocks: int = 0
-    n: float = 0.0
-    n2: float = 0.0
-    n3: float = 0.0
-    b: float = 0.0
-    b2: float = 0.0
-    bn: float = 0.0
-    last_blocks: int = 0
-    last_n: float = 0.0
-    last_n2: float = 0.0
-    last_n3: float = 0.0
-    last_b: float = 0.0
-    last_b2: float = 0.0
-    last_bn: float = 0.0
-    #: windows before the previous: moment-estimate numerator and denominator,
-    #: Pearson spread and expectation, degrees of freedom (blocks less one per window)
-    past_num: float = 0.0
-    past_den: float = 0.0
-    past_spread: float = 0.0
-    past_expected: float = 0.0
-    past_dof: float = 0.0
-
-    def _current(self) -> _Sums:
-        return _Sums(self.blocks, self.n, self.n2, self.n3, self.b, self.b2, self.bn)
-
-    def _last(self) -> _Sums:
-        return _Sums(
-            self.last_blocks,
-            self.last_n,
-            self.last_n2,
-            self.last_n3,
-            self.last_b,
-            self.last_b2,
-            self.last_bn,
-        )
-
-    def _windows(self) -> tuple[_Sums, ...]:
-        current, last = self._current(), self._last()
-        if current.blocks >= MIN_WINDOW_BLOCKS:
-            return (last, current)
-        return (last.merge(current),)
+    current: BlockSums = BlockSums()
+    last: BlockSums = BlockSums()
+    past: Figures = Figures()
 
     def add(self, requests: int, bad: int) -> Moments:
         """These sums with one more block of ``requests`` and ``bad`` events."""
-        n, b = float(requests), float(bad)
-        return replace(
-            self,
-            blocks=self.blocks + 1,
-            n=self.n + n,
-            n2=self.n2 + n * n,
-            n3=self.n3 + n * n * n,
-            b=self.b + b,
-            b2=self.b2 + b * b,
-            bn=self.bn + b * n,
-        )
+        return replace(self, current=self.current.add(requests, bad))
 
     def fold(self) -> Moments:
         """A new window begins: the current one becomes the previous (merged into it if
         it is younger than ``MIN_WINDOW_BLOCKS``), and the previous one's figures join
         the past."""
-        current, last = self._current(), self._last()
-        past = (self.past_num, self.past_den, self.past_spread, self.past_expected, self.past_dof)
-        if current.blocks >= MIN_WINDOW_BLOCKS:
-            num, den = last.excess()
-            spread, expected, dof = last.pearson()
-            past = (
-                past[0] + num,
-                past[1] + den,
-                past[2] + spread,
-                past[3] + expected,
-                past[4] + dof,
-            )
-            keep = current
-        else:
-            keep = last.merge(current)
-        return Moments(
-            last_blocks=keep.blocks,
-            last_n=keep.n,
-            last_n2=keep.n2,
-            last_n3=keep.n3,
-            last_b=keep.b,
-            last_b2=keep.b2,
-            last_bn=keep.bn,
-            past_num=past[0],
-            past_den=past[1],
-            past_spread=past[2],
-            past_expected=past[3],
-            past_dof=past[4],
-        )
+        if self.current.blocks >= MIN_WINDOW_BLOCKS:
+            return Moments(last=self.current, past=self.past + self.last.figures())
+        return Moments(last=self.last.merge(self.current), past=self.past)
 
     def as_list(self) -> list[float]:
-        return [
-            float(self.blocks), self.n, self.n2, self.n3, self.b, self.b2, self.bn,
-            float(self.last_blocks), self.last_n, self.last_n2, self.last_n3,
-            self.last_b, self.last_b2, self.last_bn,
-            self.past_num, self.past_den, self.past_spread, self.past_expected, self.past_dof,
-        ]  # fmt: skip
+        return [*self.current.as_list(), *self.last.as_list(), *self.past.as_list()]
 
     @classmethod
     def from_list(cls, values: list[float]) -> Moments:
         """From :meth:`as_list`; a record of the current window's seven sums alone
         (written before windows were told apart) reads with no earlier windows;
         anything else as none."""
-        names = [f.name for f in fields(cls)]
         if len(values) == 7:
-            values = [*values, *([0.0] * (len(names) - 7))]
-        if len(values) != len(names):
+            return cls(BlockSums.from_list(values))
+        if len(values) != 19:
             return cls()
-        data: dict[str, float] = dict(zip(names, values, strict=True))
         return cls(
-            **{k: int(v) if k in ("blocks", "last_blocks") else float(v) for k, v in data.items()}  # type: ignore[arg-type]
+            BlockSums.from_list(values[:7]),
+            BlockSums.from_list(values[7:14]),
+            Figures(*values[14:]),
         )
+
+    def _totals(self) -> Figures:
+        """Every window's figures, the current one pooled with the previous while young."""
+        if self.current.blocks >= MIN_WINDOW_BLOCKS:
+            return self.past + self.last.figures() + self.current.figures()
+        return self.past + self.last.merge(self.current).figures()
 
     def excess(self) -> tuple[float, float]:
         """(numerator, denominator) of this arm's moment estimate of ``v``, all windows.
@@ -243,16 +206,13 @@ class Moments:
         correction ``c`` written out in sums; windows add their numerators and
         denominators.  (0, 0) when the arm tells nothing.
         """
-        num, den = self.past_num, self.past_den
-        for window in self._windows():
-            n, d = window.excess()
-            num, den = num + n, den + d
-        return num, den
+        totals = self._totals()
+        return totals.num, totals.den
 
     @property
     def dof(self) -> float:
         """Degrees of freedom of the estimates: blocks less one per window."""
-        return self.past_dof + sum(w.pearson()[2] for w in self._windows())
+        return self._totals().dof
 
     def pearson(self) -> tuple[float, float] | None:
         """(dispersion ``D̂``, its standard error) of this arm's blocks, or None.
@@ -262,13 +222,10 @@ class Moments:
         corrects for the rate being estimated; the standard error is the Poisson one,
         ``√(2/dof)``.
         """
-        spread, expected, dof = self.past_spread, self.past_expected, self.past_dof
-        for window in self._windows():
-            s_, e_, d_ = window.pearson()
-            spread, expected, dof = spread + s_, expected + e_, dof + d_
-        if expected <= 0.0 or dof < 1.0:
+        totals = self._totals()
+        if totals.expected <= 0.0 or totals.dof < 1.0:
             return None
-        return spread / expected, math.sqrt(2.0 / dof)
+        return totals.spread / totals.expected, math.sqrt(2.0 / totals.dof)
 
 
 def extra_variance(stable: Moments, canary: Moments) -> float:

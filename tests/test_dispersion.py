@@ -37,7 +37,8 @@ def blocks_of(rng: np.random.Generator, n: int, rate: float, v: float, k: int) -
 
 def test_moments_add_up_and_round_trip() -> None:
     m = Moments().add(100, 3).add(200, 1)
-    assert (m.blocks, m.n, m.n2, m.n3, m.b, m.b2, m.bn) == (2, 300, 50_000, 9_000_000, 4, 10, 500)
+    c = m.current
+    assert (c.blocks, c.n, c.n2, c.n3, c.b, c.b2, c.bn) == (2, 300, 50_000, 9_000_000, 4, 10, 500)
     assert Moments.from_list(m.as_list()) == m
     assert Moments.from_list([1.0, 2.0]) == Moments()  # a damaged record: start again
 
@@ -248,7 +249,7 @@ def test_folding_a_step_keeps_its_figures_and_starts_a_new_one() -> None:
     rng = np.random.default_rng(3)
     first = blocks_of(rng, 3000, 0.005, 0.0, 10)
     folded = first.fold()
-    assert folded.blocks == 0 and folded.n == 0
+    assert folded.current.blocks == 0 and folded.current.n == 0
     assert folded.excess() == first.excess() and folded.pearson() == first.pearson()
     assert folded.dof == first.dof == 9
     # a second step at another rate: pooled, not one rate for both
