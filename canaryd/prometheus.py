@@ -226,8 +226,7 @@ class PrometheusMetrics:
 
     async def observe(self, ref: CanaryRef, spec: CanarySpec) -> Observation:
         metrics = spec.metrics
-        stable = metrics.stable_value or (spec.stable.deployment if spec.stable else None)
-        canary = metrics.canary_value or (spec.canary.deployment if spec.canary else None)
+        stable, canary = spec.arm_values()
         if not stable or not canary:
             raise MetricsError(
                 "cannot tell the arms apart: set spec.stable and spec.canary (or "
@@ -491,7 +490,7 @@ class PrometheusMetrics:
                 *(self._query("requests", queries[n], at, deadline) for n in names)
             )
             sums: dict[tuple[str, float, str, str], float] = {}
-            for (metric, window, _), answer in zip(names, answers, strict=True):
+            for (metric, window), answer in zip(names, answers, strict=True):
                 for series in answer:
                     value = float(series.value)
                     if not math.isfinite(value):
@@ -508,8 +507,8 @@ class PrometheusMetrics:
                 ns = member.namespace if shape.namespace_label else ""
                 arms = member.arms
                 objectives: dict[str, dict[float, Events]] = {"availability": {}}
-                slo = member.spec.analysis.slo
-                fast = _fast_key(member) if slo and slo.latency else None
+                threshold_ms = _latency_threshold_ms(member)
+                fast = _fast_key(threshold_ms) if threshold_ms is not None else None
                 if fast:
                     objectives["latency"] = {}
                 for w in windows_s:
@@ -802,15 +801,16 @@ class ServiceTraffic:
 _METRIC_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^{}]*)\}")
 
 
-def _rated(template: str, window: str) -> str:
-    """``template`` with each ``metric{…}`` selector as ``rate(metric{…}[window])``."""
+def _over_window(template: str, function: str, window: str) -> str:
+    """``template`` with each ``metric{…}`` selector as ``function(metric{…}[window])``
+    (``rate`` or ``increase``)."""
     if "[" in template:
-        raise MetricsError("a query template with a range ([…]) cannot be read as a rate")
-    return _METRIC_SELECTOR.sub(lambda m: f"rate({m.group(0)}[{window}])", template)
+        raise MetricsError(f"a query template with a range ([…]) cannot be read with {function}()")
+    return _METRIC_SELECTOR.sub(lambda m: f"{function}({m.group(0)}[{window}])", template)
 
 
 def _stable_value(spec: CanarySpec) -> str:
-    value = spec.metrics.stable_value or (spec.stable.deployment if spec.stable else None)
+    value = spec.arm_values()[0]
     if not value:
         raise MetricsError(
             "cannot find stable's series: set spec.stable.deployment (or "
@@ -830,7 +830,7 @@ def traffic_queries(spec: CanarySpec, namespace: str, window_s: float) -> dict[s
     window = f"{max(round(window_s), 60)}s"
 
     def render(template: str, over: str) -> str:
-        text = _rated(template, over)
+        text = _over_window(template, "rate", over)
         return Template(text).safe_substitute(selector=",".join(matchers), by=metrics.arm_label)
 
     req, err = f"sum({render(requests_t, window)})", f"sum({render(errors_t, window)})"
@@ -861,49 +861,43 @@ def _arms_sum(
     return sum(sums.get((metric, window, namespace, arm), 0.0) for arm in arms)
 
 
-def _fast_key(service: SloService) -> str:
-    """The query name of a service's 'answered within the latency threshold' events."""
+def _latency_threshold_ms(service: SloService) -> float | None:
+    """A service's latency objective's threshold, if it has one."""
     slo = service.spec.analysis.slo
-    assert slo is not None and slo.latency is not None
-    return f"fast:{slo.latency.threshold_ms:g}"
+    return slo.latency.threshold_ms if slo is not None and slo.latency is not None else None
 
 
-def _increased(template: str, window: str) -> str:
-    """``template`` with each ``metric{…}`` selector as ``increase(metric{…}[window])``."""
-    if "[" in template:
-        raise MetricsError("a query template with a range ([…]) cannot be read over a window")
-    return _METRIC_SELECTOR.sub(lambda m: f"increase({m.group(0)}[{window}])", template)
+def _fast_key(threshold_ms: float) -> str:
+    """The query name of 'answered within ``threshold_ms``' events."""
+    return f"fast:{threshold_ms:g}"
 
 
 def _slo_queries(
     shape: _Shape, members: Sequence[SloService], windows_s: Sequence[float]
-) -> dict[tuple[str, float, str], str]:
+) -> dict[tuple[str, float], str]:
     """The PromQL of :meth:`PrometheusMetrics.slo_events` for one shape, by (metric,
-    window, text)."""
+    window)."""
     matchers = [shape.selector] if shape.selector else []
     if shape.namespace_label:
         namespaces = {m.namespace for m in members}
         matchers.append(f'{shape.namespace_label}=~"{_regex(namespaces)}"')
     matchers.append(f'{shape.arm_label}=~"{_regex({a for m in members for a in m.arms})}"')
     by = ", ".join(label for label in (shape.namespace_label, shape.arm_label) if label)
-    thresholds = sorted(
-        {_fast_key(m) for m in members if m.spec.analysis.slo and m.spec.analysis.slo.latency}
-    )
-    queries: dict[tuple[str, float, str], str] = {}
+    thresholds = sorted({t for m in members if (t := _latency_threshold_ms(m)) is not None})
+
+    def query(template: str, window: str, extra: Sequence[str] = ()) -> str:
+        text = _over_window(template, "increase", window)
+        text = Template(text).safe_substitute(selector=",".join([*matchers, *extra]), by=by)
+        return f"sum by ({by}) ({text})"
+
+    queries: dict[tuple[str, float], str] = {}
     for w in windows_s:
         window = f"{round(w)}s"
-        for metric, template in (("requests", shape.requests), ("errors", shape.errors)):
-            text = Template(_increased(template, window)).safe_substitute(
-                selector=",".join(matchers), by=by
-            )
-            queries[metric, w, text] = f"sum by ({by}) ({text})"
+        queries["requests", w] = query(shape.requests, window)
+        queries["errors", w] = query(shape.errors, window)
         if shape.latency is not None:
-            for key in thresholds:
-                threshold_ms = float(key.split(":", 1)[1])
+            for threshold_ms in thresholds:
                 edge = threshold_ms / shape.edge_ms
                 le = f'le=~"{edge:g}|{edge:.1f}"'
-                text = Template(_increased(shape.latency, window)).safe_substitute(
-                    selector=",".join([*matchers, le]), by=by
-                )
-                queries[key, w, text] = f"sum by ({by}) ({text})"
+                queries[_fast_key(threshold_ms), w] = query(shape.latency, window, [le])
     return queries

@@ -100,10 +100,7 @@ def slo_services(canaries: Iterable[CanaryObject]) -> list[SloService]:
         name = service_name(spec)
         if not name:
             continue
-        metrics = spec.metrics
-        stable = metrics.stable_value or (spec.stable.deployment if spec.stable else None)
-        canary_arm = metrics.canary_value or (spec.canary.deployment if spec.canary else None)
-        arms = tuple(a for a in (stable, canary_arm) if a)
+        arms = tuple(a for a in spec.arm_values() if a)
         key = (canary.ref.namespace, name)
         if arms and key not in out:
             out[key] = SloService(canary.ref.namespace, name, arms, spec)

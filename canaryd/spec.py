@@ -679,6 +679,13 @@ class CanarySpec(_Model):
             )
         return self
 
+    def arm_values(self) -> tuple[str | None, str | None]:
+        """The values of ``metrics.armLabel`` on stable's and canary's series:
+        ``metrics.stableValue``/``canaryValue``, else the Deployments' names."""
+        stable = self.metrics.stable_value or (self.stable.deployment if self.stable else None)
+        canary = self.metrics.canary_value or (self.canary.deployment if self.canary else None)
+        return stable, canary
+
 
 def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
     """The pydantic model class that the error location ``loc`` points into."""
