@@ -212,15 +212,12 @@ class _Run:
         now, or None.  Frozen: only a fix moves; a new rollout below the override
         tier needs an approval with a reason (the override: who and why); below the
         approval tier every step after the first needs an approval."""
+        frozen = self.frozen()
         gate = self.observed.budget
-        if gate is None or gate.tier is Tier.NORMAL:
-            return None
+        if frozen is not None or gate is None or gate.tier in (Tier.NORMAL, Tier.FROZEN):
+            return frozen  # frozen: only a fix (whose rollout frozen() lets through) moves
         weight = self.spec.steps[index]
         approvals = [a for a in self.status.approvals if a.weight == weight]
-        if gate.tier is Tier.FROZEN:
-            if self.status.fix:
-                return None
-            return f"error-budget policy: {gate.reason}"
         if index == 0:
             if gate.tier is Tier.OVERRIDE and not any(a.reason for a in approvals):
                 return (
