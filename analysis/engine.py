@@ -230,7 +230,7 @@ def plan_checks(settings: Settings, steps: tuple[int, ...]) -> tuple[CheckPlan, 
             latency=lat,
         )
         for lat in settings.latency
-        if lat.max_ms is not None and _edge_index_at_or_above(lat.max_ms) is not None
+        if lat.max_ms is not None and edge_index_at_or_above(lat.max_ms) is not None
     ]
     weights = [ALPHA_WEIGHTS[_weight_class(plan)] for plan in plans]
     total = sum(weights) or 1.0
@@ -255,7 +255,7 @@ def _weight_class(plan: CheckPlan) -> str:
 
 
 @functools.cache
-def _edge_index_at_or_above(value_ms: float) -> int | None:
+def edge_index_at_or_above(value_ms: float) -> int | None:
     """Index of the first histogram edge at or above ``value_ms`` (cached: a spec has
     a handful of limits, looked up for every canary in every round)."""
     for i, edge in enumerate(LATENCY_EDGES_MS):
@@ -356,7 +356,7 @@ def _inputs(plan: CheckPlan, settings: Settings, data: StepData) -> _Inputs:
             edge = latency_edge_index(ref, q)
         else:
             assert plan.latency.max_ms is not None
-            edge = _edge_index_at_or_above(plan.latency.max_ms)
+            edge = edge_index_at_or_above(plan.latency.max_ms)
         if edge is None:
             return _Inputs(missing="percentile beyond the last histogram edge")
     edge_ms = LATENCY_EDGES_MS[edge] if edge is not None else None

@@ -29,9 +29,11 @@ from typing import Any
 
 from scipy.special import log_ndtr
 
-from analysis.engine import DEFAULT_CONCENTRATION
+from analysis.counts import LATENCY_EDGES_MS
+from analysis.engine import DEFAULT_CONCENTRATION, edge_index_at_or_above
 from analysis.evalue import mixture_log_evalue
-from canaryd.simulate import Sample, simulate_once
+from analysis.verdict import format_duration as _fmt_s
+from canaryd.simulate import Sample, StepOutcome, simulate_once
 from canaryd.spec import CanarySpec
 from canaryd.status import CanaryStatus
 from simulator import Event, Latency, Noise, Scenario, Traffic, VersionSpec
@@ -253,7 +255,7 @@ class _Path:
 
     outcome: str
     end_s: float
-    steps: list[tuple[int, float, float | None, str, tuple[str, ...]]]
+    steps: tuple[StepOutcome, ...]
     samples: list[Sample]
     statuses: list[CanaryStatus]
 
@@ -316,7 +318,7 @@ def run_path(
     samples: list[Sample] = []
     statuses: list[CanaryStatus] = []
     if start is None:
-        sim, status = ExpectedSimulation.warmed_up_expected(scenario), None
+        sim, status = ExpectedSimulation.warmed_up(scenario), None
     else:
         sim, status = start[0].fork(scenario), start[1]
 
@@ -327,18 +329,13 @@ def run_path(
             forks[now.step_index] = (sim.fork(sim.scenario), now)
 
     result = simulate_once(spec, scenario, 0, on_sample=keep, simulation=sim, status=status)
-    steps = [(s.weight, s.started_s, s.ended_s, s.verdict, s.reasons) for s in result.steps]
-    return _Path(result.outcome, result.duration_s, steps, samples, statuses)
+    return _Path(result.outcome, result.duration_s, result.steps, samples, statuses)
 
 
 def _slow_edge(profile: TrafficProfile) -> int:
-    """Index of the histogram edge at or above stable's true p99."""
-    from analysis.counts import LATENCY_EDGES_MS  # noqa: PLC0415
-
-    for i, edge in enumerate(LATENCY_EDGES_MS):
-        if edge >= profile.p99_ms:
-            return i
-    return len(LATENCY_EDGES_MS) - 1
+    """Index of the histogram edge at or above stable's true p99 (the last edge beyond)."""
+    edge = edge_index_at_or_above(profile.p99_ms)
+    return len(LATENCY_EDGES_MS) - 1 if edge is None else edge
 
 
 def _split(stats: dict[str, float | None]) -> tuple[float, float, float, float] | None:
@@ -474,15 +471,14 @@ def _miss_probability(path: _Path, start_s: float) -> tuple[float, tuple[str, ..
 
 def _healthy_steps(path: _Path) -> list[tuple[float | None, str]]:
     out: list[tuple[float | None, str]] = []
-    for weight, started, ended, _verdict, reasons in path.steps:
-        if ended is None:
+    for step in path.steps:
+        if step.ended_s is None:
             out.append((None, "holds" if path.outcome == "held" else "promotion"))
             continue
-        text = " ".join(reasons)
-        how = "early pass" if "passed early" in text else "full step"
-        if weight >= 100:
+        how = "early pass" if "passed early" in " ".join(step.reasons) else "full step"
+        if step.weight >= 100:
             how = "promotion"
-        out.append((ended - started, how))
+        out.append((step.ended_s - step.started_s, how))
     return out
 
 
@@ -507,7 +503,7 @@ def make_plan(
     analysis = spec.analysis
     forks: dict[int, Fork] = {}
     healthy = run_path(spec, _scenario(profile, spec), forks=forks)
-    starts = [started for _, started, _, _, _ in healthy.steps]
+    starts = [step.started_s for step in healthy.steps]
     weights = list(spec.steps)
     healthy_steps = _healthy_steps(healthy)
     detections: dict[int, list[Detection]] = {i: [] for i in range(len(weights))}
@@ -515,11 +511,9 @@ def make_plan(
     for label, kind, factor in regressions:
         canary = profile.regressed(kind, factor)
         for i in range(len(weights)):
-            if i >= len(starts):
-                break
-            at_s = starts[i] if i else 0.0
             if i and i not in forks:
-                break
+                break  # the healthy rollout never reached step i
+            at_s = starts[i] if i else 0.0
             scenario_i = _scenario(profile, spec, canary, at_s)
             path = run_path(spec, scenario_i, forks[i] if i else None)
             detections[i].append(_detection(label, i, at_s, path, profile, kind))
@@ -588,12 +582,6 @@ def _notes(profile: TrafficProfile, alpha: float) -> tuple[str, ...]:
 
 
 # -- recommendations -----------------------------------------------------------------------
-
-
-def _fmt_s(seconds: float) -> str:
-    from analysis.verdict import format_duration  # noqa: PLC0415
-
-    return format_duration(seconds)
 
 
 def recommendations(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -87,7 +88,7 @@ class Simulation:
     @classmethod
     def warmed_up(
         cls, scenario: Scenario, seed: int | np.random.Generator = 0, warmup_s: float = WARMUP_S
-    ) -> Simulation:
+    ) -> Self:
         """A simulation at t=0 whose stable has already served ``warmup_s`` seconds alone,
         as a real stable has before a rollout: the latency checks fix their thresholds
         from that history.  Every driver (simulate, the daemon's simulated source, the

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from simulator.engine import WARMUP_S, Simulation
+from simulator.engine import Simulation
 from simulator.scenario import Scenario
 from simulator.traffic import Behaviour
 
@@ -50,22 +50,15 @@ def two_point_multiplier(cv: float, period: int, arm: int) -> float:
 class ExpectedSimulation(Simulation):
     """:class:`Simulation` with every draw replaced by its expectation (see module)."""
 
-    def __init__(self, scenario: Scenario, start_s: float = 0.0) -> None:
-        super().__init__(scenario, 0, start_s)
+    def __init__(
+        self, scenario: Scenario, seed: int | np.random.Generator = 0, start_s: float = 0.0
+    ) -> None:
+        super().__init__(scenario, seed, start_s)  # the seed draws nothing here
         self._requests_f: FloatArray = np.zeros(2)
         self._errors_f: FloatArray = np.zeros(2)
         self._buckets_f: FloatArray = np.zeros_like(self._buckets, dtype=np.float64)
         self._bursts_due = 0.0  # expected bursts not yet served
         self._burst_share = np.zeros(2)  # bursts served per arm, and their traffic share
-
-    @classmethod
-    def warmed_up_expected(
-        cls, scenario: Scenario, warmup_s: float = WARMUP_S
-    ) -> ExpectedSimulation:
-        """As :meth:`Simulation.warmed_up`: stable has served ``warmup_s`` alone."""
-        sim = cls(scenario, start_s=-warmup_s)
-        sim.advance(warmup_s)
-        return sim
 
     def fork(self, scenario: Scenario) -> ExpectedSimulation:
         """A copy of this simulation, now and with all it has served, that plays

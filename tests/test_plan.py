@@ -64,7 +64,7 @@ def test_the_two_point_multiplier_has_the_gammas_mean_and_variance(cv: float) ->
 
 def test_a_fork_plays_on_exactly_as_the_original() -> None:
     scenario = get_scenario("bursty-healthy")
-    sim = ExpectedSimulation.warmed_up_expected(scenario)
+    sim = ExpectedSimulation.warmed_up(scenario)
     sim.set_canary_weight(50)
     sim.advance(125.0)
     twin = sim.fork(scenario)
