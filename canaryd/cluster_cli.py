@@ -35,6 +35,7 @@ from canaryd.kube import CanaryObject, Kube
 from canaryd.ports import (
     CanaryRef,
     KubeError,
+    MetricsError,
     MetricsSource,
     NotFoundError,
     TrafficRouter,
@@ -273,18 +274,15 @@ def _pct(value: float | None) -> str:
 async def _slo_from_prometheus(
     args: argparse.Namespace, backend: KubeBackend, namespace: str | None
 ) -> list[dict[str, Any]]:
-    from canaryd.hub import StatusHub  # noqa: PLC0415
     from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
-    from canaryd.slo import SloMonitor  # noqa: PLC0415
+    from canaryd.slo import read_slos  # noqa: PLC0415
 
     if not args.prometheus_url:
         raise ClusterError(
             "canaryd slo reads the figures from Prometheus: give --prometheus-url URL (or "
             "$CANARYD_PROMETHEUS_URL), or --server URL to ask a running canaryd"
         )
-    hub = StatusHub()
-    for canary in await backend.kube.list_canaries(namespace):
-        hub.update(canary)
+    canaries = await backend.kube.list_canaries(namespace)
     source = PrometheusMetrics(
         PrometheusSettings(
             url=args.prometheus_url,
@@ -293,14 +291,11 @@ async def _slo_from_prometheus(
         )
     )
     try:
-        monitor = SloMonitor(source, hub, timeout_s=args.request_timeout)
-        slos = await monitor.refresh()
+        slos = await read_slos(source, canaries)
+    except MetricsError as exc:
+        raise ClusterError(f"the SLO figures could not be read: {exc}") from None
     finally:
         source.close()
-    if monitor.failures:
-        raise ClusterError(
-            f"Prometheus at {args.prometheus_url}: the SLO figures could not be read"
-        )
     return [s.to_json() for s in sorted(slos, key=lambda s: (s.namespace, s.service))]
 
 

@@ -141,6 +141,24 @@ def service_slo(
     )
 
 
+async def read_slos(source: SloEventsSource, canaries: Iterable[CanaryObject]) -> list[ServiceSlo]:
+    """Every service's figures and tier, read now.
+
+    Raises:
+        MetricsError: the source failed.
+    """
+    services = slo_services(canaries)
+    if not services:
+        return []
+    windows = {
+        *BURN_WINDOWS_S,
+        *(s.spec.analysis.slo.window for s in services if s.spec.analysis.slo),
+    }
+    events = await source.slo_events(services, sorted(windows))
+    now = datetime.now(UTC)
+    return [service_slo(s, events.get((s.namespace, s.service), {}), now) for s in services]
+
+
 class SloMonitor:
     """Reads every service's SLO events every ``refresh_s`` into the hub."""
 
@@ -164,26 +182,14 @@ class SloMonitor:
         """One read of every service's figures (kept in the hub); [] on failure."""
         with self.hub.lock:
             canaries = [c for ref in self.hub.refs() if (c := self.hub.get(ref)) is not None]
-        services = slo_services(canaries)
-        if not services:
-            self.hub.set_slos([])
-            return []
-        windows = sorted(
-            {
-                *BURN_WINDOWS_S,
-                *(s.spec.analysis.slo.window for s in services if s.spec.analysis.slo),
-            }
-        )
         self.reads += 1
         try:
             async with asyncio.timeout(self.timeout_s):
-                events = await self.source.slo_events(services, windows)
+                result = await read_slos(self.source, canaries)
         except (MetricsError, TimeoutError) as exc:
             self.failures += 1
             log.warning("slo figures not read; keeping the last ones", error=str(exc) or "timeout")
             return []
-        now = datetime.now(UTC)
-        result = [service_slo(s, events.get((s.namespace, s.service), {}), now) for s in services]
         self.hub.set_slos(result)
         return result
 

@@ -269,6 +269,12 @@ def test_canaryd_slo_reads_the_clusters_services_from_prometheus(
     assert any(line.startswith("shop/b30: availability SLO 99%") for line in lines)
     code, _, err = run_cli("slo", "--kubeconfig", str(kubeconfig))
     assert code == 2 and "give --prometheus-url" in err and err.count("\n") == 1
+    code, _, err = run_cli(
+        "slo", "--kubeconfig", str(kubeconfig), "--prometheus-url", "http://127.0.0.1:9",
+        "--request-timeout", "2s",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "the SLO figures could not be read: Prometheus at http://127.0.0.1:9" in err
 
 
 async def test_canaryd_slo_asks_a_running_canaryd_with_server(
