@@ -235,7 +235,6 @@ class StatusHub:
     def set_slos(self, slos: Iterable[ServiceSlo]) -> None:
         """Replace every service's SLO figures (a service no longer released drops out)."""
         self.slos = {(s.namespace, s.service): s for s in slos}
-        self.version += 1
 
     @_locked
     def refs(self) -> list[CanaryRef]:
