@@ -245,9 +245,15 @@ def test_plan_usage_errors_are_one_line(argv: list[str], says: str) -> None:
     assert err.count("\n") == 1 and says in err, err
 
 
-def test_an_unreachable_prometheus_is_one_line(tmp_path: Path) -> None:
-    spec = tmp_path / "canary.yaml"
+def checkout_spec(directory: Path) -> Path:
+    """A spec file naming the checkout Deployments (the arms the queries look for)."""
+    spec = directory / "canary.yaml"
     spec.write_text("stable: {deployment: checkout}\ncanary: {deployment: checkout-canary}\n")
+    return spec
+
+
+def test_an_unreachable_prometheus_is_one_line(tmp_path: Path) -> None:
+    spec = checkout_spec(tmp_path)
     code, _, err = run_cli(
         "plan",
         "--spec",
@@ -320,8 +326,7 @@ def backfilled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
 def test_from_prometheus_reads_the_live_stables_traffic(
     backfilled: PrometheusServer, tmp_path: Path
 ) -> None:
-    spec = tmp_path / "canary.yaml"
-    spec.write_text("stable: {deployment: checkout}\ncanary: {deployment: checkout-canary}\n")
+    spec = checkout_spec(tmp_path)
     code, out, err = run_cli(
         "plan",
         "--spec",
@@ -348,8 +353,7 @@ def test_from_prometheus_reads_the_live_stables_traffic(
 def test_from_prometheus_without_traffic_there_says_where_it_looked(
     backfilled: PrometheusServer, tmp_path: Path
 ) -> None:
-    spec = tmp_path / "canary.yaml"
-    spec.write_text("stable: {deployment: checkout}\ncanary: {deployment: checkout-canary}\n")
+    spec = checkout_spec(tmp_path)
     code, _, err = run_cli(
         "plan", "--spec", str(spec), "--from-prometheus", backfilled.url, "--namespace", "other"
     )
