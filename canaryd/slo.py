@@ -174,15 +174,13 @@ class SloMonitor:
         self.hub = hub
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
-        #: reads done, and failed
-        self.reads = 0
+        #: reads that failed (the last figures were kept)
         self.failures = 0
 
     async def refresh(self) -> list[ServiceSlo]:
         """One read of every service's figures (kept in the hub); [] on failure."""
         with self.hub.lock:
             canaries = [c for ref in self.hub.refs() if (c := self.hub.get(ref)) is not None]
-        self.reads += 1
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await read_slos(self.source, canaries)
