@@ -37,6 +37,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from analysis.budget import DEFAULT_WINDOW_S
 from analysis.verdict import format_duration
 from canaryd.events import EventReason
 from simulator.yamlload import YAMLInputError, load_yaml, one_line, short_repr
@@ -260,7 +261,7 @@ class SLO(_Model):
     burn_rate_limit: float = Field(default=14.4, gt=0, le=10_000)
     latency: LatencyObjective | None = Field(default=None, description="optional")
     window: Window = Field(
-        default=30 * 86400.0,
+        default=DEFAULT_WINDOW_S,
         ge=3600.0,
         le=90 * 86400.0,
         description="compliance window (default 30d; 1h to 90d)",
