@@ -827,6 +827,10 @@ class _HttpServer(ThreadingHTTPServer):
         self.double._record_internal_error(traceback.format_exc())
 
 
+#: On stop, how long open watches get to end their streams cleanly, seconds.
+_STOP_WATCHES_S = 1.0
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HttpServer
@@ -892,8 +896,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("Cache-Control", "no-cache, private")
             self.end_headers()
-            while double.watches_stalled.is_set() and (
-                plan.deadline is None or time.monotonic() < plan.deadline
+            while (
+                double.watches_stalled.is_set()
+                and not double._stopping
+                and (plan.deadline is None or time.monotonic() < plan.deadline)
             ):  # stalled from the start: not even the replay of what it missed
                 time.sleep(0.05)
             if double.watches_stalled.is_set():
@@ -907,6 +913,8 @@ class _Handler(BaseHTTPRequestHandler):
                     wait = min(wait, plan.deadline - time.monotonic())
                     if wait <= 0:
                         break
+                if double._stopping:
+                    break
                 if double.watches_stalled.is_set():  # open, silent: events stay queued
                     time.sleep(wait)
                     continue
@@ -1003,6 +1011,14 @@ class KubeApiServer:
             for watcher in self._watchers:
                 watcher.queue.put(None)
         httpd.shutdown()
+        # let every watch write its stream's last chunk before the sockets go: dropped
+        # first, a client on a loaded machine read "response ended prematurely"
+        deadline = time.monotonic() + _STOP_WATCHES_S
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._watchers:
+                    break
+            time.sleep(0.005)
         httpd.drop_connections()
         httpd.server_close()  # joins the handler threads
         thread.join()
