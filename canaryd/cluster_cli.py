@@ -381,6 +381,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         watch_timeout_s=args.watch_timeout,
         metrics_timeout_s=metrics_timeout_s,
         status_refresh_s=args.status_refresh,
+        slo_refresh_s=args.slo_refresh,
     )
     hub = StatusHub()
     leading: list[Callable[[], bool]] = []  # the daemon's, once it exists
@@ -771,6 +772,14 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
         metavar="D",
         help="write an unchanged verdict's numbers at most this often (default 30s; "
         "0: every round; decisions are always written at once)",
+    )
+    run.add_argument(
+        "--slo-refresh",
+        type=duration_arg(),
+        default=60.0,
+        metavar="D",
+        help="read every service's SLO figures (spec.analysis.slo) from Prometheus this "
+        "often (default 60s; a service not read yet is read within 2s)",
     )
     web = run.add_argument_group("status API, dashboard and /metrics")
     web.add_argument(

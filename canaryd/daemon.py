@@ -40,6 +40,7 @@ from typing import Any, cast
 
 import structlog
 
+from analysis.budget import Tier
 from canaryd.converger import Converger, Stage, route_pcts
 from canaryd.events import EventReason, RolloutEvent, event_of
 from canaryd.hub import StatusHub
@@ -287,6 +288,17 @@ class Daemon:
         #: how the last listing of Canaries went, for /readyz: None before the first,
         #: "" when it succeeded, else its error
         self.listed: str | None = None
+        #: reads the services' SLO figures when the metrics source can (Prometheus)
+        self.slo_monitor: SloMonitor | None = (
+            SloMonitor(
+                cast(SloEventsSource, metrics),
+                self.hub,
+                refresh_s=self.settings.slo_refresh_s,
+                timeout_s=self.settings.metrics_timeout_s,
+            )
+            if hasattr(metrics, "slo_events")
+            else None
+        )
 
     def _track(self, ref: CanaryRef) -> _Tracked:
         tracked = self.canaries.get(ref)
@@ -333,14 +345,8 @@ class Daemon:
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
             background.append(group.create_task(self.notifier.run(), name="notifier"))
-            if hasattr(self.metrics, "slo_events"):  # every replica: the figures are reads
-                monitor = SloMonitor(
-                    cast(SloEventsSource, self.metrics),
-                    self.hub,
-                    refresh_s=self.settings.slo_refresh_s,
-                    timeout_s=self.settings.metrics_timeout_s,
-                )
-                background.append(group.create_task(monitor.run(stop), name="slo"))
+            if self.slo_monitor is not None:  # every replica: the figures are reads
+                background.append(group.create_task(self.slo_monitor.run(stop), name="slo"))
             if self.settings.watch_deployments:
                 background.append(
                     group.create_task(self._watch_deployments(), name="watch-deployments")
@@ -925,16 +931,29 @@ class Daemon:
 
     def _budget(self, ref: CanaryRef, spec: CanarySpec) -> BudgetGate | None:
         """The error-budget policy's tier for this Canary's service, when its spec asks
-        for the policy and the figures have been read (``canaryd.slo``)."""
+        for the policy (``canaryd.slo``).
+
+        Figures not read yet (the daemon just started, the service is new, or every
+        read has failed) are doubt, and doubt does not release: the gate is the
+        override tier until they are read, so a rollout starts only on an explicit
+        override (or as a fix, which no tier stops) and a running one needs an approval
+        for its next step.  Figures once read are kept through failed reads."""
         slo = spec.analysis.slo
         service = service_name(spec)
         if slo is None or slo.budget_policy is None or service is None:
             return None
         with self.hub.lock:
             figures = self.hub.slos.get((ref.namespace, service))
-        if figures is None:
-            return None
-        return BudgetGate(figures.decision.tier, figures.decision.reason)
+        if figures is not None:
+            return BudgetGate(figures.decision.tier, figures.decision.reason)
+        monitor = self.slo_monitor
+        if monitor is None:
+            why = "the metrics source cannot read error budgets (Prometheus can)"
+        elif monitor.last_error is not None:
+            why = f"reading them failed: {monitor.last_error}"
+        else:
+            why = "not read yet"
+        return BudgetGate(Tier.OVERRIDE, f"{service}'s error budget is unknown: {why}")
 
     async def _preflight(self, ref: CanaryRef, spec: CanarySpec) -> tuple[str, str] | None:
         """(reason, message) when the routes or workloads this Canary names are missing."""

@@ -160,7 +160,15 @@ async def read_slos(source: SloEventsSource, canaries: Iterable[CanaryObject]) -
 
 
 class SloMonitor:
-    """Reads every service's SLO events every ``refresh_s`` into the hub."""
+    """Reads every service's SLO events every ``refresh_s`` into the hub.
+
+    A service the hub has no figures for yet (the daemon just started, or a Canary of
+    a new service appeared) is read within ``check_s`` instead of waiting for the next
+    refresh; after a failed read such early reads back off, doubling up to
+    ``refresh_s``.  Until a service's figures are read its rollouts are treated as
+    unknown by the policy (see :meth:`canaryd.daemon.Daemon`), so the early read keeps
+    that wait short.
+    """
 
     def __init__(
         self,
@@ -169,34 +177,57 @@ class SloMonitor:
         *,
         refresh_s: float = 60.0,
         timeout_s: float = 30.0,
+        check_s: float = 2.0,
     ) -> None:
         self.source = source
         self.hub = hub
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
+        self.check_s = check_s
         #: reads that failed (the last figures were kept)
         self.failures = 0
+        #: why the last read failed, or None after a good one
+        self.last_error: str | None = None
+
+    def _canaries(self) -> list[CanaryObject]:
+        with self.hub.lock:
+            return [c for ref in self.hub.refs() if (c := self.hub.get(ref)) is not None]
+
+    def unread(self) -> list[tuple[str, str]]:
+        """(namespace, service) of the services with objectives but no figures yet."""
+        services = slo_services(self._canaries())
+        with self.hub.lock:
+            known = set(self.hub.slos)
+        return [(s.namespace, s.service) for s in services if (s.namespace, s.service) not in known]
 
     async def refresh(self) -> list[ServiceSlo]:
         """One read of every service's figures (kept in the hub); [] on failure."""
-        with self.hub.lock:
-            canaries = [c for ref in self.hub.refs() if (c := self.hub.get(ref)) is not None]
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await read_slos(self.source, canaries)
+                result = await read_slos(self.source, self._canaries())
         except (MetricsError, TimeoutError) as exc:
             self.failures += 1
-            log.warning("slo figures not read; keeping the last ones", error=str(exc) or "timeout")
+            self.last_error = str(exc) or f"no answer within {self.timeout_s:g}s"
+            log.warning("slo figures not read; keeping the last ones", error=self.last_error)
             return []
+        self.last_error = None
         self.hub.set_slos(result)
         return result
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh until ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        gap_s = self.check_s
         while not stop.is_set():
+            started = loop.time()
             await self.refresh()
-            try:
-                async with asyncio.timeout(self.refresh_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            gap_s = self.check_s if self.last_error is None else min(gap_s * 2, self.refresh_s)
+            while not stop.is_set():
+                elapsed_s = loop.time() - started
+                if elapsed_s >= self.refresh_s or (elapsed_s >= gap_s and self.unread()):
+                    break
+                try:
+                    async with asyncio.timeout(min(self.check_s, self.refresh_s - elapsed_s)):
+                        await stop.wait()
+                except TimeoutError:
+                    pass

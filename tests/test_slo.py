@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import kubernetes.client as k8s
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from analysis.budget import Tier
 from canaryd.api import ApiSettings, bind, create_app, serve_threaded
 from canaryd.cli import main
+from canaryd.daemon import Daemon
 from canaryd.hub import StatusHub
 from canaryd.kube import CanaryObject
 from canaryd.metrics import HubCollector
@@ -199,6 +201,68 @@ async def test_a_failed_read_keeps_the_last_figures(hub: StatusHub) -> None:
     finally:
         source.close()
     assert monitor.failures == 1 and hub.slos == {}
+
+
+async def test_a_new_service_is_read_at_once_not_at_the_next_refresh(
+    prometheus: PrometheusServer,
+) -> None:
+    hub = StatusHub()
+    source = PrometheusMetrics(PrometheusSettings(url=prometheus.url, timeout_s=20.0))
+    monitor = SloMonitor(source, hub, refresh_s=3600.0, timeout_s=30.0, check_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    try:
+        await asyncio.sleep(0.2)  # the first read found no services
+        assert hub.slos == {}
+        hub.update(canary("b30"))
+        async with asyncio.timeout(10):
+            while ("shop", "b30") not in hub.slos:
+                await asyncio.sleep(0.02)
+        assert monitor.unread() == []
+    finally:
+        stop.set()
+        await task
+        source.close()
+    assert hub.slos["shop", "b30"].decision.tier is Tier.APPROVAL
+
+
+async def test_early_reads_back_off_while_prometheus_fails(hub: StatusHub) -> None:
+    source = PrometheusMetrics(PrometheusSettings(url="http://127.0.0.1:9", timeout_s=1.0))
+    monitor = SloMonitor(source, hub, refresh_s=0.8, timeout_s=2.0, check_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    try:
+        await asyncio.sleep(1.6)
+    finally:
+        stop.set()
+        await task
+        source.close()
+    # every 50 ms would be ~30 reads; doubling from 0.1 s to 0.8 s is 0, .1, .3, .7, 1.5
+    assert 3 <= monitor.failures <= 6, monitor.failures
+    assert monitor.last_error is not None
+
+
+def test_unknown_figures_gate_a_rollout_as_the_override_tier(hub: StatusHub) -> None:
+    source = PrometheusMetrics(PrometheusSettings(url="http://127.0.0.1:9", timeout_s=1.0))
+    none: Any = None
+    try:
+        daemon = Daemon(none, source, none, none, hub=hub)
+        spec = canary("b30").spec
+        assert spec is not None and daemon.slo_monitor is not None
+        ref = CanaryRef("shop", "b30")
+        gate = daemon._budget(ref, spec)
+        assert gate is not None and gate.tier is Tier.OVERRIDE
+        assert gate.reason == "b30's error budget is unknown: not read yet"
+        daemon.slo_monitor.last_error = "Prometheus unreachable"
+        gate = daemon._budget(ref, spec)
+        assert gate is not None and "reading them failed: Prometheus unreachable" in gate.reason
+        without = Daemon(none, cast(Any, object()), none, none, hub=hub)
+        gate = without._budget(ref, spec)
+        assert gate is not None and "cannot read error budgets" in gate.reason
+    finally:
+        source.close()
+    no_policy = parse_spec({"service": "b30", "analysis": {"slo": {"availabilityPct": 99}}})
+    assert daemon._budget(ref, no_policy) is None
 
 
 def test_canaries_of_one_service_share_its_objectives(tmp_path: Path) -> None:
