@@ -20,6 +20,7 @@ Invariants it keeps (and the tests check):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,6 +83,17 @@ class Command:
     by: str = ""
     reason: str = ""
     fix: bool = False
+
+
+_NUMBER = re.compile(r"[-+]?\d[\d.,]*")
+
+
+def _same_words(a: str | None, b: str | None) -> bool:
+    """The same message but for its numbers (the budget's figures move every read; an
+    event is told when the cause changes, not when a figure does)."""
+    if a is None or b is None:
+        return a is b
+    return _NUMBER.sub("#", a) == _NUMBER.sub("#", b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +255,17 @@ class _Run:
             return
         if st.phase is Phase.WAITING_APPROVAL and st.pending_step_index is not None:
             index = st.pending_step_index
-            if self.budget_block(index) is None:
+            block = self.budget_block(index)
+            if block is not None and block != st.budget_hold:  # new figures, same wait
+                weight = self.spec.steps[index]
+                if not _same_words(block, st.budget_hold):  # a new cause, not new numbers
+                    self.emit(
+                        EventReason.WAITING_APPROVAL, f"{weight}% step: {block}", warning=True
+                    )
+                self.update(
+                    budget_hold=block, message=f"waiting before the {weight}% step: {block}"
+                )
+            if block is None:
                 self.update(budget_hold=None)
                 weight = self.spec.steps[index]
                 approved = any(a.weight == weight for a in st.approvals)
@@ -475,7 +497,7 @@ class _Run:
             self.rollback(verdict.reasons)
         elif decision is Decision.PASS and (frozen := self.frozen()) is not None:
             weight = self.spec.steps[self.status.step_index]
-            if self.status.budget_hold != frozen:
+            if not _same_words(frozen, self.status.budget_hold):
                 self.emit(
                     EventReason.HOLDING, f"{weight}% step passed, held: {frozen}", warning=True
                 )

@@ -25,9 +25,11 @@ class BudgetDriver(Driver):
     def __init__(self, tier: Tier | None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.tier = tier
+        self.reason: str | None = None  # instead of the tier's usual figures
 
     def observe(self, metrics: bool = True) -> Observed:
-        gate = None if self.tier is None else BudgetGate(self.tier, REASONS[self.tier])
+        reason = self.reason or (REASONS[self.tier] if self.tier else "")
+        gate = None if self.tier is None else BudgetGate(self.tier, reason)
         return replace(super().observe(metrics), budget=gate)
 
     def messages(self) -> list[str]:
@@ -152,3 +154,21 @@ def test_the_fix_flag_survives_the_annotation() -> None:
     assert back.fix and back.revision == "v3"
     plain = new_command(CommandKind.PROMOTE, "ci", revision="v4", now=at(0))
     assert "fix" not in command_json(plain, at(0))
+
+
+def test_a_waiting_rollout_states_the_latest_figures_and_tells_a_new_cause() -> None:
+    d = BudgetDriver(Tier.OVERRIDE)
+    d.reason = "checkout's error budget is unknown: not read yet"
+    d.command(PROMOTE)
+    assert "unknown: not read yet" in (d.status.budget_hold or "")
+    told = len(d.messages())
+    d.tier, d.reason = Tier.FROZEN, "availability SLO 99%: fast burn 1h&5m at 19.8x"
+    d.run(5)
+    assert phase(d) is Phase.WAITING_APPROVAL and d.status.canary_weight == 0
+    assert "fast burn 1h&5m at 19.8x" in (d.status.budget_hold or "")
+    assert "fast burn 1h&5m at 19.8x" in d.status.message
+    assert len(d.messages()) == told + 1 and "fast burn" in d.messages()[-1]
+    d.reason = "availability SLO 99%: fast burn 1h&5m at 17.2x"  # only a figure moved
+    d.run(5)
+    assert "17.2x" in (d.status.budget_hold or "")
+    assert len(d.messages()) == told + 1, d.messages()[told:]

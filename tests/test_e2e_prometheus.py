@@ -25,7 +25,12 @@ from kubernetes import client as k8s
 
 from kubedouble.apiserver import KubeApiServer
 from tests.conftest import NS
-from tests.services import PrometheusServer, require_prometheus
+from tests.services import (
+    PrometheusServer,
+    backfilled_prometheus,
+    istio_openmetrics,
+    require_prometheus,
+)
 
 Obj = dict[str, Any]
 INTERVAL_S = 2.0
@@ -88,9 +93,20 @@ class Stack:
         pytest.fail(f"timed out waiting for {what}; status: {self.status()}\n{self.log_tail()}")
 
     def promote(self, *flags: str) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "canaryd", "promote", "checkout",
+        return self.command("promote", *flags)
+
+    def command(self, verb: str, *flags: str) -> subprocess.Popen[str]:
+        """``canaryd VERB checkout FLAGS`` as a pipeline or an engineer runs it."""
+        argv = [sys.executable, "-m", "canaryd", verb, "checkout",
                 "--kubeconfig", str(self.kubeconfig), *flags]  # fmt: skip
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run(self, verb: str, *flags: str) -> str:
+        """Run ``canaryd VERB checkout FLAGS`` to completion; its output (exit 0 asserted)."""
+        proc = self.command(verb, *flags)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"canaryd {verb}: {out}"
+        return out
 
     def log_events(self) -> list[Obj]:
         """The daemon's JSON log lines so far."""
@@ -124,7 +140,9 @@ def stack_factory(
     require_prometheus()
     started: list[Any] = []
 
-    def make(scenario: list[str], **analysis: Any) -> Stack:
+    def make(scenario: list[str], history: str | None = None, **analysis: Any) -> Stack:
+        """The stack on ``scenario``; ``history``: an OpenMetrics file backfilled into
+        Prometheus before it starts (which then also scrapes the emulator)."""
         api = cluster.api_client()
         try:
             k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
@@ -137,7 +155,13 @@ def stack_factory(
         started.append(emulator_log)
         emulator, port = _start_emulator(kubeconfig, scenario, emulator_log)
         started.append(emulator)
-        prometheus = PrometheusServer([f"127.0.0.1:{port}"], scrape_interval_s=1.0)
+        if history is None:
+            prometheus = PrometheusServer([f"127.0.0.1:{port}"], scrape_interval_s=1.0)
+        else:
+            workdir = tmp_path / "prometheus"
+            workdir.mkdir()
+            prometheus = backfilled_prometheus(workdir, history)
+            prometheus.set_targets([f"127.0.0.1:{port}"])
         prometheus.start()
         started.append(prometheus)
         daemon_log = (tmp_path / "daemon.log").open("w")
@@ -145,7 +169,7 @@ def stack_factory(
         argv = [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(kubeconfig),
                 "--prometheus-url", prometheus.url, "--prometheus-timeout", "1s",
                 "--no-leader-elect", "--resync", "1s", "--watch-timeout", "1s",
-                "--listen", "127.0.0.1:0"]  # fmt: skip
+                "--slo-refresh", "2s", "--listen", "127.0.0.1:0"]  # fmt: skip
         daemon = subprocess.Popen(argv, stdout=daemon_log, stderr=subprocess.STDOUT, text=True)
         started.append(daemon)
         return Stack(cluster, kubeconfig, prometheus, emulator, daemon, tmp_path)
@@ -254,3 +278,114 @@ def test_prometheus_down_mid_step_holds_and_its_return_resumes(
     assert stack.weight() == 10
     events = [e.get("event") for e in stack.log_events()]
     assert "Resumed" in events or any("Resumed" in str(e) for e in events), events[-20:]
+
+
+# -- the error-budget policy on a real Prometheus ----------------------------------------
+
+HISTORY_STEP_S = 60
+#: the Canary's objective and policy: 99% over a day (a budget of 1% errors)
+SLO = {"availabilityPct": 99, "window": "1d", "budgetPolicy": {}}
+
+
+def history(rps: float, error_ratio: float, fast_ratio: float = 0.0, fast_s: int = 0) -> str:
+    """A day and an hour of the stable ``checkout``'s Istio counters up to now, at ``rps``
+    with ``error_ratio`` errors (``fast_ratio`` in the last ``fast_s``), under a pod name
+    of its own: the analysis follows each pod's series from its first value, so the
+    history counts towards the error budget but not towards any step's figures."""
+    now = int(time.time())
+    ok = bad = 0.0
+    ok_lines, bad_lines = [], []
+    labels = (
+        'reporter="destination",destination_workload="checkout",'
+        f'destination_workload_namespace="{NS}",pod="checkout-history"'
+    )
+    steps = (86400 + 3600) // HISTORY_STEP_S
+    for i in range(steps + 1):
+        t = now - steps * HISTORY_STEP_S + i * HISTORY_STEP_S
+        if i:
+            n = rps * HISTORY_STEP_S
+            ratio = fast_ratio if t > now - fast_s else error_ratio
+            ok += n * (1 - ratio)
+            bad += n * ratio
+        ok_lines.append(f'istio_requests_total{{{labels},response_code="200"}} {ok:.1f} {t}')
+        bad_lines.append(f'istio_requests_total{{{labels},response_code="503"}} {bad:.1f} {t}')
+    return istio_openmetrics(ok_lines + bad_lines, [])
+
+
+def test_with_30pct_of_the_budget_left_every_step_after_the_first_waits_for_approval(
+    stack_factory: Callable[..., Stack],
+) -> None:
+    # 0.7% errors against a 1% budget: 30% left (the live traffic's 0.5% moves it little)
+    stack = stack_factory(
+        ["--scenario", "healthy"],
+        history=history(1000, 0.007),
+        slo=SLO,
+        earlyPassRatio=None,
+        stepDuration="8s",
+    )
+    stack.run("promote", "--revision", "v2")
+    stack.wait(
+        "the 50% step to wait for an approval",
+        lambda: (
+            stack.status().get("phase") == "WaitingApproval"
+            and stack.status().get("pendingStepIndex") == 1
+        ),
+        timeout_s=60,
+    )
+    status = stack.status()
+    assert stack.weight() == 10, "the first step needs no approval in this tier"
+    assert "error-budget policy" in status["budgetHold"], status
+    assert "availability SLO 99%" in status["budgetHold"]
+    left = float(status["budgetHold"].split("error budget ")[1].split("%")[0])
+    assert 25 <= left <= 35, status["budgetHold"]
+    reasons = status["lastVerdict"]["reasons"]
+    assert any(r.startswith("error-budget policy (approval)") for r in reasons), reasons
+    time.sleep(2 * INTERVAL_S)
+    assert stack.weight() == 10 and stack.status()["phase"] == "WaitingApproval"
+
+    stack.run("approve", "--reason", "reviewed the budget")
+    stack.wait("the 50% step", lambda: stack.weight() == 50, timeout_s=10)
+    stack.wait(
+        "the 100% step to wait for an approval",
+        lambda: stack.status().get("pendingStepIndex") == 2,
+        timeout_s=60,
+    )
+    assert stack.weight() == 50
+    stack.run("approve")
+    stack.wait("the 100% step", lambda: stack.weight() == 100, timeout_s=10)
+    approvals = stack.status()["approvals"]
+    assert [a["weight"] for a in approvals] == [50, 100]
+    assert approvals[0]["reason"] == "reviewed the budget"
+
+
+def test_a_fast_burn_freezes_releases_but_a_fix_goes_out(
+    stack_factory: Callable[..., Stack],
+) -> None:
+    # clean for 23 h, then 20% errors for the last hour: 20x the budget's rate in the
+    # 1h and 5m windows (the fast pair, 14.4x) and 17% of the day's budget left
+    stack = stack_factory(
+        ["--scenario", "healthy"],
+        history=history(3000, 0.0, fast_ratio=0.2, fast_s=3600),
+        slo=SLO,
+        earlyPassRatio=None,
+    )
+    stack.run("promote", "--revision", "v2")
+    stack.wait(
+        "the rollout to wait at 0% for the fast burn",
+        lambda: "fast burn 1h&5m" in (stack.status().get("budgetHold") or ""),
+        timeout_s=30,
+    )
+    time.sleep(2 * INTERVAL_S)
+    status = stack.status()
+    assert status["phase"] == "WaitingApproval" and status["pendingStepIndex"] == 0, status
+    assert stack.weight() == 0, "a frozen release takes no traffic"
+    stack.run("approve", "--reason", "please")  # an override does not unfreeze
+    time.sleep(2 * INTERVAL_S)
+    assert stack.weight() == 0 and stack.status()["phase"] == "WaitingApproval"
+
+    stack.run("promote", "--revision", "v3", "--fix")
+    stack.wait("the fix's 10% step", lambda: stack.weight() == 10, timeout_s=15)
+    status = stack.status()
+    assert status["fix"] is True and status["revision"] == "v3", status
+    events = [e for e in stack.log_events() if "fast burn" in str(e)]
+    assert events, "the policy's decision was not logged"
