@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import httpx
 
-from canaryd.kube import Kube, new_command
+from canaryd.kube import CanaryObject, Kube, new_command
 from canaryd.ports import CanaryRef, NotFoundError, UnavailableError
 from canaryd.rollout import Command, CommandKind
+from canaryd.slo import service_name
 from canaryd.status import CanaryStatus
 
 #: ``GET /api/v1/slos`` rows: each service's figures and tier (``ServiceSlo.to_json``).
@@ -34,6 +35,8 @@ class CanaryView:
     ref: CanaryRef
     status: CanaryStatus
     steps: tuple[int, ...]
+    #: the service it releases (``spec.service``, else its stable Deployment)
+    service: str | None = None
 
 
 class Backend(Protocol):
@@ -60,6 +63,16 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def _view(canary: CanaryObject) -> CanaryView:
+    spec = canary.spec
+    return CanaryView(
+        canary.ref,
+        canary.status,
+        tuple(spec.steps if spec else ()),
+        service_name(spec) if spec else None,
+    )
 
 
 class KubeBackend:
@@ -89,15 +102,10 @@ class KubeBackend:
             canary = await self.kube.get_canary(ref)
         except NotFoundError:
             raise BackendError(f"Canary {ref} not found") from None
-        return CanaryView(
-            canary.ref, canary.status, tuple(canary.spec.steps if canary.spec else ())
-        )
+        return _view(canary)
 
     async def list(self, namespace: str | None) -> list[CanaryView]:
-        return [
-            CanaryView(c.ref, c.status, tuple(c.spec.steps if c.spec else ()))
-            for c in await self.kube.list_canaries(namespace)
-        ]
+        return [_view(c) for c in await self.kube.list_canaries(namespace)]
 
     async def slos(self, namespace: str | None) -> SloRows:
         raise BackendError(
@@ -169,8 +177,12 @@ class HttpBackend:
 
     async def get(self, ref: CanaryRef) -> CanaryView:
         body = await self._call("GET", f"/api/v1/canaries/{ref.namespace}/{ref.name}")
+        spec = body.get("spec") or {}
         return CanaryView(
-            ref, CanaryStatus.model_validate(body["status"]), tuple(body["summary"]["steps"])
+            ref,
+            CanaryStatus.model_validate(body["status"]),
+            tuple(body["summary"]["steps"]),
+            spec.get("service"),
         )
 
     async def list(self, namespace: str | None) -> list[CanaryView]:

@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -171,11 +172,19 @@ def _who() -> str:
     return os.environ.get("CANARYD_USER") or os.environ.get("USER") or "cli"
 
 
-def _line(canary: CanaryView) -> str:
+def _line(canary: CanaryView, budget: str = "") -> str:
     st = canary.status
     steps = canary.steps
     step = f"step {st.step_index + 1}/{len(steps)}" if steps else ""
-    return f"{canary.ref}  {st.phase}  {step}  canary {st.canary_weight}%  {st.message}".strip()
+    parts = [
+        str(canary.ref),
+        str(st.phase),
+        step,
+        f"canary {st.canary_weight}%",
+        budget,
+        st.message,
+    ]
+    return "  ".join(p for p in parts if p)
 
 
 async def _promote(args: argparse.Namespace, backend: Backend, ref: CanaryRef, out: TextIO) -> int:
@@ -274,15 +283,21 @@ def _pct(value: float | None) -> str:
 async def _slo_from_prometheus(
     args: argparse.Namespace, backend: KubeBackend, namespace: str | None
 ) -> list[dict[str, Any]]:
-    from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
-    from canaryd.slo import read_slos  # noqa: PLC0415
-
     if not args.prometheus_url:
         raise ClusterError(
             "canaryd slo reads the figures from Prometheus: give --prometheus-url URL (or "
             "$CANARYD_PROMETHEUS_URL), or --server URL to ask a running canaryd"
         )
-    canaries = await backend.kube.list_canaries(namespace)
+    return await _read_slos(args, await backend.kube.list_canaries(namespace))
+
+
+async def _read_slos(
+    args: argparse.Namespace, canaries: list[CanaryObject]
+) -> list[dict[str, Any]]:
+    """The SLO figures of these Canaries' services, read from Prometheus now."""
+    from canaryd.prometheus import PrometheusMetrics, PrometheusSettings  # noqa: PLC0415
+    from canaryd.slo import read_slos  # noqa: PLC0415
+
     source = PrometheusMetrics(
         PrometheusSettings(
             url=args.prometheus_url,
@@ -299,14 +314,88 @@ async def _slo_from_prometheus(
     return [s.to_json() for s in sorted(slos, key=lambda s: (s.namespace, s.service))]
 
 
+@dataclass(slots=True)
+class _StatusSlos:
+    """The SLO figures ``canaryd status`` shows beside each Canary: from the daemon's API
+    (``--server``) or Prometheus (``--prometheus-url``), read at most every
+    ``max_age_s`` while watching; ``note`` says why there are none."""
+
+    max_age_s: float = 30.0
+    rows: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    note: str | None = None
+    read_at: float | None = None
+
+    async def read(self, args: argparse.Namespace, backend: Backend, namespace: str | None) -> None:
+        now = time.monotonic()
+        if self.read_at is not None and now - self.read_at < self.max_age_s:
+            return
+        self.read_at = now
+        try:
+            if isinstance(backend, KubeBackend):
+                canaries = await backend.kube.list_canaries(namespace)
+                if not any(c.spec and c.spec.analysis.slo for c in canaries):
+                    self.rows, self.note = {}, None
+                    return
+                if not args.prometheus_url:
+                    self.note = (
+                        "error budgets: give --prometheus-url URL (or --server URL) to show them"
+                    )
+                    return
+                rows = await _read_slos(args, canaries)
+            else:
+                rows = await backend.slos(namespace)
+        except (ClusterError, BackendError) as exc:
+            self.note = f"error budgets not read: {exc}"
+            return
+        self.rows = {(r["namespace"], r["service"]): r for r in rows}
+        self.note = None
+
+    def of(self, canary: CanaryView) -> dict[str, Any] | None:
+        if canary.service is None:
+            return None
+        return self.rows.get((canary.ref.namespace, canary.service))
+
+
+def _budget_brief(row: dict[str, Any]) -> str:
+    """``budget 30% left (approval)``: the tightest objective's budget and the tier."""
+    left = [
+        o["error_budget_remaining"]
+        for o in row["objectives"].values()
+        if o["error_budget_remaining"] is not None
+    ]
+    tier = row["tier"] + ("" if row["enforced"] else ", not enforced")
+    return f"budget {_pct(min(left)) if left else '-'} left ({tier})"
+
+
+def _budget_lines(row: dict[str, Any]) -> list[str]:
+    """Every objective's figures, one line each, under the tier and its reason."""
+    enforced = "enforced" if row["enforced"] else "not enforced: no budgetPolicy"
+    lines = [f"  error budget of {row['service']}: tier {row['tier']} ({enforced})"]
+    for name, o in row["objectives"].items():
+        rates = o["burn_rates"]
+        burn = " ".join(
+            f"{label} " + ("-" if rates.get(w) is None else f"{rates[w]:.2g}x")
+            for label, w in (("5m", "300"), ("1h", "3600"), ("6h", "21600"), ("1d", "86400"))
+        )
+        firing = f"; firing {','.join(o['firing'])}" if o["firing"] else ""
+        lines.append(
+            f"    {name}: {_pct(o['availability'])} over {format_duration(o['window_s'])} "
+            f"(objective {_pct(o['objective'])}), {_pct(o['error_budget_remaining'])} of the "
+            f"budget left; burn {burn}{firing}"
+        )
+    lines.append(f"    policy: {row['reason']}")
+    return lines
+
+
 async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, out: TextIO) -> int:
+    namespace = None if args.all_namespaces else (args.namespace or default_ns)
+    budgets = _StatusSlos()
     while True:
         if args.name:
             canaries = [await backend.get(CanaryRef(args.namespace or default_ns, args.name))]
         else:
-            canaries = await backend.list(
-                None if args.all_namespaces else (args.namespace or default_ns)
-            )
+            canaries = await backend.list(namespace)
+        await budgets.read(args, backend, args.namespace or default_ns if args.name else namespace)
         if args.watch and not args.json and out.isatty():
             out.write("\x1b[H\x1b[2J")  # redraw in place
         if args.json:
@@ -317,15 +406,20 @@ async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, o
                             "namespace": c.ref.namespace,
                             "name": c.ref.name,
                             "status": c.status.to_json(),
+                            "slo": budgets.of(c),
                         }
                         for c in canaries
-                    ]
+                    ],
+                    allow_nan=False,
                 )
                 + "\n"
             )
         else:
             for canary in canaries:
-                out.write(_line(canary) + "\n")
+                row = budgets.of(canary)
+                out.write(_line(canary, _budget_brief(row) if row and not args.name else "") + "\n")
+                if args.name and row is not None:
+                    out.write("\n".join(_budget_lines(row)) + "\n")
                 verdict = canary.status.last_verdict
                 if args.name and verdict is not None:
                     out.write(f"  last verdict: {verdict.decision} at {verdict.at.isoformat()}\n")
@@ -333,6 +427,8 @@ async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, o
                         out.write(f"    - {reason}\n")
             if not canaries:
                 out.write("no Canaries found\n")
+            elif budgets.note:
+                out.write(f"({budgets.note})\n")
         out.flush()
         if not args.watch:
             return EXIT_OK
@@ -951,23 +1047,18 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     slo.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     slo.add_argument("--json", action="store_true", help="print one JSON array")
     slo.add_argument("-v", "--verbose", action="store_true", help="also print each tier's reason")
-    slo.add_argument(
-        "--prometheus-url",
-        type=http_url_arg("http://prometheus.istio-system:9090", env="CANARYD_PROMETHEUS_URL"),
-        default=os.environ.get("CANARYD_PROMETHEUS_URL"),
-        metavar="URL",
-        help="Prometheus base URL, without --server (default: $CANARYD_PROMETHEUS_URL)",
-    )
-    slo.add_argument(
-        "--prometheus-bearer-token-file", metavar="FILE", help="bearer token for Prometheus"
-    )
+    _add_slo_prometheus_flags(slo)
     slo.set_defaults(cluster_handler="slo")
 
     status = sub.add_parser(
         "status",
         help="show Canaries and their last verdicts",
         formatter_class=fmt,
-        description="Show one Canary (with its last verdict's reasons) or all of a namespace.",
+        description=(
+            "Show one Canary (with its last verdict's reasons) or all of a namespace.\n"
+            "Canaries with an SLO also show their service's error budget and policy tier:\n"
+            "with --server from the running canaryd, else from --prometheus-url."
+        ),
         epilog="exit codes: 0 shown, 2 usage or runtime error (e.g. Canary not found); "
         "see 'canaryd --help'",
     )
@@ -976,7 +1067,22 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     status.add_argument("-A", "--all-namespaces", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh every 2 seconds")
     status.add_argument("--json", action="store_true")
+    _add_slo_prometheus_flags(status, "to show the error budgets of Canaries with an SLO, ")
     status.set_defaults(cluster_handler="status")
+
+
+def _add_slo_prometheus_flags(parser: argparse.ArgumentParser, why: str = "") -> None:
+    """Where ``canaryd slo`` and ``canaryd status`` read SLO figures without --server."""
+    parser.add_argument(
+        "--prometheus-url",
+        type=http_url_arg("http://prometheus.istio-system:9090", env="CANARYD_PROMETHEUS_URL"),
+        default=os.environ.get("CANARYD_PROMETHEUS_URL"),
+        metavar="URL",
+        help=f"Prometheus base URL, {why}without --server (default: $CANARYD_PROMETHEUS_URL)",
+    )
+    parser.add_argument(
+        "--prometheus-bearer-token-file", metavar="FILE", help="bearer token for Prometheus"
+    )
 
 
 def _command_parser(

@@ -19,6 +19,7 @@ from analysis.counts import ArmCounts
 from analysis.histogram import histogram_quantile
 from canaryd.events import RolloutEvent
 from canaryd.kube import CanaryObject
+from canaryd.slo import service_name
 from canaryd.status import (
     ApprovalRecord,
     Condition,
@@ -197,7 +198,7 @@ def spec_summary_of(canary: CanaryObject) -> SpecSummary | None:
         return None
     routing = spec.traffic_routing
     return SpecSummary(
-        service=spec.service,
+        service=service_name(spec),
         steps=list(spec.steps),
         interval_s=spec.analysis.interval,
         step_duration_s=spec.analysis.step_duration,

@@ -333,6 +333,36 @@ def test_canaryd_slo_reads_the_clusters_services_from_prometheus(
     assert any(line.startswith("shop/b30: availability SLO 99%") for line in lines)
     code, _, err = run_cli("slo", "--kubeconfig", str(kubeconfig))
     assert code == 2 and "give --prometheus-url" in err and err.count("\n") == 1
+
+    # canaryd status shows each Canary's budget beside it, and every figure for one
+    code, out, err = run_cli("status", *flags)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("shop/c10 "))
+    assert "budget 10% left (override)" in line or "budget 9." in line, line
+    code, out, err = run_cli("status", "b30", *flags)
+    assert code == 0, err
+    assert "  error budget of b30: tier approval (enforced)" in out
+    availability = next(ln for ln in out.splitlines() if ln.startswith("    availability: "))
+    assert "(objective 99%)" in availability and "of the budget left; burn 5m" in availability
+    assert "policy: availability SLO 99%" in out
+    code, out, err = run_cli("status", "fast", *flags, "--json")
+    assert code == 0, err
+    [row] = json.loads(out)
+    assert row["slo"]["tier"] == "frozen"
+    assert row["slo"]["objectives"]["availability"]["firing"] == ["1h&5m"]
+    # without a source the Canaries are still shown, with one line saying how to see more
+    code, out, err = run_cli("status", "--kubeconfig", str(kubeconfig))
+    assert code == 0, err
+    assert "shop/b30 " in out and "budget" not in out.split("(")[0]
+    assert out.rstrip().endswith(
+        "(error budgets: give --prometheus-url URL (or --server URL) to show them)"
+    )
+    code, out, err = run_cli(
+        "status", "--kubeconfig", str(kubeconfig), "--prometheus-url", "http://127.0.0.1:9",
+        "--request-timeout", "2s",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "(error budgets not read: the SLO figures could not be read: Prometheus" in out
     code, _, err = run_cli(
         "slo", "--kubeconfig", str(kubeconfig), "--prometheus-url", "http://127.0.0.1:9",
         "--request-timeout", "2s",
@@ -358,6 +388,9 @@ async def test_canaryd_slo_asks_a_running_canaryd_with_server(
         code, out, err = await asyncio.to_thread(
             run_cli, "slo", "--server", f"http://127.0.0.1:{port}", "-n", "shop", "--json"
         )
+        status = await asyncio.to_thread(
+            run_cli, "status", "--server", f"http://127.0.0.1:{port}", "-n", "shop"
+        )
     finally:
         stop.set()
         await server
@@ -365,3 +398,7 @@ async def test_canaryd_slo_asks_a_running_canaryd_with_server(
     rows = json.loads(out)
     assert [r["service"] for r in rows] == sorted(ERRORS)
     assert {r["service"]: r["tier"] for r in rows}["b30"] == "approval"
+    code, out, err = status
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("shop/b30 "))
+    assert "budget 3" in line and "% left (approval)" in line, line
