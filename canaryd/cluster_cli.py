@@ -378,8 +378,9 @@ def _budget_lines(row: dict[str, Any]) -> list[str]:
             for label, w in (("5m", "300"), ("1h", "3600"), ("6h", "21600"), ("1d", "86400"))
         )
         firing = f"; firing {','.join(o['firing'])}" if o["firing"] else ""
+        under = f" under {o['threshold_ms']:g} ms" if o.get("threshold_ms") else ""
         lines.append(
-            f"    {name}: {_pct(o['availability'])} over {format_duration(o['window_s'])} "
+            f"    {name}{under}: {_pct(o['availability'])} over {format_duration(o['window_s'])} "
             f"(objective {_pct(o['objective'])}), {_pct(o['error_budget_remaining'])} of the "
             f"budget left; burn {burn}{firing}"
         )

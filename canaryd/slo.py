@@ -51,6 +51,8 @@ class ServiceSlo:
         decision: the strictest tier and every objective's reason.
         enforced: the spec asks for the policy (``budgetPolicy``); otherwise figures only.
         at: when the figures were read.
+        latency_threshold_ms: the latency objective's threshold (requests faster than it
+            are good), when there is one.
     """
 
     namespace: str
@@ -59,6 +61,7 @@ class ServiceSlo:
     decision: PolicyDecision
     enforced: bool
     at: datetime
+    latency_threshold_ms: float | None = None
 
     def to_json(self) -> dict[str, object]:
         def num(value: float | None) -> float | None:
@@ -79,6 +82,11 @@ class ServiceSlo:
                     "error_budget_remaining": num(slo.budget_remaining),
                     "burn_rates": {f"{w:g}": num(r) for w, r in slo.burn_rates.items()},
                     "firing": [p.label for p in slo.firing],
+                    **(
+                        {"threshold_ms": self.latency_threshold_ms}
+                        if name == "latency" and self.latency_threshold_ms is not None
+                        else {}
+                    ),
                 }
                 for name, slo in self.objectives.items()
             },
@@ -138,6 +146,7 @@ def service_slo(
         decide_all(objectives, tiers),
         policy is not None,
         at,
+        slo.latency.threshold_ms if slo.latency is not None else None,
     )
 
 

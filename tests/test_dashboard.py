@@ -12,12 +12,17 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from analysis.budget import BURN_WINDOWS_S, Events
 from canaryd.playground import Playground, Sample
+from canaryd.ports import SloService
+from canaryd.slo import ServiceSlo, service_slo
+from canaryd.spec import parse_spec
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -60,6 +65,9 @@ def playground() -> Iterator[Playground]:
         except BaseException as exc:  # reported by the test
             failure.append(exc)
 
+    # the playground's traffic is simulated and has no history: give both services
+    # error-budget figures as the SLO monitor would read them from Prometheus
+    pg.hub.set_slos([budget("checkout", 0.0002, 0.5), budget("cart", 0.0007, 1.0)])
     thread = threading.Thread(target=target, name="playground", daemon=True)
     thread.start()
     wait_until(lambda: len(canaries(pg)) == len(samples), 20.0, "the canaries to appear")
@@ -70,6 +78,27 @@ def playground() -> Iterator[Playground]:
             loop_box[0].call_soon_threadsafe(stop_box[0].set)
         thread.join(15.0)
         assert not failure, f"the playground failed: {failure[0]!r}"
+
+
+def budget(service: str, bad_ratio: float, recent_burn: float) -> ServiceSlo:
+    """Figures for ``service`` at 99.9% over 30 days with ``bad_ratio`` of its requests
+    failed, burning ``recent_burn``× the budget's rate lately; cart also has a latency
+    objective."""
+    slo: dict[str, Any] = {"availabilityPct": 99.9, "budgetPolicy": {}}
+    if service == "cart":
+        slo["latency"] = {"thresholdMs": 300, "targetPct": 99}
+    spec = parse_spec({"service": service, "analysis": {"slo": slo}})
+    window_s = 30 * 86400.0
+    total = 1e8
+    availability = {window_s: Events(total * (1 - bad_ratio), total)}
+    latency = {window_s: Events(total * 0.9925, total)}
+    for w in BURN_WINDOWS_S:
+        availability[w] = Events(1e5 * (1 - recent_burn * 0.001), 1e5)
+        latency[w] = Events(1e5 * 0.99, 1e5)
+    events = {"availability": availability, "latency": latency}
+    return service_slo(
+        SloService("shop", service, (service, f"{service}-canary"), spec), events, datetime.now(UTC)
+    )
 
 
 def get_json(url: str) -> Any:
@@ -125,6 +154,16 @@ def test_dashboard_live_table_detail_and_approve(playground: Playground) -> None
             expect(page.locator('tr[data-key="shop/cart"]')).to_contain_text("cart")
             expect(page.locator("#conn")).to_contain_text("live", timeout=10_000)
 
+            # Under the table, each service's error budget and the tier it puts releases in.
+            expect(page.locator("#slo-section")).to_be_visible(timeout=5_000)
+            expect(page.locator("#slo-rows tr")).to_have_count(3)  # cart has two objectives
+            checkout = page.locator('#slo-rows tr[data-service="shop/checkout"]')
+            expect(checkout).to_contain_text("80%")
+            expect(checkout.locator(".tier")).to_have_text("Normal")
+            cart = page.locator('#slo-rows tr[data-service="shop/cart"]').first
+            expect(cart).to_contain_text("30%")
+            expect(cart.locator(".tier")).to_have_text("Every later step needs approval")
+
             # A weight change in the API shows in the page within 2 s, without a reload.
             page.evaluate("window.__noReload = true")
             before = canaries(pg)["checkout"]["canaryWeight"]
@@ -162,6 +201,10 @@ def test_dashboard_live_table_detail_and_approve(playground: Playground) -> None
             expect(approve).to_be_disabled()  # no token yet
             expect(page.locator("#actions-box .hint")).to_contain_text("operator token")
             expect(page.locator("#charts svg")).to_have_count(3, timeout=5_000)
+            card = page.locator("section.card", has_text="Error budget · cart")
+            expect(card).to_be_visible()
+            expect(card.locator(".policy")).to_contain_text("error budget 30% remaining")
+            expect(card.locator("tbody tr")).to_have_count(2)
 
             # A wrong token: the API's error message is shown, and nothing moves.
             page.fill("#token-input", "not-the-token")

@@ -34,7 +34,15 @@
     listPending: null,
     es: null,
     flash: null, // {kind: "ok"|"error", text}
+    slos: [], // GET /slos rows: each service's SLO figures and policy tier
   };
+  const TIER_WORDS = {
+    normal: "Normal",
+    approval: "Every later step needs approval",
+    override: "New rollouts need an override",
+    frozen: "Frozen: fixes only",
+  };
+  const BURN_WINDOWS = [["5m", "300"], ["1h", "3600"], ["6h", "21600"], ["1d", "86400"]];
 
   // -- small helpers ------------------------------------------------------------------
 
@@ -309,6 +317,7 @@
         state.rows = new Map(list.map((c) => [keyOf(c), c]));
         $("list-error").hidden = true;
         renderTable();
+        loadSlos();
       } catch (e) {
         $("list-error").textContent = "Could not load the canaries: " + e.message;
         $("list-error").hidden = false;
@@ -317,6 +326,108 @@
       }
     })();
     return state.listPending;
+  }
+
+
+  // -- error budgets ------------------------------------------------------------------
+
+  function pct(v, digits) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    return (100 * v).toFixed(digits === undefined ? 1 : digits).replace(/\.0+$/, "") + "%";
+  }
+
+  function budgetLevel(left) {
+    if (left === null || left === undefined) return "none";
+    if (left <= 0) return "out";
+    if (left < 0.2) return "low";
+    if (left < 0.5) return "half";
+    return "ok";
+  }
+
+  function budgetBar(left) {
+    const bar = el("span", { class: "bar", "aria-hidden": "true" });
+    const fill = el("span", { class: "bar-fill budget-" + budgetLevel(left) });
+    fill.style.width = (left === null || left === undefined ? 0 : Math.max(0, Math.min(1, left)) * 100) + "%";
+    bar.append(fill);
+    return bar;
+  }
+
+  function tierNode(row) {
+    const words = TIER_WORDS[row.tier] || row.tier;
+    return el(
+      "span",
+      { class: "tier tier-" + row.tier + (row.enforced ? "" : " tier-off"), title: row.reason },
+      words + (row.enforced ? "" : " (not enforced)")
+    );
+  }
+
+  function burnText(o) {
+    return BURN_WINDOWS.map(([, w]) => {
+      const v = o.burn_rates[w];
+      return v === null || v === undefined ? "–" : num(v, v >= 10 ? 0 : v >= 1 ? 1 : 2) + "×";
+    }).join(" · ");
+  }
+
+  function sloCells(row, name, o, withService) {
+    const firing = o.firing && o.firing.length ? el("span", { class: "badge badge-bad", title: "both windows of the pair burn faster than its factor", text: "burning " + o.firing.join(", ") }) : null;
+    return [
+      withService ? el("td", { class: "c-name", "data-label": "Service" }, el("span", { class: "ns", text: row.namespace + "/" }), el("span", { class: "name", text: row.service })) : null,
+      el("td", { "data-label": "Objective", text: objectiveText(name, o) }),
+      el("td", { class: "num", "data-label": "Achieved", text: pct(o.availability, 3) }),
+      el("td", { class: "num c-budget", "data-label": "Budget left" }, budgetBar(o.error_budget_remaining), el("span", { class: "budget-text budget-" + budgetLevel(o.error_budget_remaining), text: pct(o.error_budget_remaining) })),
+      el("td", { class: "num col-burn", "data-label": "Burn" }, burnText(o), firing),
+    ];
+  }
+
+  function objectiveText(name, o) {
+    const under = name === "latency" && o.threshold_ms ? " under " + num(o.threshold_ms, 0) + " ms" : "";
+    return name + " " + pct(o.objective, 2) + under + " over " + duration(o.window_s);
+  }
+
+  function duration(s) {
+    if (s % 86400 === 0) return s / 86400 + "d";
+    if (s % 3600 === 0) return s / 3600 + "h";
+    if (s % 60 === 0) return s / 60 + "m";
+    return s + "s";
+  }
+
+  async function loadSlos() {
+    try {
+      state.slos = await getJSON("/slos");
+      $("slo-error").hidden = true;
+    } catch (e) {
+      $("slo-error").textContent = "Could not load the error budgets: " + e.message;
+      $("slo-error").hidden = false;
+    }
+    renderSlos();
+  }
+
+  function renderSlos() {
+    const rows = [];
+    for (const row of state.slos) {
+      const names = Object.keys(row.objectives);
+      names.forEach((name, i) => {
+        const tr = el("tr", { class: "slo-row", "data-service": row.namespace + "/" + row.service }, ...sloCells(row, name, row.objectives[name], true));
+        if (i === 0) tr.append(el("td", { "data-label": "Release policy", rowspan: String(names.length) }, tierNode(row)));
+        if (i > 0) tr.firstChild.replaceChildren(); // the service is named once
+        rows.push(tr);
+      });
+    }
+    put($("slo-rows"), ...rows);
+    $("slo-section").hidden = rows.length === 0 && $("slo-error").hidden;
+  }
+
+  function budgetNode(row) {
+    if (!row) return null;
+    const names = Object.keys(row.objectives);
+    const table = el(
+      "table",
+      { class: "checks slo-detail" },
+      el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "Objective" }), el("th", { scope: "col", class: "num", text: "Achieved" }), el("th", { scope: "col", class: "num", text: "Budget left" }), el("th", { scope: "col", class: "num", text: "Burn 5m · 1h · 6h · 1d" }))),
+      el("tbody", {}, ...names.map((name) => el("tr", {}, ...sloCells(row, name, row.objectives[name], false))))
+    );
+    const policy = el("p", { class: "policy" }, tierNode(row), el("span", { class: "muted policy-reason", text: " " + row.reason }));
+    return section("Error budget · " + row.service, policy, table, el("p", { class: "muted small", text: "read " + ago(row.at) + " ago" }));
   }
 
   // -- events -----------------------------------------------------------------------------
@@ -426,10 +537,16 @@
     const [ns, name] = key.split("/");
     const base = "/canaries/" + encodeURIComponent(ns) + "/" + encodeURIComponent(name);
     try {
-      const [detail, series] = await Promise.all([getJSON(base), getJSON(base + "/series")]);
+      const [detail, series, slos] = await Promise.all([
+        getJSON(base),
+        getJSON(base + "/series"),
+        getJSON("/slos?namespace=" + encodeURIComponent(ns)).catch(() => null),
+      ]);
       if (state.detailKey !== key) return;
       state.detail = detail;
       state.series = series;
+      const service = detail.spec && detail.spec.service;
+      state.detailSlo = (slos || []).find((r) => r.service === service) || null;
       updateRow(detail.summary);
       renderDetail();
     } catch (e) {
@@ -556,6 +673,7 @@
       d.specError ? el("p", { class: "error", role: "alert", text: "Spec error: " + d.specError }) : null,
       top,
       charts,
+      budgetNode(state.detailSlo),
       section("Last verdict", verdictNode(d.lastVerdict)),
       el("div", { class: "grid2" }, section("Step history", historyNode(d.history)), section("Approvals", approvalsNode(d.approvals, d.spec))),
       section("Recent events", eventsNode(d.events))
