@@ -389,3 +389,52 @@ def test_a_fast_burn_freezes_releases_but_a_fix_goes_out(
     assert status["fix"] is True and status["revision"] == "v3", status
     events = [e for e in stack.log_events() if "fast burn" in str(e)]
     assert events, "the policy's decision was not logged"
+
+
+@pytest.mark.parametrize(
+    ("error_ratio", "left_pct"),
+    [(0.002, 80), (0.009, 10), (0.0105, -5)],
+    ids=["80pct-left", "10pct-left", "minus-5pct-left"],
+)
+def test_the_first_step_under_each_budget_matches_the_policy_table(
+    stack_factory: Callable[..., Stack], error_ratio: float, left_pct: int
+) -> None:
+    stack = stack_factory(
+        ["--scenario", "healthy"],
+        history=history(1000, error_ratio),
+        slo=SLO,
+        earlyPassRatio=None,
+        stepDuration="6s",
+    )
+    stack.run("promote", "--revision", "v2")
+    if left_pct == 80:  # normal: as the spec says (unknown figures would need an override)
+        stack.wait("the 50% step", lambda: stack.weight() == 50, timeout_s=60)
+        status = stack.status()
+        assert not status.get("budgetHold") and not status["approvals"], status
+        return
+    hold = "override with an approval that gives a reason" if left_pct == 10 else "exhausted"
+    stack.wait(
+        "the rollout to wait at 0%",
+        lambda: (
+            hold in (stack.status().get("budgetHold") or "")
+            and "remaining" in stack.status()["budgetHold"]
+        ),  # the figures, not "unknown"
+        timeout_s=30,
+    )
+    budget = stack.status()["budgetHold"]
+    assert f"error budget {left_pct}" in budget or f"error budget {left_pct + 1}" in budget, budget
+    time.sleep(2 * INTERVAL_S)
+    assert stack.weight() == 0 and stack.status()["phase"] == "WaitingApproval"
+    if left_pct == 10:  # override: an approval without a reason is not one
+        stack.run("approve")
+        time.sleep(2 * INTERVAL_S)
+        assert stack.weight() == 0
+        stack.run("approve", "--reason", "INC-7 fix reviewed by the SRE on call")
+    else:  # exhausted: only a fix starts
+        stack.run("promote", "--revision", "v3", "--fix")
+    stack.wait("the 10% step", lambda: stack.weight() == 10, timeout_s=15)
+    status = stack.status()
+    if left_pct == 10:
+        assert status["approvals"][-1]["reason"] == "INC-7 fix reviewed by the SRE on call"
+    else:
+        assert status["fix"] is True
