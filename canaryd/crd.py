@@ -5,7 +5,7 @@ One source of truth (design §3): the CRD's OpenAPI v3 schema is derived from
 requires: ``$ref`` inlined, ``Optional[X]`` as ``X`` with ``nullable: true``,
 JSON-Schema-only keywords (``title``, ``default``, ``exclusiveMinimum`` as a number)
 rewritten or dropped.  Defaults stay in the model (pydantic applies them), so the API
-server stores what users wrote.  ``manifests/crd.yaml`` is the output of
+server stores what users wrote.  ``manifests/base/crd.yaml`` is the output of
 ``canaryd crd`` and a test fails when the two differ.
 """
 

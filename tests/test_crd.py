@@ -18,8 +18,8 @@ def test_manifest_is_the_output_of_canaryd_crd() -> None:
     out = io.StringIO()
     assert main(["crd"], out, io.StringIO()) == 0
     assert out.getvalue() == crd_yaml()
-    assert (ROOT / "manifests" / "crd.yaml").read_text() == out.getvalue(), (
-        "manifests/crd.yaml is stale: run `canaryd crd > manifests/crd.yaml`"
+    assert (ROOT / "manifests" / "base" / "crd.yaml").read_text() == out.getvalue(), (
+        "manifests/base/crd.yaml is stale: run `canaryd crd > manifests/base/crd.yaml`"
     )
 
 

@@ -98,6 +98,7 @@ class Harness:
         status_refresh_s: float = 30.0,
         resync_s: float = 1.0,
         notifier: Notifier | None = None,
+        namespaces: tuple[str, ...] = (),
     ) -> None:
         self.server = server
         self.api = server.api_client()
@@ -105,6 +106,7 @@ class Harness:
         self.router = IstioRouter(self.kube)
         self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
         settings = DaemonSettings(
+            namespaces=namespaces,
             resync_s=resync_s,
             watch_timeout_s=1.0,
             lease=lease,

@@ -1041,7 +1041,7 @@ def test_in_process_accessors_copy_and_seed(
 
 
 def test_the_canary_entry_matches_the_crd_manifest(crs: CustomApi) -> None:
-    crd = yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text())
+    crd = yaml.safe_load((ROOT / "manifests" / "base" / "crd.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["storage"])
     assert (CANARIES.group, CANARIES.version) == (crd["spec"]["group"], version["name"])
     assert (CANARIES.plural, CANARIES.kind) == (
