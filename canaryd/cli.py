@@ -1,10 +1,11 @@
 """The ``canaryd`` command line.
 
 The CLI only maps flags onto the library: ``simulate`` onto
-:mod:`canaryd.simulate`, ``validate`` onto :mod:`canaryd.spec`, ``scenarios`` onto
-the simulator's scenario catalogue.  Errors a person can fix are printed as one
-``canaryd: error: …`` line (exit 2), never as a traceback; so is any unexpected
-exception (``--debug`` adds its traceback).  The exit codes are in :data:`EXIT_CODES_HELP`.
+:mod:`canaryd.simulate`, ``validate`` onto :mod:`canaryd.spec`, ``convert`` onto
+:mod:`canaryd.convert`, ``scenarios`` onto the simulator's scenario catalogue.
+Errors a person can fix are printed as one ``canaryd: error: …`` line (exit 2),
+never as a traceback; so is any unexpected exception (``--debug`` adds its
+traceback).  The exit codes are in :data:`EXIT_CODES_HELP`.
 """
 
 from __future__ import annotations
@@ -451,6 +452,74 @@ def cmd_crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+# -- convert -------------------------------------------------------------------------------
+
+CONVERT_HELP = """\
+Turn a Flagger Canary (flagger.app/v1beta1) into a canaryd Canary.  The canaryd YAML
+goes to stdout; every Flagger field that does not carry over as it was is named on
+stderr, one 'warning: PATH: what happened' line each.  Nothing is contacted or applied.
+
+What maps: targetRef NAME -> stable NAME-primary and canary NAME (trigger auto,
+copy-to-stable); stepWeights, or stepWeight up to maxWeight -> steps (ending at 100);
+interval; request-success-rate min -> errorRate.maxPct; request-duration max -> the
+p99 latency maxMs; confirm-rollout, confirm-traffic-increase and confirm-promotion
+hooks -> approvals.before; event hooks -> notifications.webhooks.  The rest (threshold,
+custom metric templates, load-test hooks, match, iterations, alerts...) is warned
+about.  docs/migrating.md has the whole table.
+
+FILE may hold several documents, or a kubectl List: each Flagger Canary is
+converted, anything else is skipped with a warning.
+
+examples:
+  canaryd convert podinfo-canary.yaml > podinfo.yaml && canaryd validate podinfo.yaml
+  kubectl get canaries.flagger.app -n test -o yaml | canaryd convert - --strict
+  canaryd convert podinfo-canary.yaml --destination-rule podinfo --route primary
+"""
+
+
+def check_convert(args: argparse.Namespace) -> str | None:
+    """The first problem with the flags taken together (a usage error), or None."""
+    if (args.stable_subset or args.canary_subset) and not args.destination_rule:
+        return "--stable-subset and --canary-subset go with --destination-rule NAME"
+    return None
+
+
+def _read_input(file: str) -> tuple[str, str]:
+    """(text, name to show) of FILE, or of stdin for ``-``."""
+    if file == "-":
+        try:
+            return sys.stdin.read(), "<stdin>"
+        except UnicodeDecodeError as exc:
+            raise CliError(f"<stdin>: not UTF-8 text: {exc.reason}") from None
+    try:
+        return Path(file).read_text(encoding="utf-8"), file
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{file}: not UTF-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise CliError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+
+
+def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from canaryd import convert  # noqa: PLC0415 - keeps other commands' start-up lean
+
+    text, source = _read_input(args.file)
+    options = convert.RoutingOptions(
+        virtual_service=args.virtual_service,
+        routes=tuple(args.route),
+        destination_rule=args.destination_rule,
+        stable_subset=args.stable_subset or "stable",
+        canary_subset=args.canary_subset or "canary",
+    )
+    try:
+        result = convert.convert_text(text, options)
+    except convert.ConvertError as exc:
+        raise CliError(one_line(f"{source}: {exc}")) from None
+    out.write(convert.to_yaml(result.manifests))
+    for warning in result.warnings:
+        err.write(f"warning: {one_line(str(warning))}\n")
+    return EXIT_REJECTED if args.strict and result.warnings else EXIT_OK
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -467,7 +536,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: Commands that need neither the Kubernetes client nor the web stack: when one of them
 #: is run, only these are registered (``canaryd plan`` starts in 0.6 s instead of 1.3 s).
-LIGHT_COMMANDS = frozenset({"simulate", "scenarios", "validate", "crd", "plan"})
+LIGHT_COMMANDS = frozenset({"simulate", "scenarios", "validate", "crd", "plan", "convert"})
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -583,12 +652,50 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
         description=(
             "Print the Canary CRD, generated from the spec model: install it with\n"
             "  canaryd crd | kubectl apply -f -\n"
-            "manifests/crd.yaml holds the same output."
+            "manifests/base/crd.yaml holds the same output."
         ),
         epilog="exit codes: 0 printed, 2 runtime error",
         formatter_class=fmt,
     )
     crd.set_defaults(handler=cmd_crd)
+
+    conv = sub.add_parser(
+        "convert",
+        help="turn a Flagger Canary into a canaryd Canary (YAML)",
+        description=CONVERT_HELP,
+        epilog=(
+            "exit codes: 0 converted, 1 converted with warnings (--strict),\n"
+            "  2 usage or runtime error (FILE cannot be read, malformed YAML, no Flagger\n"
+            "  Canary in it, or one Flagger would reject)"
+        ),
+        formatter_class=fmt,
+    )
+    conv.add_argument("file", metavar="FILE", help="Flagger Canary YAML; - reads stdin")
+    conv.add_argument(
+        "--strict", action="store_true", help="exit 1 if anything did not carry over (a warning)"
+    )
+    conv.add_argument(
+        "--virtual-service",
+        metavar="NAME",
+        help="the VirtualService whose weights canaryd shifts (default: the service's name, "
+        "as the one Flagger generated)",
+    )
+    conv.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an HTTP route of it to shift (repeatable; default: every route to both versions)",
+    )
+    conv.add_argument(
+        "--destination-rule",
+        metavar="NAME",
+        help="split by this DestinationRule's subsets instead of by host "
+        "(SERVICE and SERVICE-canary)",
+    )
+    conv.add_argument("--stable-subset", metavar="NAME", help="with --destination-rule (stable)")
+    conv.add_argument("--canary-subset", metavar="NAME", help="with --destination-rule (canary)")
+    conv.set_defaults(handler=cmd_convert, check=check_convert)
 
     if not light:
         from canaryd import cluster_cli  # noqa: PLC0415 - the kubernetes client loads only here

@@ -223,6 +223,23 @@ class StatusHub:
         state.last, state.last_at = observation, at
 
     @_locked
+    def latest_intervals(self) -> list[tuple[CanaryRef, ArmCounts, ArmCounts]]:
+        """(Canary, canary arm, stable arm): both arms' counts over the last interval of
+        each rollout under way (for ``/metrics``).  A Canary whose rollout has ended, or
+        with no point of its current revision yet, is left out."""
+        latest = []
+        for ref, state in self._series.items():
+            entry = self._entries.get(ref)
+            if entry is None or not state.points:
+                continue
+            status = entry.canary.status
+            if state.revision != status.revision or not status.phase.active:
+                continue
+            _, _, _, canary, stable, _ = state.points[-1]
+            latest.append((ref, canary, stable))
+        return latest
+
+    @_locked
     def rollout_ended(self, ref: CanaryRef, outcome: Phase) -> None:
         self.rollouts.setdefault(ref, Counter())[str(outcome)] += 1
 

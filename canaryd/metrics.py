@@ -5,12 +5,14 @@ Two sources, one exposition:
 * process-wide instruments in :data:`REGISTRY` (reconcile durations, metric queries,
   Kubernetes requests, rollout durations): bounded label sets, no per-Canary labels;
 * per-Canary series from the :class:`~canaryd.hub.StatusHub`, computed at scrape time by
-  :class:`HubCollector` (weight, phase, step, e-values, decision and rollout counters):
-  a deleted Canary leaves the hub, so its series leave ``/metrics`` with it.
+  :class:`HubCollector` (weight, phase, step, e-values, decision and rollout counters,
+  and each arm's error ratio and p99 latency over the last interval of a rollout under
+  way): a deleted Canary leaves the hub, so its series leave ``/metrics`` with it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from analysis.budget import Tier, window_label
+from analysis.counts import ArmCounts
+from analysis.histogram import histogram_quantile
 from canaryd.status import Phase
 
 if TYPE_CHECKING:
@@ -89,7 +93,29 @@ class HubCollector(Collector):
             "Rollouts ended by this replica, by outcome (Succeeded, RolledBack, Failed).",
             labels=[*labels, "outcome"],
         )
+        error_ratio = GaugeMetricFamily(
+            "canaryd_arm_error_ratio",
+            "Errors / requests of each arm (canary, stable) over the last interval of the "
+            "rollout under way; absent with no requests.",
+            labels=[*labels, "arm"],
+        )
+        p99 = GaugeMetricFamily(
+            "canaryd_arm_latency_p99_seconds",
+            "99th-percentile latency of each arm (canary, stable) over the last interval of "
+            "the rollout under way, from its histogram; absent with no latency data.",
+            labels=[*labels, "arm"],
+        )
+        acting = self.leader()
         with self.hub.lock:  # the daemon's loop writes meanwhile
+            # only the acting replica observes: another's last interval would be stale
+            for ref, canary_arm, stable_arm in self.hub.latest_intervals() if acting else ():
+                for arm, arm_counts in (("canary", canary_arm), ("stable", stable_arm)):
+                    key = [ref.namespace, ref.name, arm]
+                    ratio, latency = _error_ratio(arm_counts), _p99_seconds(arm_counts)
+                    if ratio is not None:
+                        error_ratio.add_metric(key, ratio)
+                    if latency is not None:
+                        p99.add_metric(key, latency)
             for summary in self.hub.summaries():
                 key = [summary.namespace, summary.name]
                 weight.add_metric(key, summary.canary_weight)
@@ -112,7 +138,7 @@ class HubCollector(Collector):
         leader = GaugeMetricFamily(
             "canaryd_leader", "1 when this replica acts (leads, or runs alone), else 0."
         )
-        leader.add_metric([], 1.0 if self.leader() else 0.0)
+        leader.add_metric([], 1.0 if acting else 0.0)
         dropped = CounterMetricFamily(
             "canaryd_api_events_dropped",
             "Events not delivered to stream subscribers that fell behind (they resume).",
@@ -122,7 +148,8 @@ class HubCollector(Collector):
             "canaryd_api_event_subscribers", "Open /api/v1/events streams."
         )
         subscribers.add_metric([], self.hub.subscribers)
-        yield from (weight, phase, step, evalue, decisions, rollouts, leader, dropped, subscribers)
+        yield from (weight, phase, step, evalue, decisions, rollouts, error_ratio, p99)
+        yield from (leader, dropped, subscribers)
 
     def _slo(self) -> Iterator[Metric]:
         """Every service's SLO figures (``canaryd.slo``), by service and objective."""
@@ -168,6 +195,22 @@ class HubCollector(Collector):
                     [slo.namespace, slo.service, str(t)], 1.0 if slo.decision.tier is t else 0.0
                 )
         yield from (availability, remaining, burn, objective, tier)
+
+
+def _error_ratio(counts: ArmCounts) -> float | None:
+    """Errors / requests of an interval's counts; None with no requests."""
+    if counts.requests <= 0:
+        return None
+    ratio = counts.errors / counts.requests
+    return ratio if math.isfinite(ratio) else None
+
+
+def _p99_seconds(counts: ArmCounts) -> float | None:
+    """The p99 latency of an interval's counts, seconds; None without latency data."""
+    if not counts.latency_buckets:
+        return None
+    ms = histogram_quantile(0.99, counts.latency_buckets)
+    return ms / 1000.0 if math.isfinite(ms) else None
 
 
 def exposition(hub_registry: CollectorRegistry) -> bytes:

@@ -732,7 +732,14 @@ SCHEMAS: dict[str, Any] = {
         "selector": {"matchLabels": {"*": str}},
         "namespaceSelector": {"matchNames": [str], "any": bool},
         "endpoints": [
-            {"port": str, "path": str, "interval": str, "scrapeTimeout": str, "scheme": str}
+            {
+                "port": str,
+                "path": str,
+                "interval": str,
+                "scrapeTimeout": str,
+                "scheme": str,
+                "honorLabels": bool,
+            }
         ],
     },
     "PrometheusRule": {
@@ -831,6 +838,7 @@ def test_the_service_pdb_network_policy_and_monitor_point_at_the_daemon(overlay:
     assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True  # the Canary's labels
     spread = pod["spec"]["topologySpreadConstraints"]
     assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname"}
     assert all(_selects(c["labelSelector"]["matchLabels"], labels) for c in spread)
