@@ -453,13 +453,13 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
     from canaryd import logs  # noqa: PLC0415
     from canaryd.daemon import Daemon, DaemonSettings  # noqa: PLC0415
     from canaryd.hub import StatusHub  # noqa: PLC0415
-    from canaryd.istio import IstioRouter  # noqa: PLC0415
     from canaryd.leader import LeaseSettings  # noqa: PLC0415
+    from canaryd.routes import KubeRouter  # noqa: PLC0415
     from canaryd.workloads import Deployments  # noqa: PLC0415
 
     logs.configure(args.log_level, json_output=args.log_format == "json")
     kube = Kube(client, timeout_s=args.request_timeout)
-    router = IstioRouter(kube)
+    router = KubeRouter(kube)
     metrics, metrics_timeout_s = _metrics_source(args, router)
     lease = None
     if args.leader_elect:

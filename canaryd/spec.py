@@ -180,10 +180,41 @@ class IstioRouting(_Model):
     )
 
 
-class TrafficRouting(_Model):
-    """How traffic is shifted between stable and canary."""
+class GatewayAPIRouting(_Model):
+    """Gateway API routing: the ``backendRefs`` weights of named rules of a user-owned
+    ``gateway.networking.k8s.io/v1`` HTTPRoute (Istio, Envoy Gateway, Cilium, Kong…)."""
 
-    istio: IstioRouting
+    http_route: str = Field(
+        min_length=1, max_length=MAX_NAME_CHARS, description="the HTTPRoute's name"
+    )
+    rules: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "names of the rules to shift (HTTPRoute rules' `name`); empty means every rule "
+            "whose backendRefs include both Services"
+        ),
+    )
+    stable_service: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        description="the stable backendRef's Service (default: spec.service)",
+    )
+    canary_service: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        description="the canary backendRef's Service (default: <spec.service>-canary)",
+    )
+
+
+class TrafficRouting(_Model):
+    """How traffic is shifted between stable and canary: one of ``istio`` and
+    ``gatewayAPI``."""
+
+    istio: IstioRouting | None = None
+    gateway_api: GatewayAPIRouting | None = Field(default=None, alias="gatewayAPI")
     on_drift: Literal["hold", "reassert"] = Field(
         default="hold",
         description=(
@@ -193,6 +224,24 @@ class TrafficRouting(_Model):
             "canaryd's weight back. A finished rollout never rewrites its weights"
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_router(self) -> TrafficRouting:
+        given = [k for k, v in (("istio", self.istio), ("gatewayAPI", self.gateway_api)) if v]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of istio and gatewayAPI"
+                + (" (both are set)" if len(given) == 2 else "")
+            )
+        return self
+
+    @property
+    def object_name(self) -> str:
+        """The routing object canaryd writes: ``VirtualService NAME`` or ``HTTPRoute NAME``."""
+        if self.gateway_api is not None:
+            return f"HTTPRoute {self.gateway_api.http_route}"
+        assert self.istio is not None
+        return f"VirtualService {self.istio.virtual_service.name}"
 
 
 class ErrorRateCheck(_Model):
@@ -807,5 +856,8 @@ def cluster_warnings(spec: CanarySpec) -> list[str]:
     if spec.canary is None:
         missing.append("spec.canary.deployment: not set; `canaryd run` needs the canary Deployment")
     if spec.traffic_routing is None:
-        missing.append("spec.trafficRouting: not set; `canaryd run` needs a VirtualService")
+        missing.append(
+            "spec.trafficRouting: not set; `canaryd run` needs a VirtualService (istio) or "
+            "an HTTPRoute (gatewayAPI)"
+        )
     return missing

@@ -80,6 +80,7 @@ class SpecSummary(_View):
     trigger: str
     promotion_mode: str
     virtual_service: str | None
+    http_route: str | None = None
 
 
 class EventView(_View):
@@ -205,7 +206,8 @@ def spec_summary_of(canary: CanaryObject) -> SpecSummary | None:
         approvals_before=list(spec.approvals.before),
         trigger=spec.trigger,
         promotion_mode=spec.promotion.mode,
-        virtual_service=routing.istio.virtual_service.name if routing else None,
+        virtual_service=(routing.istio.virtual_service.name if routing and routing.istio else None),
+        http_route=(routing.gateway_api.http_route if routing and routing.gateway_api else None),
     )
 
 

@@ -15,7 +15,8 @@ What it hides (what behaves like the real server):
 * Resources, from a table of :class:`ResourceType` (add a kind in one line): apps/v1
   Deployments (``/status`` and ``/scale``), coordination.k8s.io/v1 Leases, core v1 Events
   and Namespaces, networking.istio.io VirtualServices and DestinationRules (served at v1,
-  v1beta1 and v1alpha3 from one store), apiextensions.k8s.io/v1 CRDs, and canaryd.io/v1alpha1
+  v1beta1 and v1alpha3 from one store), gateway.networking.k8s.io HTTPRoutes (v1 and
+  v1beta1), apiextensions.k8s.io/v1 CRDs, and canaryd.io/v1alpha1
   Canaries (``/status``).  Namespaces need not exist first.
 * Server-set metadata: ``resourceVersion`` (one global counter, like etcd's revision),
   ``uid``, ``creationTimestamp``, ``generation`` (1 on create; +1 when anything but
@@ -116,6 +117,7 @@ __all__ = [
     "DEPLOYMENTS",
     "DESTINATION_RULES",
     "EVENTS",
+    "HTTP_ROUTES",
     "JSON_PATCH",
     "KUBECONFIG_NAME",
     "LEASES",
@@ -217,6 +219,10 @@ DESTINATION_RULES: Final = ResourceType(
     status_subresource=True, delete_returns_object=True,
     extra_versions=("v1beta1", "v1alpha3"), short_names=("dr",),
 )  # fmt: skip
+HTTP_ROUTES: Final = ResourceType(
+    "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute",
+    status_subresource=True, delete_returns_object=True, extra_versions=("v1beta1",),
+)  # fmt: skip
 CANARIES: Final = ResourceType(
     "canaryd.io", "v1alpha1", "canaries", "Canary",
     status_subresource=True, delete_returns_object=True, short_names=("can",),
@@ -233,6 +239,7 @@ DEFAULT_RESOURCES: Final[tuple[ResourceType, ...]] = (
     NAMESPACES,
     VIRTUAL_SERVICES,
     DESTINATION_RULES,
+    HTTP_ROUTES,
     CANARIES,
     CUSTOM_RESOURCE_DEFINITIONS,
 )

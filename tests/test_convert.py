@@ -170,7 +170,7 @@ def test_istio_stepweights_maps_steps_metrics_workloads_and_routing() -> None:
     assert spec.stable is not None and spec.stable.deployment == "checkout-primary"
     assert spec.canary is not None and spec.canary.deployment == "checkout"
     assert spec.trigger == "auto" and spec.promotion.mode == "copy-to-stable"
-    assert spec.traffic_routing is not None
+    assert spec.traffic_routing is not None and spec.traffic_routing.istio is not None
     assert spec.traffic_routing.istio.virtual_service.name == "checkout"
     assert spec.traffic_routing.istio.destination_rule is None  # split by host
     assert set(warnings) == {
@@ -268,7 +268,7 @@ def test_custom_metric_templates_are_named_and_their_templates_skipped() -> None
     assert not any(p.startswith("documents[2].spec.analysis.metrics[2].") for p in warnings)
     assert spec.service == "orders-api"  # spec.service.name, not the Deployment's
     assert spec.stable is not None and spec.stable.deployment == "orders-primary"
-    assert spec.traffic_routing is not None
+    assert spec.traffic_routing is not None and spec.traffic_routing.istio is not None
     assert spec.traffic_routing.istio.virtual_service.name == "orders-api"
     assert spec.analysis.interval == 120.0
     assert spec.analysis.error_rate.max_pct == 5
@@ -417,8 +417,9 @@ def test_subset_routing_options() -> None:
     )  # fmt: skip
     manifest, warnings = convert_canary(flagger_canary(stepWeight=50), options)
     spec = parse_spec(manifest)
-    assert spec.traffic_routing is not None
+    assert spec.traffic_routing is not None and spec.traffic_routing.istio is not None
     istio = spec.traffic_routing.istio
+    assert istio is not None
     assert (istio.virtual_service.name, istio.virtual_service.routes) == ("public", ["primary"])
     assert istio.destination_rule is not None
     assert (istio.destination_rule.stable_subset, istio.destination_rule.canary_subset) == (

@@ -16,12 +16,12 @@ import pytest
 
 from canaryd.daemon import Daemon, DaemonSettings, _Worker
 from canaryd.events import RolloutEvent
-from canaryd.istio import IstioRouter
 from canaryd.kube import Kube
 from canaryd.leader import LeaseSettings
 from canaryd.outbox import Notifier
 from canaryd.ports import CanaryRef
 from canaryd.rollout import Command, CommandKind
+from canaryd.routes import KubeRouter
 from canaryd.simsource import SimulatedMetrics
 from canaryd.workloads import Deployments
 from kubedouble.apiserver import KubeApiServer
@@ -103,7 +103,7 @@ class Harness:
         self.server = server
         self.api = server.api_client()
         self.kube = Kube(self.api, timeout_s=5.0)
-        self.router = IstioRouter(self.kube)
+        self.router = KubeRouter(self.kube)
         self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
         settings = DaemonSettings(
             namespaces=namespaces,
@@ -895,8 +895,8 @@ def test_a_rollout_reads_the_virtual_service_at_most_twice_per_weight_change(
         h = Harness(cluster, get_scenario("healthy"))
         h.daemon.settings = dataclasses.replace(h.daemon.settings, resync_s=120.0)
         h.metrics.router = IstioRouter(h.kube)  # the simulated mesh's reads are not ours
-        router = h.router
-        real_get, real_call = router._get, router.kube.call
+        router = h.router.istio
+        real_get, real_call = router.get, router.kube.call
 
         async def get(namespace: str, name: str) -> dict[str, Any]:
             counts["read"] += 1
@@ -907,7 +907,7 @@ def test_a_rollout_reads_the_virtual_service_at_most_twice_per_weight_change(
                 counts["write"] += "virtualservices" in args
             return await real_call(fn, *args, **kwargs)
 
-        router._get = get  # type: ignore[method-assign]
+        router.get = get  # type: ignore[method-assign]
         router.kube = copy.copy(router.kube)
         router.kube.call = call  # type: ignore[method-assign]
         async with h:

@@ -34,6 +34,7 @@ from simulator import get_scenario
 from tests.conftest import NS
 from tests.kustomize import KustomizeError, files_used, render
 from tests.test_daemon import Harness, phase
+from tests.test_gatewayapi import on_gateway_api
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -523,8 +524,9 @@ def test_the_cluster_role_grants_nothing_broad() -> None:
 @pytest.fixture
 def daemon_requests(cluster: KubeApiServer) -> dict[str, list[RequestRecord]]:
     """Every request the daemon sent, by overlay: run as the cluster-wide overlay's
-    Deployment runs it, it promoted a healthy canary; then, run as the namespaced
-    overlay's (watching only shop), it rolled an error-spike one back.  Leader election
+    Deployment runs it, it promoted a healthy canary on the VirtualService and another
+    on an HTTPRoute; run as the namespaced overlay's (watching only shop), it rolled an
+    error-spike one back.  Leader election
     on, as both run it."""
     args = run_args()
     # compressed as in tests/test_daemon.py, with 3-second steps
@@ -560,6 +562,10 @@ def daemon_requests(cluster: KubeApiServer) -> dict[str, list[RequestRecord]]:
     logs["namespaced"] = asyncio.run(
         rollout("error-spike", "v3", "canaryd-b", "RolledBack", "namespaced")
     )
+    on_gateway_api(cluster)  # and, on an HTTPRoute instead of the VirtualService, again
+    logs["cluster-wide"] += asyncio.run(
+        rollout("healthy", "v4", "canaryd-c", "Succeeded", "cluster-wide")
+    )
     lease_obj = cluster.get(
         "coordination.k8s.io", "v1", "leases", args.lease_namespace, args.lease_name
     )
@@ -594,6 +600,8 @@ def test_the_rbac_covers_every_call_the_daemon_makes(
         ("networking.istio.io", "virtualservices", "get"),
         ("networking.istio.io", "virtualservices", "update"),
         ("networking.istio.io", "destinationrules", "get"),
+        ("gateway.networking.k8s.io", "httproutes", "get"),
+        ("gateway.networking.k8s.io", "httproutes", "update"),
         ("apps", "deployments", "get"),
         ("apps", "deployments", "update"),
         ("", "events", "create"),

@@ -57,7 +57,7 @@ def problems(data: dict[str, object]) -> list[str]:
 
 def test_the_design_example_parses_with_its_values() -> None:
     spec = load_spec_text(FULL_RESOURCE)
-    assert spec.traffic_routing is not None
+    assert spec.traffic_routing is not None and spec.traffic_routing.istio is not None
     assert spec.traffic_routing.istio.virtual_service.routes == ["http-primary"]
     assert spec.analysis.interval == 60.0
     assert spec.analysis.step_duration == 600.0

@@ -1,0 +1,141 @@
+"""Gateway API traffic routing: the ``backendRefs`` weights of named rules of a
+user-owned ``gateway.networking.k8s.io/v1`` HTTPRoute.
+
+What it hides: the HTTPRoute's shape.  canaryd never creates or owns the HTTPRoute; it
+changes only the ``weight`` of the stable and canary ``backendRefs`` in the rules the
+Canary names (``spec.trafficRouting.gatewayAPI.rules``, matched on each rule's
+``name``; every rule whose backends include both Services when it names none) and
+leaves every other field — matches, filters, timeouts, other rules, parentRefs —
+exactly as the user wrote it.  Backends are told apart by their Service name:
+``stableService`` (default ``spec.service``) and ``canaryService`` (default
+``<service>-canary``); a backendRef of another kind (not a core Service) is not one of
+them.
+
+Gateway API weights are relative (a backendRef without one weighs 1), so the canary's
+share of a rule is ``canary / (stable + canary)``, rounded to a percent; canaryd
+writes weights that sum to 100, as it does on Istio.  Reads, conflicts and retries are
+:class:`~canaryd.routes.ObjectRouter`'s, so the same guarantees and drift handling
+hold as for a VirtualService.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from canaryd.ports import RoutingError
+from canaryd.routes import ObjectRouter
+from canaryd.spec import CanarySpec, GatewayAPIRouting
+
+GROUP = "gateway.networking.k8s.io"
+VERSION = "v1"
+
+
+def _routing(spec: CanarySpec) -> GatewayAPIRouting:
+    routing = spec.traffic_routing
+    if routing is None or routing.gateway_api is None:
+        raise RoutingError("spec.trafficRouting.gatewayAPI is not set: no HTTPRoute to shift")
+    return routing.gateway_api
+
+
+def services(spec: CanarySpec) -> tuple[str, str]:
+    """(stable, canary) Service names of the backendRefs."""
+    routing = _routing(spec)
+    service = spec.service or ""
+    return routing.stable_service or service, routing.canary_service or f"{service}-canary"
+
+
+def _is_service(ref: dict[str, Any]) -> bool:
+    return ref.get("group", "") in ("", None) and ref.get("kind", "Service") == "Service"
+
+
+def _rules(route: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:
+    """The rules this Canary shifts, or RoutingError naming what is missing."""
+    routing = _routing(spec)
+    rules = (route.get("spec") or {}).get("rules") or []
+    if routing.rules:
+        by_name = {r.get("name"): r for r in rules if r.get("name")}
+        missing = [w for w in routing.rules if w not in by_name]
+        if missing:
+            have = ", ".join(sorted(map(str, by_name))) or "none named"
+            raise RoutingError(
+                f"HTTPRoute {routing.http_route} has no rule named {', '.join(missing)} "
+                f"(rules: {have})"
+            )
+        return [by_name[w] for w in routing.rules]
+    stable, canary = services(spec)
+    chosen = [
+        r
+        for r in rules
+        if {b.get("name") for b in r.get("backendRefs") or [] if _is_service(b)} >= {stable, canary}
+    ]
+    if not chosen:
+        raise RoutingError(
+            f"HTTPRoute {routing.http_route} has no rule with both Services {stable!r} and "
+            f"{canary!r} among its backendRefs"
+        )
+    return chosen
+
+
+def _backends(rule: dict[str, Any], spec: CanarySpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    stable, canary = services(spec)
+    found: dict[str, dict[str, Any]] = {}
+    for ref in rule.get("backendRefs") or []:
+        if _is_service(ref) and ref.get("name") in (stable, canary):
+            if ref["name"] in found:
+                raise RoutingError(
+                    f"rule {rule.get('name') or '(unnamed)'} of HTTPRoute "
+                    f"{_routing(spec).http_route} lists Service {ref['name']!r} twice"
+                )
+            found[ref["name"]] = ref
+    missing = [v for v in (stable, canary) if v not in found]
+    if missing:
+        raise RoutingError(
+            f"rule {rule.get('name') or '(unnamed)'} of HTTPRoute {_routing(spec).http_route} "
+            f"has no backendRef to Service {', '.join(map(repr, missing))}"
+        )
+    return found[stable], found[canary]
+
+
+def _weight(ref: dict[str, Any]) -> int:
+    value = ref.get("weight", 1)  # the Gateway API's default
+    return int(value) if isinstance(value, int) and value >= 0 else 1
+
+
+def route_weights_of(route: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+    """The canary percent of every rule this Canary manages, in order."""
+    out = []
+    for rule in _rules(route, spec):
+        stable, canary = (_weight(b) for b in _backends(rule, spec))
+        out.append(0 if stable + canary == 0 else round(100 * canary / (stable + canary)))
+    return tuple(out)
+
+
+def with_weights(route: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
+    """A copy of the HTTPRoute with the managed rules at ``canary_pct`` (weights sum to
+    100).  Only the two backendRefs' ``weight`` fields change."""
+    if not 0 <= canary_pct <= 100:
+        raise ValueError(f"canary weight must be 0..100, got {canary_pct}")
+    out = copy.deepcopy(route)
+    for rule in _rules(out, spec):
+        stable, canary = _backends(rule, spec)
+        stable["weight"] = 100 - canary_pct
+        canary["weight"] = canary_pct
+    return out
+
+
+class GatewayAPIRouter(ObjectRouter):
+    """The ``TrafficRouter`` port on a Gateway API HTTPRoute."""
+
+    group, version, plural, kind = GROUP, VERSION, "httproutes", "HTTPRoute"
+
+    def object_name(self, spec: CanarySpec) -> str:
+        return _routing(spec).http_route
+
+    def weights_of(self, obj: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+        return route_weights_of(obj, spec)
+
+    def with_weights(
+        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int
+    ) -> dict[str, Any]:
+        return with_weights(obj, spec, canary_pct)

@@ -1,0 +1,147 @@
+"""What every Kubernetes traffic router shares, and the one that picks by spec.
+
+A router changes the stable and canary weights inside one user-owned object (an Istio
+VirtualService, a Gateway API HTTPRoute) and nothing else in it.  :class:`ObjectRouter`
+holds the part that does not depend on the object's shape: the read (a missing object
+is a :class:`~canaryd.ports.RoutingError` naming it), the read-modify-write carrying
+the resourceVersion it read (409: read afresh and retry, a write already done is not
+repeated), and reusing the copy :meth:`route_weights` just read so that a round costs
+one read.  Subclasses say where the object is and how its weights are read and set.
+
+:class:`KubeRouter` is the ``TrafficRouter`` the daemon uses: each Canary's
+``spec.trafficRouting`` names its router (``istio`` or ``gatewayAPI``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from canaryd.kube import Kube
+from canaryd.ports import CanaryRef, ConflictError, KubeError, NotFoundError, RoutingError
+from canaryd.spec import CanarySpec
+
+
+class ObjectRouter:
+    """The ``TrafficRouter`` port on one custom object per Canary (see the module)."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    def __init__(self, kube: Kube, attempts: int = 5) -> None:
+        self.kube = kube
+        self.attempts = attempts
+        #: the object each (namespace, name) was last read as by route_weights, until
+        #: set_weights uses it
+        self._read: dict[tuple[str, str], dict[str, Any]] = {}
+
+    # -- what a subclass says ------------------------------------------------------------
+
+    def object_name(self, spec: CanarySpec) -> str:
+        """The name of the object this Canary's weights live in (RoutingError if unset)."""
+        raise NotImplementedError
+
+    def weights_of(self, obj: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+        """The canary percent of every managed route of ``obj``, in spec order."""
+        raise NotImplementedError
+
+    def with_weights(
+        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int
+    ) -> dict[str, Any]:
+        """A copy of ``obj`` with every managed route at ``canary_pct``."""
+        raise NotImplementedError
+
+    async def check_more(self, ref: CanaryRef, spec: CanarySpec, obj: dict[str, Any]) -> None:
+        """Further checks before traffic moves (e.g. a DestinationRule's subsets)."""
+        return None
+
+    # -- the port ------------------------------------------------------------------------
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any]:
+        try:
+            raw = await self.kube.call(
+                self.kube.custom.get_namespaced_custom_object,
+                self.group, self.version, namespace, self.plural, name,
+            )  # fmt: skip
+        except NotFoundError as exc:
+            raise RoutingError(f"{self.kind} {namespace}/{name} not found") from exc
+        if not isinstance(raw, dict):
+            raise RoutingError(f"{self.kind} {namespace}/{name}: unexpected answer")
+        return raw
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        """Raise RoutingError naming what is missing (the object, a route, a backend)."""
+        obj = await self.get(ref.namespace, self.object_name(spec))
+        self.weights_of(obj, spec)
+        await self.check_more(ref, spec, obj)
+
+    async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        """The canary weight of every managed route, in spec order (one read)."""
+        name = self.object_name(spec)
+        obj = await self.get(ref.namespace, name)
+        self._read[(ref.namespace, name)] = obj  # the next set_weights writes on it
+        return self.weights_of(obj, spec)
+
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+    ) -> tuple[int, ...]:
+        """Route ``canary_pct`` % to the canary on every managed route; returns every
+        route's weight as the API server stored it (the write's answer: no read back).
+        A conflict reads afresh and retries; a write already done is not repeated."""
+        name = self.object_name(spec)
+        for attempt in range(self.attempts + 1):
+            # the copy route_weights just read, once: no second read of the same object
+            # (if it is stale the write gets 409 and the next attempt reads afresh)
+            obj = self._read.pop((ref.namespace, name), None) or await self.get(ref.namespace, name)
+            weights = self.weights_of(obj, spec)
+            if all(w == canary_pct for w in weights):
+                return weights
+            if attempt == self.attempts:
+                break
+            try:
+                stored = await self.kube.call(
+                    self.kube.custom.replace_namespaced_custom_object,
+                    self.group, self.version, ref.namespace, self.plural, name,
+                    self.with_weights(obj, spec, canary_pct),
+                )  # fmt: skip
+            except ConflictError:
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            if not isinstance(stored, dict):
+                raise RoutingError(f"{self.kind} {ref.namespace}/{name}: unexpected answer")
+            return self.weights_of(stored, spec)
+        raise KubeError(
+            f"{self.kind} {ref.namespace}/{name}: could not set canary weight to "
+            f"{canary_pct}% after {self.attempts} attempts (conflicting writers?)"
+        )
+
+
+class KubeRouter:
+    """The ``TrafficRouter`` for a cluster: Istio or the Gateway API, as each Canary's
+    ``spec.trafficRouting`` says."""
+
+    def __init__(self, kube: Kube) -> None:
+        from canaryd.gatewayapi import GatewayAPIRouter  # noqa: PLC0415
+        from canaryd.istio import IstioRouter  # noqa: PLC0415
+
+        self.istio = IstioRouter(kube)
+        self.gateway_api = GatewayAPIRouter(kube)
+
+    def _for(self, spec: CanarySpec) -> ObjectRouter:
+        routing = spec.traffic_routing
+        if routing is None:
+            raise RoutingError("spec.trafficRouting is not set: no VirtualService or HTTPRoute")
+        return self.gateway_api if routing.gateway_api is not None else self.istio
+
+    async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
+        await self._for(spec).check(ref, spec)
+
+    async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        return await self._for(spec).route_weights(ref, spec)
+
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+    ) -> tuple[int, ...]:
+        return await self._for(spec).set_weights(ref, spec, canary_pct)
