@@ -39,7 +39,7 @@ from tests.test_gatewayapi import on_gateway_api
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = ("cluster-wide", "namespaced")
-EXAMPLES = ("checkout", "payments-with-approvals")
+EXAMPLES = ("checkout", "payments-with-approvals", "storefront-gateway-api")
 NAMESPACE = "canaryd"
 POD_NAME = "canaryd-7d9f8b6c4-x2x9q"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
@@ -664,7 +664,10 @@ def test_the_rbac_check_denies_what_is_not_granted() -> None:
 
 #: kinds kubernetes-validate has no schema for: the CRD's own objects and Istio's and
 #: the Prometheus Operator's, each checked against the fields it may use below
-CUSTOM = {"Canary", "VirtualService", "DestinationRule", "ServiceMonitor", "PrometheusRule"}
+CUSTOM = {
+    "Canary", "VirtualService", "DestinationRule", "HTTPRoute", "ServiceMonitor",
+    "PrometheusRule",
+}  # fmt: skip
 
 
 def example_objects() -> list[Obj]:
@@ -736,6 +739,23 @@ SCHEMAS: dict[str, Any] = {
         "subsets": [{"name": str, "labels": {"*": str}}],
         "trafficPolicy": {"*": object},
     },
+    "HTTPRoute": {
+        "parentRefs": [{"name": str, "namespace": str, "sectionName": str}],
+        "hostnames": [str],
+        "rules": [
+            {
+                "name": str,
+                "matches": [
+                    {
+                        "path": {"type": str, "value": str},
+                        "headers": [{"type": str, "name": str, "value": str}],
+                    }
+                ],
+                "timeouts": {"request": str, "backendRequest": str},
+                "backendRefs": [{"name": str, "namespace": str, "port": int, "weight": int}],
+            }
+        ],
+    },
     "ServiceMonitor": {
         "selector": {"matchLabels": {"*": str}},
         "namespaceSelector": {"matchNames": [str], "any": bool},
@@ -772,6 +792,7 @@ SCHEMAS: dict[str, Any] = {
 API_VERSIONS = {
     "VirtualService": {"networking.istio.io/v1", "networking.istio.io/v1beta1"},
     "DestinationRule": {"networking.istio.io/v1", "networking.istio.io/v1beta1"},
+    "HTTPRoute": {"gateway.networking.k8s.io/v1"},
     "ServiceMonitor": {"monitoring.coreos.com/v1"},
     "PrometheusRule": {"monitoring.coreos.com/v1"},
 }
