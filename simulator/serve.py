@@ -33,8 +33,13 @@ What it hides:
   ``canary``) or, without a DestinationRule, by host (``<service>`` and
   ``<service>-canary``, short or fully qualified).  The canary's share is its weight
   over the sum of the route's weights (the weight itself when they sum to 100, as Istio
-  requires).  A missing VirtualService or an unreadable route routes nothing to the
-  canary (weight 0) and is logged once, until it changes.
+  requires).  With ``spec.trafficRouting.gatewayAPI`` the split is read from the
+  HTTPRoute instead (also kept by informers): the first named rule, else the first rule
+  whose backendRefs include both Services (``stableService`` / ``canaryService``,
+  default ``<service>`` / ``<service>-canary``), the canary's weight over the rule's
+  total (a backendRef without a weight weighs 1).  A missing VirtualService or
+  HTTPRoute, or an unreadable route, routes nothing to the canary (weight 0) and is
+  logged once, until it changes.
 
 Metrics (labels as Istio's destination reporter uses them; ``pod`` as Prometheus'
 Kubernetes discovery adds it)::
@@ -105,7 +110,10 @@ __all__ = [
     "CANARY_VERSION",
     "COUNTER_LABELS",
     "EXPOSITIONS",
+    "GATEWAY_GROUP",
+    "GATEWAY_VERSION",
     "HISTOGRAM_LABELS",
+    "HTTPROUTE_PLURAL",
     "ISTIO_GROUP",
     "ISTIO_VERSION",
     "CanaryId",
@@ -127,6 +135,9 @@ CANARY_PLURAL = "canaries"
 ISTIO_GROUP = "networking.istio.io"
 ISTIO_VERSION = "v1"
 VS_PLURAL = "virtualservices"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+GATEWAY_VERSION = "v1"
+HTTPROUTE_PLURAL = "httproutes"
 
 #: Who writes ``/metrics`` (see :class:`MeshEmulator`).
 Exposition = Literal["prometheus_client", "fast"]
@@ -202,12 +213,16 @@ class Routing:
         service: the Istio service name (``spec.service``; the stable Deployment when unset).
         stable_workload: the stable Deployment (``spec.stable.deployment``).
         canary_workload: the canary Deployment (``spec.canary.deployment``).
-        virtual_service: the VirtualService's name, in the Canary's namespace; empty
+        virtual_service: the routing object's name (a VirtualService, or an HTTPRoute
+            with ``spec.trafficRouting.gatewayAPI``), in the Canary's namespace; empty
             when ``spec.trafficRouting`` is missing (then nothing is routed to the canary).
-        routes: the named HTTP routes; empty for "the first route with both destinations".
-        match_by: ``subset`` (a DestinationRule is named) or ``host``.
-        stable_destination: the stable destination's subset or host.
-        canary_destination: the canary destination's subset or host.
+        routes: the named HTTP routes (HTTPRoute rules); empty for "the first route with
+            both destinations".
+        match_by: ``subset`` (a DestinationRule is named), ``host``, or ``service`` (an
+            HTTPRoute's backendRefs, by Service name).
+        stable_destination: the stable destination's subset, host or Service.
+        canary_destination: the canary destination's subset, host or Service.
+        plural: the routing object's resource: ``virtualservices`` or ``httproutes``.
     """
 
     canary: CanaryId
@@ -216,14 +231,15 @@ class Routing:
     canary_workload: str
     virtual_service: str
     routes: tuple[str, ...]
-    match_by: Literal["subset", "host"]
+    match_by: Literal["subset", "host", "service"]
     stable_destination: str
     canary_destination: str
+    plural: str = VS_PLURAL
 
     @property
-    def vs_key(self) -> tuple[str, str]:
-        """(namespace, name) of the VirtualService."""
-        return self.canary.namespace, self.virtual_service
+    def vs_key(self) -> tuple[str, str, str]:
+        """(resource, namespace, name) of the routing object."""
+        return self.plural, self.canary.namespace, self.virtual_service
 
     @property
     def workloads(self) -> tuple[str, str, str]:
@@ -255,6 +271,21 @@ def routing_of(canary: Mapping[str, Any]) -> Routing:
             f"Canary {ref}: spec.stable.deployment and spec.canary.deployment must both be set"
         )
     service = _text(spec.get("service")) or stable
+    gateway = _dict(_dict(spec.get("trafficRouting")).get("gatewayAPI"))
+    if gateway:
+        rules = gateway.get("rules")
+        return Routing(
+            canary=ref,
+            service=service,
+            stable_workload=stable,
+            canary_workload=canary_workload,
+            virtual_service=_text(gateway.get("httpRoute")),
+            routes=tuple(str(r) for r in rules) if isinstance(rules, list) else (),
+            match_by="service",
+            stable_destination=_text(gateway.get("stableService")) or service,
+            canary_destination=_text(gateway.get("canaryService")) or f"{service}-canary",
+            plural=HTTPROUTE_PLURAL,
+        )
     istio = _dict(_dict(spec.get("trafficRouting")).get("istio"))
     vs = _dict(istio.get("virtualService"))
     routes = vs.get("routes")
@@ -314,6 +345,8 @@ def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int
     Raises:
         RouteError: saying what is missing or unreadable.
     """
+    if routing.plural == HTTPROUTE_PLURAL:
+        return _httproute_share_pct(vs_spec, routing)
     name = f"VirtualService {routing.canary.namespace}/{routing.virtual_service}"
     if not routing.virtual_service:
         raise RouteError(f"Canary {routing.canary}: spec.trafficRouting.istio is not set")
@@ -357,6 +390,63 @@ def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int
     if total == 0:
         raise RouteError(f"{where}: every destination has weight 0")
     return round(100 * _weight(canary, alone, where) / total)
+
+
+def _backend_weight(ref: Mapping[str, Any], where: str) -> int:
+    """A backendRef's weight: as written, 1 when unset (the Gateway API's default)."""
+    weight = ref.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+        raise RouteError(f"{where}: weight {weight!r} is not a whole number >= 0")
+    return weight
+
+
+def _httproute_share_pct(route_spec: Mapping[str, Any] | None, routing: Routing) -> int:
+    """The canary's share of an HTTPRoute rule, as a Gateway API implementation splits
+    it: the first rule named in ``routing.routes``, else the first with both Services
+    among its backendRefs; the canary's weight over the sum of the rule's weights."""
+    name = f"HTTPRoute {routing.canary.namespace}/{routing.virtual_service}"
+    if route_spec is None:
+        raise RouteError(f"{name} not found")
+    rules = route_spec.get("rules")
+    rules = [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []
+
+    def backends(rule: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        refs = rule.get("backendRefs")
+        return [b for b in refs if isinstance(b, dict)] if isinstance(refs, list) else []
+
+    def is_service(ref: Mapping[str, Any], wanted: str) -> bool:
+        core = ref.get("group", "") in ("", None) and ref.get("kind", "Service") == "Service"
+        return core and ref.get("name") == wanted
+
+    if routing.routes:
+        wanted = routing.routes[0]
+        rule = next((r for r in rules if r.get("name") == wanted), None)
+        if rule is None:
+            raise RouteError(f"{name} has no rule named {wanted!r}")
+    else:
+        rule = next(
+            (
+                r
+                for r in rules
+                if any(is_service(b, routing.stable_destination) for b in backends(r))
+                and any(is_service(b, routing.canary_destination) for b in backends(r))
+            ),
+            None,
+        )
+        if rule is None:
+            raise RouteError(
+                f"{name} has no rule to both Services {routing.stable_destination!r} and "
+                f"{routing.canary_destination!r}"
+            )
+    where = f"{name}, rule {rule.get('name') or '(unnamed)'}"
+    refs = backends(rule)
+    canary = next((b for b in refs if is_service(b, routing.canary_destination)), None)
+    if canary is None:
+        raise RouteError(f"{where}: no backendRef to Service {routing.canary_destination!r}")
+    total = sum(_backend_weight(b, where) for b in refs)
+    if total == 0:
+        raise RouteError(f"{where}: every backendRef has weight 0")
+    return round(100 * _backend_weight(canary, where) / total)
 
 
 # --------------------------------------------------------------------------- the emulator
@@ -472,8 +562,9 @@ class MeshEmulator:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[CanaryId, _Emulated] = {}
-        self._vs: dict[tuple[str, str], Mapping[str, Any]] = {}  # (ns, name) -> spec
-        self._by_vs: dict[tuple[str, str], set[CanaryId]] = {}
+        #: (resource, ns, name) -> spec of every VirtualService and HTTPRoute
+        self._vs: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        self._by_vs: dict[tuple[str, str, str], set[CanaryId]] = {}
         self._rejected: dict[CanaryId, str] = {}  # Canaries not emulated, and why
         self._shared: set[CanaryId] = set()  # Canaries whose series another one has
         self._discovered = 0
@@ -482,14 +573,24 @@ class MeshEmulator:
         custom = k8s.CustomObjectsApi(api)
         scopes: list[str | None] = list(self.namespaces) or [None]
         self._scopes = scopes
-        self._vs_informers = [
-            Informer(
-                custom_list_fn(custom, ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL, scope),
-                f"{VS_PLURAL} in {scope or 'all namespaces'}",
-                functools.partial(self._on_vs_list, scope), self._on_vs_event,
-                self._halt, watch_timeout_s,
+        # VirtualServices and Gateway API HTTPRoutes, each in every scope
+        self._route_scopes = [
+            (group, version, plural, scope)
+            for group, version, plural in (
+                (ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL),
+                (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTE_PLURAL),
             )
             for scope in scopes
+        ]
+        self._vs_informers = [
+            Informer(
+                custom_list_fn(custom, group, version, plural, scope),
+                f"{plural} in {scope or 'all namespaces'}",
+                functools.partial(self._on_vs_list, plural, scope),
+                functools.partial(self._on_vs_event, plural),
+                self._halt, watch_timeout_s,
+            )
+            for group, version, plural, scope in self._route_scopes
         ]  # fmt: skip
         self._canary_informers = [
             Informer(
@@ -821,30 +922,32 @@ class MeshEmulator:
             else:
                 self._upsert(obj, now_s)
 
-    def _on_vs_list(self, namespace: str | None, items: list[Obj]) -> None:
+    def _on_vs_list(self, plural: str, namespace: str | None, items: list[Obj]) -> None:
         now_s = self._clock()
         with self._lock:
-            for key in [k for k in self._vs if namespace is None or k[0] == namespace]:
+            for key in [
+                k for k in self._vs if k[0] == plural and (namespace is None or k[1] == namespace)
+            ]:
                 del self._vs[key]
             for obj in items:
                 meta = obj.get("metadata") or {}
                 spec = obj.get("spec")
-                key = (_text(meta.get("namespace")), _text(meta.get("name")))
+                key = (plural, _text(meta.get("namespace")), _text(meta.get("name")))
                 self._vs[key] = spec if isinstance(spec, dict) else {}
-            # problems are logged only once every VirtualService list is in: before, a
-            # VirtualService not yet listed would be reported missing
+            # problems are logged only once every route list is in: before, a
+            # VirtualService or HTTPRoute not yet listed would be reported missing
             self._vs_synced = all(
-                i.synced.is_set() or scope == namespace
-                for i, scope in zip(self._vs_informers, self._scopes, strict=True)
+                i.synced.is_set() or (p, scope) == (plural, namespace)
+                for i, (_, _, p, scope) in zip(self._vs_informers, self._route_scopes, strict=True)
             )
             for entry in self._entries.values():
                 if namespace is None or entry.routing.canary.namespace == namespace:
                     self._reweigh(entry, now_s)
 
-    def _on_vs_event(self, kind: str, obj: Obj) -> None:
+    def _on_vs_event(self, plural: str, kind: str, obj: Obj) -> None:
         now_s = self._clock()
         meta = obj.get("metadata") or {}
-        key = (_text(meta.get("namespace")), _text(meta.get("name")))
+        key = (plural, _text(meta.get("namespace")), _text(meta.get("name")))
         spec = obj.get("spec")
         with self._lock:
             if kind == "DELETED":

@@ -39,6 +39,7 @@ from simulator.serve import (
     Exposition,
     MeshEmulator,
     RouteError,
+    Routing,
     canary_share_pct,
     routing_of,
 )
@@ -482,3 +483,77 @@ def test_help_teaches_and_no_command_prints_it(capsys: pytest.CaptureFixture[str
     assert "canaryd-sim serve --kubeconfig" in out
     assert "--scenario-file" in out
     assert main(["serve", "--speed", "0"]) == 2
+
+
+# -- Gateway API: the split read from an HTTPRoute ----------------------------------------
+
+
+def on_http_route(cluster: KubeApiServer, canary_pct: int = 0, **gateway: Any) -> None:
+    """The Canary routed by an HTTPRoute (rule ``web``, Services checkout and
+    checkout-canary) at ``canary_pct``, instead of the VirtualService."""
+    import copy
+
+    from tests.test_gatewayapi import HTTP_ROUTE
+
+    route = copy.deepcopy(HTTP_ROUTE)
+    refs = route["spec"]["rules"][0]["backendRefs"]
+    refs[0]["weight"], refs[1]["weight"] = 100 - canary_pct, canary_pct
+    cluster.put_raw("gateway.networking.k8s.io", "v1", "httproutes", route)
+    obj = cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+    assert obj is not None
+    obj["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "checkout"} | gateway}
+    cluster.put_raw("canaryd.io", "v1alpha1", "canaries", obj)
+
+
+def test_reads_the_canary_share_of_an_http_route_rule() -> None:
+    from tests.test_gatewayapi import HTTP_ROUTE
+
+    obj = canary()
+    obj["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "checkout", "rules": ["api"]}}
+    routing = routing_of(obj)
+    assert routing.vs_key == ("httproutes", NS, "checkout")
+    spec = json.loads(json.dumps(HTTP_ROUTE["spec"]))
+    assert canary_share_pct(spec, routing) == 0
+    refs = spec["rules"][0]["backendRefs"]
+    refs[0]["weight"], refs[1]["weight"] = 3, 1
+    assert canary_share_pct(spec, routing) == 25
+    del refs[0]["weight"], refs[1]["weight"]  # both weigh 1
+    assert canary_share_pct(spec, routing) == 50
+
+    def routed_by(**gateway: Any) -> Routing:
+        other = canary()
+        other["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "checkout"} | gateway}
+        return routing_of(other)
+
+    assert canary_share_pct(spec, routed_by()) == 50  # the rule with both Services
+    with pytest.raises(RouteError, match="no rule named 'web'"):
+        canary_share_pct(spec, routed_by(rules=["web"]))
+    with pytest.raises(RouteError, match="HTTPRoute shop/checkout not found"):
+        canary_share_pct(None, routing)
+
+
+def test_follows_an_http_route_and_ignores_the_virtual_service(
+    cluster: KubeApiServer, start: Start
+) -> None:
+    on_http_route(cluster, 20)
+    emulator = start(speed=20)
+    assert wait_for(routed(emulator, 20), timeout_s=2.0) < 2.0
+    set_canary_weight(cluster, 70)  # the VirtualService is not this Canary's route
+    time.sleep(0.3)
+    assert emulator.weights == {REF: 20}
+    api = cluster.api_client()
+    try:
+        custom = k8s.CustomObjectsApi(api)
+        route: Any = custom.get_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", NS, "httproutes", "checkout"
+        )
+        stable, canary_ref = route["spec"]["rules"][0]["backendRefs"]
+        stable["weight"], canary_ref["weight"] = 40, 60
+        custom.replace_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", NS, "httproutes", "checkout", route
+        )
+    finally:
+        api.close()
+    assert wait_for(routed(emulator, 60), timeout_s=1.0) < 1.0
+    time.sleep(0.3)
+    assert requests_of(scrape(emulator.metrics_url), CANARY) > 0
