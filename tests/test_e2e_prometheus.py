@@ -193,7 +193,7 @@ def stack_factory(
 
 
 def test_a_healthy_canary_is_promoted(stack_factory: Callable[..., Stack]) -> None:
-    stack = stack_factory(["--scenario", "healthy"])
+    stack = stack_factory(["--scenario", "healthy"], stepDuration="8s")
     pipeline = stack.promote("--revision", "v2", "--wait", "--timeout", "150s", "--poll", "0.5s")
     out, _ = pipeline.communicate(timeout=170)
     status = stack.status()
@@ -321,7 +321,7 @@ def test_with_30pct_of_the_budget_left_every_step_after_the_first_waits_for_appr
         history=history(1000, 0.007),
         slo=SLO,
         earlyPassRatio=None,
-        stepDuration="8s",
+        stepDuration="6s",
     )
     stack.run("promote", "--revision", "v2")
     stack.wait(
