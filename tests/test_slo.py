@@ -238,7 +238,8 @@ async def test_early_reads_back_off_while_prometheus_fails(hub: StatusHub) -> No
         await task
         source.close()
     # every 50 ms would be ~30 reads; doubling from 0.1 s to 0.8 s is 0, .1, .3, .7, 1.5
-    assert 3 <= monitor.failures <= 6, monitor.failures
+    # (fewer on a loaded machine, where each failed read's own retries take longer)
+    assert 1 <= monitor.failures <= 6, monitor.failures
     assert monitor.last_error is not None
 
 
