@@ -393,8 +393,10 @@ def test_a_fast_burn_freezes_releases_but_a_fix_goes_out(
 
 @pytest.mark.parametrize(
     ("error_ratio", "left_pct"),
-    [(0.002, 80), (0.009, 10), (0.0105, -5)],
-    ids=["80pct-left", "10pct-left", "minus-5pct-left"],
+    # 80% left (normal) is not run here: the tier is read from this Prometheus in
+    # tests/test_slo.py and the state machine's normal tier is tests/test_budget_policy.py's
+    [(0.009, 10), (0.0105, -5)],
+    ids=["10pct-left", "minus-5pct-left"],
 )
 def test_the_first_step_under_each_budget_matches_the_policy_table(
     stack_factory: Callable[..., Stack], error_ratio: float, left_pct: int
@@ -407,11 +409,6 @@ def test_the_first_step_under_each_budget_matches_the_policy_table(
         stepDuration="6s",
     )
     stack.run("promote", "--revision", "v2")
-    if left_pct == 80:  # normal: as the spec says (unknown figures would need an override)
-        stack.wait("the 50% step", lambda: stack.weight() == 50, timeout_s=60)
-        status = stack.status()
-        assert not status.get("budgetHold") and not status["approvals"], status
-        return
     hold = "override with an approval that gives a reason" if left_pct == 10 else "exhausted"
     stack.wait(
         "the rollout to wait at 0%",

@@ -524,8 +524,8 @@ def test_the_cluster_role_grants_nothing_broad() -> None:
 @pytest.fixture
 def daemon_requests(cluster: KubeApiServer) -> dict[str, list[RequestRecord]]:
     """Every request the daemon sent, by overlay: run as the cluster-wide overlay's
-    Deployment runs it, it promoted a healthy canary on the VirtualService and another
-    on an HTTPRoute; run as the namespaced overlay's (watching only shop), it rolled an
+    Deployment runs it, it promoted a healthy canary on the VirtualService and rolled
+    one back on an HTTPRoute; run as the namespaced overlay's (watching only shop), it rolled an
     error-spike one back.  Leader election
     on, as both run it."""
     args = run_args()
@@ -551,7 +551,10 @@ def daemon_requests(cluster: KubeApiServer) -> dict[str, list[RequestRecord]]:
         await h.command(CommandKind.PROMOTE, revision=revision)  # as `canaryd promote` does
         cluster.clear_log()  # from here on only the daemon talks to the API
         async with h:
-            await h.until(lambda o: phase(o) == want, timeout_s=30.0)
+            await h.until(
+                lambda o: phase(o) == want and o["status"].get("revision") == revision,
+                timeout_s=30.0,
+            )
         return cluster.requests
 
     logs = {
@@ -562,9 +565,9 @@ def daemon_requests(cluster: KubeApiServer) -> dict[str, list[RequestRecord]]:
     logs["namespaced"] = asyncio.run(
         rollout("error-spike", "v3", "canaryd-b", "RolledBack", "namespaced")
     )
-    on_gateway_api(cluster)  # and, on an HTTPRoute instead of the VirtualService, again
+    on_gateway_api(cluster)  # and, on an HTTPRoute instead of the VirtualService, a rollback
     logs["cluster-wide"] += asyncio.run(
-        rollout("healthy", "v4", "canaryd-c", "Succeeded", "cluster-wide")
+        rollout("error-spike", "v4", "canaryd-c", "RolledBack", "cluster-wide")
     )
     lease_obj = cluster.get(
         "coordination.k8s.io", "v1", "leases", args.lease_namespace, args.lease_name

@@ -50,7 +50,7 @@ FUZZ = settings(
     derandomize=True,  # a fixed seed: the same documents on every run
     database=None,
     deadline=None,
-    max_examples=40,  # was 60: make test must stay under 10 minutes
+    max_examples=25,  # was 60: make test must stay under 10 minutes
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
