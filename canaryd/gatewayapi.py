@@ -20,11 +20,10 @@ hold as for a VirtualService.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from canaryd.ports import RoutingError
-from canaryd.routes import ObjectRouter
+from canaryd.routes import ObjectRouter, with_pair_weights
 from canaryd.spec import CanarySpec, GatewayAPIRouting
 
 GROUP = "gateway.networking.k8s.io"
@@ -114,14 +113,9 @@ def route_weights_of(route: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]
 def with_weights(route: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
     """A copy of the HTTPRoute with the managed rules at ``canary_pct`` (weights sum to
     100).  Only the two backendRefs' ``weight`` fields change."""
-    if not 0 <= canary_pct <= 100:
-        raise ValueError(f"canary weight must be 0..100, got {canary_pct}")
-    out = copy.deepcopy(route)
-    for rule in _rules(out, spec):
-        stable, canary = _backends(rule, spec)
-        stable["weight"] = 100 - canary_pct
-        canary["weight"] = canary_pct
-    return out
+    return with_pair_weights(
+        route, lambda obj: [_backends(r, spec) for r in _rules(obj, spec)], canary_pct
+    )
 
 
 class GatewayAPIRouter(ObjectRouter):

@@ -16,11 +16,10 @@ missing before any traffic moves.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from canaryd.ports import CanaryRef, NotFoundError, RoutingError
-from canaryd.routes import ObjectRouter
+from canaryd.routes import ObjectRouter, with_pair_weights
 from canaryd.spec import CanarySpec, IstioRouting
 
 GROUP = "networking.istio.io"
@@ -103,14 +102,9 @@ def with_weights(vs: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[
 
     Only the two destinations' ``weight`` fields change.
     """
-    if not 0 <= canary_pct <= 100:
-        raise ValueError(f"canary weight must be 0..100, got {canary_pct}")
-    out = copy.deepcopy(vs)
-    for route in _routes(out, spec):
-        stable, canary = _destinations(route, spec)
-        stable["weight"] = 100 - canary_pct
-        canary["weight"] = canary_pct
-    return out
+    return with_pair_weights(
+        vs, lambda obj: [_destinations(r, spec) for r in _routes(obj, spec)], canary_pct
+    )
 
 
 class IstioRouter(ObjectRouter):

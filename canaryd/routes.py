@@ -15,11 +15,31 @@ one read.  Subclasses say where the object is and how its weights are read and s
 from __future__ import annotations
 
 import asyncio
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from canaryd.kube import Kube
 from canaryd.ports import CanaryRef, ConflictError, KubeError, NotFoundError, RoutingError
 from canaryd.spec import CanarySpec
+
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+def with_pair_weights(
+    obj: dict[str, Any],
+    pairs: Callable[[dict[str, Any]], Sequence[Pair]],
+    canary_pct: int,
+) -> dict[str, Any]:
+    """A copy of ``obj`` in which every (stable, canary) pair ``pairs`` finds in it has
+    ``weight`` 100 − ``canary_pct`` and ``canary_pct``; nothing else changes."""
+    if not 0 <= canary_pct <= 100:
+        raise ValueError(f"canary weight must be 0..100, got {canary_pct}")
+    out = copy.deepcopy(obj)
+    for stable, canary in pairs(out):
+        stable["weight"] = 100 - canary_pct
+        canary["weight"] = canary_pct
+    return out
 
 
 class ObjectRouter:
