@@ -70,7 +70,9 @@ SAMPLES: tuple[Sample, ...] = (
 )
 
 
-def sample_objects(sample: Sample, interval_s: float) -> list[tuple[str, str, str, dict[str, Any]]]:
+def sample_objects(
+    sample: Sample, interval_s: float, step_intervals: int = 12
+) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(group, version, plural, object) of one sample service: its VirtualService,
     DestinationRule, stable and canary Deployments, and its Canary."""
     app = sample.name
@@ -139,7 +141,7 @@ def sample_objects(sample: Sample, interval_s: float) -> list[tuple[str, str, st
             "steps": [10, 50, 100],
             "analysis": {
                 "interval": interval,
-                "stepDuration": f"{interval_s * 12:g}s",
+                "stepDuration": f"{interval_s * step_intervals:g}s",
                 "minStepDuration": f"{interval_s * 4:g}s",
                 "minRequests": 200,
                 "noData": {"holdFor": f"{interval_s * 30:g}s"},
@@ -161,13 +163,17 @@ def sample_objects(sample: Sample, interval_s: float) -> list[tuple[str, str, st
 
 
 def seed(
-    server: KubeApiServer, api_client: Any, samples: tuple[Sample, ...], interval_s: float
+    server: KubeApiServer,
+    api_client: Any,
+    samples: tuple[Sample, ...],
+    interval_s: float,
+    step_intervals: int = 12,
 ) -> None:
     """Create the samples' objects in ``server`` (Deployments through the API, so that
     the double's Deployment controller rolls them out)."""
     apps = k8s.AppsV1Api(api_client)
     for sample in samples:
-        for group, version, plural, obj in sample_objects(sample, interval_s):
+        for group, version, plural, obj in sample_objects(sample, interval_s, step_intervals):
             if plural == "deployments":
                 body: Any = copy.deepcopy(obj)  # the client takes plain dicts as bodies
                 apps.create_namespaced_deployment(NAMESPACE, body)
@@ -186,6 +192,7 @@ class Playground:
         speed: float = 30.0,
         interval_s: float = 2.0,
         restart_after_s: float = 20.0,
+        step_intervals: int = 12,
         samples: tuple[Sample, ...] = SAMPLES,
         token: str | None = None,
         kube_url: str | None = None,
@@ -196,6 +203,8 @@ class Playground:
         self.kube_url = kube_url
         self.interval_s = interval_s
         self.restart_after_s = restart_after_s
+        #: a step lasts this many intervals (at least 4: minStepDuration is 4 intervals)
+        self.step_intervals = max(4, step_intervals)
         self.token = token or secrets.token_urlsafe(24)
         self.server = KubeApiServer()
         self.hub = StatusHub()
@@ -222,8 +231,9 @@ class Playground:
         try:
             if self.kube_url is None:
                 await asyncio.to_thread(
-                    seed, self.server, api_client, self.samples, self.interval_s
-                )
+                    seed, self.server, api_client, self.samples, self.interval_s,
+                    self.step_intervals,
+                )  # fmt: skip
             kube = self.kube = Kube(api_client, timeout_s=5.0)
             router = IstioRouter(kube)
             scenarios: dict[CanaryRef, Scenario] = {

@@ -59,7 +59,13 @@ def _value(text: str, metric: str, **labels: str) -> float:
 
 async def test_metrics_after_simulated_rollouts_and_a_deleted_canary_leaves_them() -> None:
     pg = Playground(
-        host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=3600, samples=SAMPLES
+        host="127.0.0.1",
+        port=0,
+        speed=60,
+        interval_s=1.0,
+        restart_after_s=3600,
+        step_intervals=6,
+        samples=SAMPLES,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(pg.run(stop))

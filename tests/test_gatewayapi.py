@@ -209,7 +209,7 @@ def route_weight(server: KubeApiServer) -> int:
 
 
 def test_a_healthy_canary_is_promoted_on_an_httproute(cluster: KubeApiServer) -> None:
-    on_gateway_api(cluster)
+    on_gateway_api(cluster, stepDuration="3s", minStepDuration="1s")
     seen: list[int] = []
 
     async def scenario() -> Obj:
