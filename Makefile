@@ -69,10 +69,7 @@ services:
 	  [ $$status -eq 0 ] || exit $$status; \
 	  command -v prometheus >/dev/null 2>&1 || { echo "make: prometheus is installed but not on PATH" >&2; exit 1; }; }
 
-# mypy is one process on one core and the suite fills both: they run side by side, their
-# output kept whole line by line (-Oline), so the suite's progress still shows.
-test: lint
-	$(MAKE) --no-print-directory -j2 -Oline typecheck unit
+test: lint typecheck unit
 
 # Benchmarks: numbers for bench/README.md; never part of `make test`.
 bench: $(VENV)/.installed-dev
