@@ -235,14 +235,6 @@ class TrafficRouting(_Model):
             )
         return self
 
-    @property
-    def object_name(self) -> str:
-        """The routing object canaryd writes: ``VirtualService NAME`` or ``HTTPRoute NAME``."""
-        if self.gateway_api is not None:
-            return f"HTTPRoute {self.gateway_api.http_route}"
-        assert self.istio is not None
-        return f"VirtualService {self.istio.virtual_service.name}"
-
 
 class ErrorRateCheck(_Model):
     """Canary-vs-stable error rate (5xx responses)."""

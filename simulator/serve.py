@@ -572,7 +572,6 @@ class MeshEmulator:
         self._halt = threading.Event()
         custom = k8s.CustomObjectsApi(api)
         scopes: list[str | None] = list(self.namespaces) or [None]
-        self._scopes = scopes
         # VirtualServices and Gateway API HTTPRoutes, each in every scope
         self._route_scopes = [
             (group, version, plural, scope)
