@@ -111,7 +111,14 @@ class Stack:
     def log_events(self) -> list[Obj]:
         """The daemon's JSON log lines so far."""
         text = (self.logs / "daemon.log").read_text(errors="replace")
-        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        events = []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:  # the line being written as we read
+                    continue
+        return events
 
     def log_tail(self, lines: int = 40) -> str:
         text = (self.logs / "daemon.log").read_text(errors="replace")
@@ -276,8 +283,13 @@ def test_prometheus_down_mid_step_holds_and_its_return_resumes(
         timeout_s=20,
     )
     assert stack.weight() == 10
-    events = [e.get("event") for e in stack.log_events()]
-    assert "Resumed" in events or any("Resumed" in str(e) for e in events), events[-20:]
+    # the status is written before the event is told (log line, then Kubernetes Event):
+    # the line follows within a reconcile
+    stack.wait(
+        "the Resumed event in the daemon's log",
+        lambda: any(e.get("event") == "Resumed" for e in stack.log_events()),
+        timeout_s=10,
+    )
 
 
 # -- the error-budget policy on a real Prometheus ----------------------------------------
