@@ -74,8 +74,8 @@ def deployment(name: str, image: str, track: str, replicas: int = 2) -> Any:
 def canary(name: str = "checkout", **analysis: Any) -> dict[str, Any]:
     settings = {
         "interval": "1s",
-        "stepDuration": "6s",
-        "minStepDuration": "2s",
+        "stepDuration": "3s",
+        "minStepDuration": "1s",
         "minRequests": 100,
         "noData": {"holdFor": "30s"},
     } | analysis

@@ -64,7 +64,7 @@ async def test_metrics_after_simulated_rollouts_and_a_deleted_canary_leaves_them
         speed=60,
         interval_s=1.0,
         restart_after_s=3600,
-        step_intervals=6,
+        step_intervals=3,
         samples=SAMPLES,
     )
     stop = asyncio.Event()
