@@ -188,6 +188,11 @@ exit codes:
 """
 
 
+#: The cohort ``canaryd simulate`` A/B-tests when a scenario asks for abTest and no
+#: spec is given (the simulated mesh sends ``traffic.cohort_pct`` of requests with it).
+DEFAULT_COHORT = {"headers": {"x-canary": {"exact": "insider"}}}
+
+
 def _load_inputs(args: argparse.Namespace) -> tuple[CanarySpec, Scenario]:
     try:
         spec = load_spec_file(args.spec) if args.spec else parse_spec({})
@@ -200,6 +205,8 @@ def _load_inputs(args: argparse.Namespace) -> tuple[CanarySpec, Scenario]:
             scenario = get_scenario(args.scenario or "healthy")
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
+    if not args.spec and scenario.strategy == "abTest":
+        spec = parse_spec({"strategy": "abTest", "match": [DEFAULT_COHORT]})
     return spec, scenario
 
 

@@ -20,10 +20,11 @@ hold as for a VirtualService.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from canaryd.ports import RoutingError
-from canaryd.routes import ObjectRouter, with_pair_weights
+from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_cohorts, with_pair_weights
 from canaryd.spec import CanarySpec, GatewayAPIRouting
 
 GROUP = "gateway.networking.k8s.io"
@@ -66,7 +67,9 @@ def _rules(route: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:
     chosen = [
         r
         for r in rules
-        if {b.get("name") for b in r.get("backendRefs") or [] if _is_service(b)} >= {stable, canary}
+        if not is_cohort(r)
+        and {b.get("name") for b in r.get("backendRefs") or [] if _is_service(b)}
+        >= {stable, canary}
     ]
     if not chosen:
         raise RoutingError(
@@ -101,21 +104,64 @@ def _weight(ref: dict[str, Any]) -> int:
     return int(value) if isinstance(value, int) and value >= 0 else 1
 
 
+def _canary_pct(rule: dict[str, Any], spec: CanarySpec) -> int:
+    stable, canary = (_weight(b) for b in _backends(rule, spec))
+    return 0 if stable + canary == 0 else round(100 * canary / (stable + canary))
+
+
 def route_weights_of(route: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
-    """The canary percent of every rule this Canary manages, in order."""
-    out = []
-    for rule in _rules(route, spec):
-        stable, canary = (_weight(b) for b in _backends(rule, spec))
-        out.append(0 if stable + canary == 0 else round(100 * canary / (stable + canary)))
-    return tuple(out)
+    """The canary percent of every rule this Canary manages, in order (under abTest, of
+    the cohort's rule next to each: 0 where there is none)."""
+    managed = _rules(route, spec)
+    if spec.strategy == "abTest":
+        rules = (route.get("spec") or {}).get("rules") or []
+        return cohort_weights(rules, managed, lambda r: _canary_pct(r, spec))
+    return tuple(_canary_pct(r, spec) for r in managed)
+
+
+#: The Gateway API's names for Istio's string match kinds (``prefix`` is refused by
+#: the spec's validation: HTTPRoute header matches have no prefix type).
+_MATCH_TYPES = {"exact": "Exact", "regex": "RegularExpression"}
+
+
+def cohort_matches(rule: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:
+    """HTTPRoute ``matches`` for the cohort on ``rule``: each of the rule's own matches
+    (``/`` when it has none) with the cohort's header matches added.  A match with more
+    header matches takes precedence over the rule's own (Gateway API precedence)."""
+    cohort = []
+    for m in spec.match:
+        headers = []
+        for name, how in m.headers.items():
+            kind, value = how.kind_value()
+            headers.append({"type": _MATCH_TYPES[kind], "name": name, "value": value})
+        cohort.append(headers)
+    own = [m for m in rule.get("matches") or [] if isinstance(m, dict)] or [{}]
+    return [{**m, "headers": [*(m.get("headers") or []), *h]} for m in own for h in cohort]
 
 
 def with_weights(route: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
     """A copy of the HTTPRoute with the managed rules at ``canary_pct`` (weights sum to
-    100).  Only the two backendRefs' ``weight`` fields change."""
-    return with_pair_weights(
-        route, lambda obj: [_backends(r, spec) for r in _rules(obj, spec)], canary_pct
+    100).  Only the two backendRefs' ``weight`` fields change.  Under abTest the
+    managed rules are left alone and the cohort's rule next to each (a copy of it
+    matching the cohort's headers too) carries ``canary_pct``; at 0 it is removed."""
+    if spec.strategy != "abTest":
+        return with_pair_weights(
+            route, lambda obj: [_backends(r, spec) for r in _rules(obj, spec)], canary_pct
+        )
+    out = copy.deepcopy(route)
+
+    def cohort_of(rule: dict[str, Any], name: str) -> dict[str, Any]:
+        cohort = {**copy.deepcopy(rule), "name": name, "matches": cohort_matches(rule, spec)}
+        weighted: dict[str, Any] = with_pair_weights(
+            {"rule": cohort}, lambda obj: [_backends(obj["rule"], spec)], canary_pct
+        )["rule"]
+        return weighted
+
+    out_spec = out.setdefault("spec", {})
+    out_spec["rules"] = with_cohorts(
+        out_spec.get("rules") or [], _rules(out, spec), cohort_of, canary_pct
     )
+    return out
 
 
 class GatewayAPIRouter(ObjectRouter):

@@ -16,10 +16,11 @@ missing before any traffic moves.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from canaryd.ports import CanaryRef, NotFoundError, RoutingError
-from canaryd.routes import ObjectRouter, with_pair_weights
+from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_cohorts, with_pair_weights
 from canaryd.spec import CanarySpec, IstioRouting
 
 GROUP = "networking.istio.io"
@@ -65,7 +66,8 @@ def _routes(vs: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:
     chosen = [
         r
         for r in http
-        if {d.get("destination", {}).get(field) for d in r.get("route") or []} >= {stable, canary}
+        if not is_cohort(r)
+        and {d.get("destination", {}).get(field) for d in r.get("route") or []} >= {stable, canary}
     ]
     if not chosen:
         raise RoutingError(
@@ -92,19 +94,57 @@ def _destinations(route: dict[str, Any], spec: CanarySpec) -> tuple[dict[str, An
     return found[stable], found[canary]
 
 
+def _canary_weight(route: dict[str, Any], spec: CanarySpec) -> int:
+    return int(_destinations(route, spec)[1].get("weight") or 0)
+
+
 def route_weights_of(vs: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
-    """The canary weight of every route this Canary manages, in order."""
-    return tuple(int(_destinations(r, spec)[1].get("weight") or 0) for r in _routes(vs, spec))
+    """The canary weight of every route this Canary manages, in order (under abTest,
+    of the cohort's route ahead of each: 0 where there is none)."""
+    managed = _routes(vs, spec)
+    if spec.strategy == "abTest":
+        http = (vs.get("spec") or {}).get("http") or []
+        return cohort_weights(http, managed, lambda r: _canary_weight(r, spec))
+    return tuple(_canary_weight(r, spec) for r in managed)
+
+
+def cohort_matches(route: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:
+    """Istio ``match`` entries for the cohort on ``route``: each of the route's own
+    matches (all requests when it has none) with the cohort's headers added."""
+    cohort = [
+        {name: dict([how.kind_value()]) for name, how in m.headers.items()} for m in spec.match
+    ]
+    own = [m for m in route.get("match") or [] if isinstance(m, dict)] or [{}]
+    return [
+        {**m, "headers": {**(m.get("headers") or {}), **headers}} for m in own for headers in cohort
+    ]
 
 
 def with_weights(vs: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
     """A copy of the VirtualService with the named routes at ``canary_pct`` (sum 100).
 
-    Only the two destinations' ``weight`` fields change.
+    Only the two destinations' ``weight`` fields change.  Under abTest the managed
+    routes are left alone and the cohort's route ahead of each (a copy of it matching
+    the cohort's headers too) carries ``canary_pct``; at 0 it is removed.
     """
-    return with_pair_weights(
-        vs, lambda obj: [_destinations(r, spec) for r in _routes(obj, spec)], canary_pct
+    if spec.strategy != "abTest":
+        return with_pair_weights(
+            vs, lambda obj: [_destinations(r, spec) for r in _routes(obj, spec)], canary_pct
+        )
+    out = copy.deepcopy(vs)
+
+    def cohort_of(route: dict[str, Any], name: str) -> dict[str, Any]:
+        cohort = {**copy.deepcopy(route), "name": name, "match": cohort_matches(route, spec)}
+        weighted: dict[str, Any] = with_pair_weights(
+            {"route": cohort}, lambda obj: [_destinations(obj["route"], spec)], canary_pct
+        )["route"]
+        return weighted
+
+    out_spec = out.setdefault("spec", {})
+    out_spec["http"] = with_cohorts(
+        out_spec.get("http") or [], _routes(out, spec), cohort_of, canary_pct
     )
+    return out
 
 
 class IstioRouter(ObjectRouter):

@@ -42,6 +42,58 @@ def with_pair_weights(
     return out
 
 
+#: The name suffix of the route (Istio) or rule (HTTPRoute) canaryd adds for an A/B
+#: test's cohort, next to each managed route: the only thing canaryd ever adds to a
+#: user's object, and removed when the cohort goes back to stable (weight 0).
+COHORT_SUFFIX = "-canaryd-ab"
+
+
+def cohort_name(managed: dict[str, Any], index: int) -> str:
+    """The name of the cohort route canaryd keeps ahead of managed route ``managed``
+    (the ``index``-th managed route, for an unnamed one)."""
+    return f"{managed.get('name') or f'route{index}'}{COHORT_SUFFIX}"
+
+
+def is_cohort(route: dict[str, Any]) -> bool:
+    """Whether ``route`` is a cohort route canaryd added (never itself a managed one)."""
+    return str(route.get("name") or "").endswith(COHORT_SUFFIX)
+
+
+def with_cohorts(
+    items: list[dict[str, Any]],
+    managed: Sequence[dict[str, Any]],
+    cohort_of: Callable[[dict[str, Any], str], dict[str, Any]],
+    canary_pct: int,
+) -> list[dict[str, Any]]:
+    """``items`` (a VirtualService's ``http`` or an HTTPRoute's ``rules``) without
+    canaryd's cohort routes and, when ``canary_pct`` > 0, with a fresh one
+    (``cohort_of(managed route, name)``) just ahead of each managed route.  The managed
+    routes and every other item are left as they are."""
+    names = {id(r): cohort_name(r, i) for i, r in enumerate(managed)}
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if is_cohort(item):
+            continue
+        if canary_pct > 0 and id(item) in names:
+            out.append(cohort_of(item, names[id(item)]))
+        out.append(item)
+    return out
+
+
+def cohort_weights(
+    items: Sequence[dict[str, Any]],
+    managed: Sequence[dict[str, Any]],
+    weight_of: Callable[[dict[str, Any]], int],
+) -> tuple[int, ...]:
+    """The cohort's canary weight ahead of each managed route: its cohort route's, or
+    0 where there is none (the cohort then follows the managed route: stable)."""
+    by_name = {r.get("name"): r for r in items if is_cohort(r)}
+    return tuple(
+        weight_of(by_name[name]) if (name := cohort_name(r, i)) in by_name else 0
+        for i, r in enumerate(managed)
+    )
+
+
 class ObjectRouter:
     """The ``TrafficRouter`` port on one custom object per Canary (see the module)."""
 

@@ -75,5 +75,5 @@ class SimulatedMetrics:
             weight = min(await self.router.route_weights(ref, spec), default=0)
         except (RoutingError, KubeError) as exc:
             raise MetricsError(f"cannot read the mesh's weights: {exc}") from exc
-        sim.set_canary_weight(weight)
+        sim.set_canary_weight(spec.traffic_share_pct(weight, sim.scenario.traffic.cohort_pct))
         return sim.observe()

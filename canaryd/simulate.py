@@ -49,18 +49,23 @@ class _SimRoutes:
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
+        #: the route's weight as written (under abTest, the cohort's route: the mesh
+        #: then serves that share of the scenario's cohort)
+        self.weight_pct = sim.mesh.canary_weight_pct
 
     async def check(self, ref: CanaryRef, spec: CanarySpec) -> None:
         return None
 
     async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
-        return (self.sim.mesh.canary_weight_pct,)
+        return (self.weight_pct,)
 
     async def set_weights(
         self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
     ) -> tuple[int, ...]:
-        self.sim.set_canary_weight(canary_pct)
-        return (self.sim.mesh.canary_weight_pct,)
+        cohort_pct = self.sim.scenario.traffic.cohort_pct
+        self.sim.set_canary_weight(spec.traffic_share_pct(canary_pct, cohort_pct))
+        self.weight_pct = canary_pct
+        return (self.weight_pct,)
 
 
 class _SimWorkloads:

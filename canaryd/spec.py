@@ -666,6 +666,57 @@ class Promotion(_Model):
     )
 
 
+#: A header name as HTTP allows it (RFC 9110 token).
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")
+
+
+class StringMatch(_Model):
+    """How a header's value is matched: exactly one of ``exact``, ``prefix``, ``regex``
+    (Istio's ``StringMatch``; HTTPRoute header matches take ``exact`` and ``regex``)."""
+
+    exact: str | None = Field(default=None, max_length=4096)
+    prefix: str | None = Field(default=None, min_length=1, max_length=4096)
+    regex: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StringMatch:
+        given = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of exact, prefix and regex"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+    def kind_value(self) -> tuple[str, str]:
+        """(``exact``/``prefix``/``regex``, the value)."""
+        for kind in ("exact", "prefix", "regex"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value
+        raise AssertionError("validated: one kind is set")
+
+
+class CohortMatch(_Model):
+    """Requests of an A/B test's cohort: every header named here matches (a cookie is
+    the ``cookie`` header, matched by ``regex``)."""
+
+    headers: dict[str, StringMatch] = Field(min_length=1, max_length=16)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, StringMatch]) -> dict[str, StringMatch]:
+        bad = [h for h in headers if not _HEADER_NAME.match(h)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))} is not an HTTP header name")
+        return headers
+
+
 class CanarySpec(_Model):
     """``spec`` of a ``Canary`` resource."""
 
@@ -692,6 +743,74 @@ class CanarySpec(_Model):
             "Deployment's pod template changes"
         ),
     )
+    strategy: Literal["canary", "abTest"] = Field(
+        default="canary",
+        description=(
+            "canary: shift a share of all traffic step by step (steps); abTest: send the "
+            "requests that match `match` to the canary for one analysed step "
+            "(analysis.stepDuration), then promote; steps are not given"
+        ),
+    )
+    match: list[CohortMatch] = Field(
+        default_factory=list,
+        max_length=8,
+        description=(
+            "abTest's cohort: requests matching any entry go to the canary, e.g. "
+            "[{headers: {x-canary: {exact: insider}}}]"
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ab_test_steps(cls, data: Any) -> Any:
+        """An A/B test routes a cohort, not weights: it has one step, the cohort's
+        (canaryWeight is then the cohort's share on the canary: 100)."""
+        if isinstance(data, Mapping) and data.get("strategy") == "abTest":
+            if "steps" in data and data["steps"] != [100]:  # [100]: the spec dumped back
+                raise ValueError(
+                    "strategy abTest sends the cohort (match) to the canary in one step: "
+                    "remove steps (weight steps are the canary strategy's)"
+                )
+            data = {**data, "steps": [100]}
+        return data
+
+    @model_validator(mode="after")
+    def _ab_test_valid(self) -> CanarySpec:
+        if self.strategy != "abTest":
+            if self.match:
+                raise ValueError("match applies only to strategy abTest (set strategy: abTest)")
+            return self
+        if not self.match:
+            raise ValueError(
+                "strategy abTest needs match: the cohort's requests, e.g. "
+                "[{headers: {x-canary: {exact: insider}}}]"
+            )
+        if self.promotion.mode == "weights-only":
+            raise ValueError(
+                "strategy abTest promotes by copying the canary's template to stable; "
+                "promotion.mode weights-only would leave everyone else on the old version"
+            )
+        routing = self.traffic_routing
+        if routing is not None and routing.gateway_api is not None:
+            prefixed = sorted(
+                name
+                for m in self.match
+                for name, how in m.headers.items()
+                if how.prefix is not None
+            )
+            if prefixed:
+                raise ValueError(
+                    f"HTTPRoute header matches are exact or regex, not prefix (header "
+                    f"{', '.join(prefixed)}): write regex '^value' instead"
+                )
+        return self
+
+    def traffic_share_pct(self, weight_pct: int, cohort_pct: int) -> int:
+        """The share of all requests the canary serves at ``weight_pct``: the weight
+        itself, or under abTest that share of the cohort (``cohort_pct`` of requests)."""
+        if self.strategy == "abTest":
+            return round(weight_pct * cohort_pct / 100)
+        return weight_pct
 
     @field_validator("steps")
     @classmethod

@@ -123,6 +123,15 @@ class Traffic(BaseModel):
     daily: bool = Field(
         default=False, description="multiply rps by a daily curve (0.5 at 03:00, 1.5 at 15:00)"
     )
+    cohort_pct: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description=(
+            "share of requests in an A/B test's cohort (they carry its headers), in %; "
+            "used when the Canary's strategy is abTest"
+        ),
+    )
     start_hour: float = Field(
         default=9.0, ge=0, lt=24, description="hour of day (0..24) at which the scenario starts"
     )
@@ -228,6 +237,14 @@ class Scenario(BaseModel):
     canary: VersionSpec
     events: tuple[Event, ...] = Field(default=(), max_length=MAX_EVENTS)
     noise: Noise | None = Field(default=None, description="overdispersed errors, or none")
+    strategy: Literal["canary", "abTest"] = Field(
+        default="canary",
+        description=(
+            "the rollout strategy the scenario exercises: without a spec of its own, "
+            "canaryd simulate rolls out with that strategy's defaults (abTest: the "
+            "cohort is traffic.cohort_pct of requests)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_events(self) -> Self:
@@ -488,6 +505,7 @@ def _builtin(
     rps: float = _BASE_RPS,
     events: tuple[Event, ...] = (),
     noise: Noise | None = None,
+    strategy: Literal["canary", "abTest"] = "canary",
 ) -> Scenario:
     return Scenario(
         name=name,
@@ -498,6 +516,7 @@ def _builtin(
         canary=_version() if canary is None else canary,
         events=events,
         noise=noise,
+        strategy=strategy,
     )
 
 
@@ -583,6 +602,19 @@ BUILTIN_SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                     Event(at_s=300.0, version="both", error_rate=0.08),
                     Event(at_s=900.0, version="both", error_rate=_BASE_ERROR_RATE),
                 ),
+            ),
+            _builtin(
+                "abtest-healthy",
+                "A/B test (strategy abTest): the cohort, 10% of requests, goes to a canary "
+                f"identical to stable; {_COMMON}",
+                strategy="abTest",
+            ),
+            _builtin(
+                "abtest-regression",
+                "A/B test (strategy abTest): the cohort, 10% of requests, goes to a canary "
+                f"with 5x stable's errors (2.5% vs 0.5%); {_COMMON}",
+                canary=_version(error_rate=0.025),
+                strategy="abTest",
             ),
         )
     }

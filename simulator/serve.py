@@ -335,18 +335,40 @@ def _weight(destination: Mapping[str, Any], alone: bool, where: str) -> int:
     return weight
 
 
-def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int:
+def canary_share_pct(
+    vs_spec: Mapping[str, Any] | None, routing: Routing, cohort_pct: int = 0
+) -> int:
     """The percentage of requests the VirtualService sends to the canary, 0..100.
 
     Args:
         vs_spec: the VirtualService's ``spec``, or ``None`` when it does not exist.
         routing: the Canary's routing.
+        cohort_pct: the share of requests that carry an A/B test's cohort headers (the
+            scenario's ``traffic.cohort_pct``).  They take the route with a header
+            match ahead of the main route (Istio: the first in order; an HTTPRoute: the
+            rule with header matches, which takes precedence), when there is one.
 
     Raises:
         RouteError: saying what is missing or unreadable.
     """
-    if routing.plural == HTTPROUTE_PLURAL:
-        return _httproute_share_pct(vs_spec, routing)
+    main, cohort = (
+        _httproute_share_pct(vs_spec, routing)
+        if routing.plural == HTTPROUTE_PLURAL
+        else _vs_share_pct(vs_spec, routing)
+    )
+    if cohort is None or cohort_pct <= 0:
+        return main
+    return round((cohort_pct * cohort + (100 - cohort_pct) * main) / 100)
+
+
+def _has_header_match(matches: Any) -> bool:
+    return isinstance(matches, list) and any(
+        isinstance(m, dict) and m.get("headers") for m in matches
+    )
+
+
+def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[int, int | None]:
+    """(the main route's canary share, the cohort route's or None)."""
     name = f"VirtualService {routing.canary.namespace}/{routing.virtual_service}"
     if not routing.virtual_service:
         raise RouteError(f"Canary {routing.canary}: spec.trafficRouting.istio is not set")
@@ -375,6 +397,23 @@ def canary_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int
                 f"{name} has no HTTP route to both {routing.match_by}s "
                 f"{routing.stable_destination!r} and {routing.canary_destination!r}"
             )
+    ahead = http[: next(i for i, r in enumerate(http) if r is route)]
+    cohort = next(
+        (
+            r
+            for r in ahead
+            if _has_header_match(r.get("match"))
+            and isinstance(r.get("route"), list)
+            and any(_is(d, routing, routing.canary_destination) for d in r["route"])
+        ),
+        None,
+    )
+    main = _route_share_pct(route, routing, name)
+    return main, None if cohort is None else _route_share_pct(cohort, routing, name)
+
+
+def _route_share_pct(route: Mapping[str, Any], routing: Routing, name: str) -> int:
+    """The canary's share of one Istio HTTP route's destinations."""
     where = f"{name}, route {route.get('name') or '(unnamed)'}"
     destinations = route.get("route")
     destinations = (
@@ -400,7 +439,9 @@ def _backend_weight(ref: Mapping[str, Any], where: str) -> int:
     return weight
 
 
-def _httproute_share_pct(route_spec: Mapping[str, Any] | None, routing: Routing) -> int:
+def _httproute_share_pct(
+    route_spec: Mapping[str, Any] | None, routing: Routing
+) -> tuple[int, int | None]:
     """The canary's share of an HTTPRoute rule, as a Gateway API implementation splits
     it: the first rule named in ``routing.routes``, else the first with both Services
     among its backendRefs; the canary's weight over the sum of the rule's weights."""
@@ -438,15 +479,29 @@ def _httproute_share_pct(route_spec: Mapping[str, Any] | None, routing: Routing)
                 f"{name} has no rule to both Services {routing.stable_destination!r} and "
                 f"{routing.canary_destination!r}"
             )
-    where = f"{name}, rule {rule.get('name') or '(unnamed)'}"
-    refs = backends(rule)
-    canary = next((b for b in refs if is_service(b, routing.canary_destination)), None)
-    if canary is None:
-        raise RouteError(f"{where}: no backendRef to Service {routing.canary_destination!r}")
-    total = sum(_backend_weight(b, where) for b in refs)
-    if total == 0:
-        raise RouteError(f"{where}: every backendRef has weight 0")
-    return round(100 * _backend_weight(canary, where) / total)
+
+    def share(rule: Mapping[str, Any]) -> int:
+        where = f"{name}, rule {rule.get('name') or '(unnamed)'}"
+        refs = backends(rule)
+        canary = next((b for b in refs if is_service(b, routing.canary_destination)), None)
+        if canary is None:
+            raise RouteError(f"{where}: no backendRef to Service {routing.canary_destination!r}")
+        total = sum(_backend_weight(b, where) for b in refs)
+        if total == 0:
+            raise RouteError(f"{where}: every backendRef has weight 0")
+        return round(100 * _backend_weight(canary, where) / total)
+
+    cohort = next(
+        (
+            r
+            for r in rules
+            if r is not rule
+            and _has_header_match(r.get("matches"))
+            and any(is_service(b, routing.canary_destination) for b in backends(r))
+        ),
+        None,
+    )
+    return share(rule), None if cohort is None else share(cohort)
 
 
 # --------------------------------------------------------------------------- the emulator
@@ -826,7 +881,9 @@ class MeshEmulator:
         """Read the entry's weight from the cached VirtualService; apply a change."""
         routing = entry.routing
         try:
-            weight = canary_share_pct(self._vs.get(routing.vs_key), routing)
+            weight = canary_share_pct(
+                self._vs.get(routing.vs_key), routing, entry.sim.scenario.traffic.cohort_pct
+            )
             problem = None
         except RouteError as exc:
             weight, problem = 0, str(exc)

@@ -63,6 +63,8 @@ BUILTIN_NAMES = (
     "bursty-regression",
     "client-bursts",
     "stable-incident",
+    "abtest-healthy",
+    "abtest-regression",
 )
 
 
@@ -559,6 +561,13 @@ def test_builtin_scenarios_have_the_documented_numbers() -> None:
     assert canary("error-regression") == Behaviour(0.010, 40.0, 180.0)
     assert canary("latency-regression") == Behaviour(0.005, 60.0, 270.0)
     assert canary("latency-tail") == Behaviour(0.005, 40.0, 360.0)
+    assert canary("abtest-healthy") == baseline
+    assert canary("abtest-regression") == Behaviour(0.025, 40.0, 180.0)
+    assert {n for n, s in BUILTIN_SCENARIOS.items() if s.strategy == "abTest"} == {
+        "abtest-healthy",
+        "abtest-regression",
+    }
+    assert all(s.traffic.cohort_pct == 10 for s in BUILTIN_SCENARIOS.values())
 
     gradual = get_scenario("gradual-degradation")
     assert canary("gradual-degradation", 359.0) == baseline
