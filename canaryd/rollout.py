@@ -665,7 +665,7 @@ class _Run:
         st = self.status
         assert st.step_started_at is not None
         data = StepData(
-            steps=tuple(self.spec.steps),
+            steps=self.spec.analysis_steps(),
             step_index=st.step_index,
             elapsed_s=(self.now - st.step_started_at).total_seconds(),
             stable=stable,

@@ -805,6 +805,14 @@ class CanarySpec(_Model):
                 )
         return self
 
+    def analysis_steps(self) -> tuple[int, ...]:
+        """The steps as the analysis plans its checks (``analysis.engine.plan_checks``):
+        a step below 100% has stable traffic beside it to compare with, a 100% step only
+        its limits.  An A/B test's one step sends the cohort alone to the canary, and
+        stable serves everyone else: it is a comparing step, its cohort's share of all
+        traffic below 100 (1 stands for it; the engine reads shares from the counts)."""
+        return (1,) if self.strategy == "abTest" else tuple(self.steps)
+
     def traffic_share_pct(self, weight_pct: int, cohort_pct: int) -> int:
         """The share of all requests the canary serves at ``weight_pct``: the weight
         itself, or under abTest that share of the cohort (``cohort_pct`` of requests)."""

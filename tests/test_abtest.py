@@ -262,6 +262,11 @@ def test_a_daemon_ab_test_sends_the_cohort_to_the_canary_then_promotes(
     final = asyncio.run(scenario())
     assert [s["weight"] for s in final["status"]["history"]] == [100]
     assert final["status"]["history"][0]["verdict"] == "pass"
+    # judged against stable (everyone else), not only against the limits of a 100% step
+    checks = {c["name"]: c for c in final["status"]["lastVerdict"]["checks"]}
+    assert "errors" in checks, list(checks)
+    stats = checks["errors"]["stats"]
+    assert stats["canary_requests"] < stats["stable_requests"] / 5  # the cohort: ~10%
     assert 100 in seen and seen[-1] is None  # the cohort on the canary, then the route gone
     assert everyone_else == {0}  # everyone else stayed on stable throughout
     vs = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")

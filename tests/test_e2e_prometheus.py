@@ -11,6 +11,7 @@ of at most 20 s, and the emulator plays 10 s of traffic (1,000 requests) per sec
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -290,6 +291,50 @@ def test_prometheus_down_mid_step_holds_and_its_return_resumes(
         lambda: any(e.get("event") == "Resumed" for e in stack.log_events()),
         timeout_s=10,
     )
+
+
+# -- an A/B test on a Gateway API HTTPRoute ----------------------------------------------
+
+
+def test_an_ab_test_on_an_httproute_sends_the_cohort_to_the_canary_then_promotes(
+    cluster: KubeApiServer, stack_factory: Callable[..., Stack]
+) -> None:
+    from tests.test_gatewayapi import GROUP, HTTP_ROUTE, PLURAL, VERSION  # noqa: PLC0415
+
+    cluster.put_raw(GROUP, VERSION, PLURAL, copy.deepcopy(HTTP_ROUTE))
+    obj = cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+    assert obj is not None
+    del obj["spec"]["steps"]
+    obj["spec"] |= {
+        "strategy": "abTest",
+        "match": [{"headers": {"x-canary": {"exact": "insider"}}}],
+        "trafficRouting": {"gatewayAPI": {"httpRoute": "checkout", "rules": ["api"]}},
+    }
+    cluster.put_raw("canaryd.io", "v1alpha1", "canaries", obj)
+    stack = stack_factory(["--scenario", "abtest-healthy"], stepDuration="8s")
+
+    def rules() -> list[Obj]:
+        route = cluster.get(GROUP, VERSION, PLURAL, NS, "checkout")
+        assert route is not None
+        return list(route["spec"]["rules"])
+
+    pipeline = stack.promote("--revision", "v2", "--wait", "--timeout", "120s", "--poll", "0.5s")
+    stack.wait("the cohort's rule", lambda: rules()[0]["name"] == "api-canaryd-ab", 30)
+    cohort = rules()[0]
+    assert [b["weight"] for b in cohort["backendRefs"]] == [0, 100]
+    assert cohort["matches"][0]["headers"] == [
+        {"type": "Exact", "name": "x-canary", "value": "insider"}
+    ]
+    assert rules()[1:] == HTTP_ROUTE["spec"]["rules"]  # everyone else: the user's rules
+    out, _ = pipeline.communicate(timeout=140)
+    status = stack.status()
+    assert pipeline.returncode == 0, f"{out}\n{status}\n{stack.log_tail()}"
+    assert status["phase"] == "Succeeded" and [s["weight"] for s in status["history"]] == [100]
+    errors = next(c for c in status["lastVerdict"]["checks"] if c["name"] == "errors")
+    canary_n, stable_n = errors["stats"]["canary_requests"], errors["stats"]["stable_requests"]
+    # judged on Prometheus's series: the canary served the cohort, 10% of requests
+    assert 0.06 < canary_n / (canary_n + stable_n) < 0.14, errors["stats"]
+    stack.wait("the cohort's rule removed", lambda: rules() == HTTP_ROUTE["spec"]["rules"], 20)
 
 
 # -- the error-budget policy on a real Prometheus ----------------------------------------
