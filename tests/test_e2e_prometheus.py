@@ -32,6 +32,7 @@ from tests.services import (
     istio_openmetrics,
     require_prometheus,
 )
+from tests.test_gatewayapi import GROUP, HTTP_ROUTE, PLURAL, VERSION
 
 Obj = dict[str, Any]
 INTERVAL_S = 2.0
@@ -299,8 +300,6 @@ def test_prometheus_down_mid_step_holds_and_its_return_resumes(
 def test_an_ab_test_on_an_httproute_sends_the_cohort_to_the_canary_then_promotes(
     cluster: KubeApiServer, stack_factory: Callable[..., Stack]
 ) -> None:
-    from tests.test_gatewayapi import GROUP, HTTP_ROUTE, PLURAL, VERSION  # noqa: PLC0415
-
     cluster.put_raw(GROUP, VERSION, PLURAL, copy.deepcopy(HTTP_ROUTE))
     obj = cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
     assert obj is not None
