@@ -85,6 +85,14 @@ class Convergence:
         return bool(self.drifted_pct)
 
 
+def mirror_pct(spec: CanarySpec, status: CanaryStatus) -> int:
+    """The share of stable's requests the status asks to mirror to the canary: the
+    current step's mirror while a rollout is under way, else none."""
+    if not status.phase.active or status.phase is Phase.PROMOTING:
+        return 0
+    return spec.mirror_pct(status.step_index)
+
+
 def wants_scaled_down(spec: CanarySpec, status: CanaryStatus) -> bool:
     """A rolled-back canary, and a promoted one whose template now runs as stable, keep
     no pods."""
@@ -106,13 +114,14 @@ class Converger:
         """Make the world match ``status``; ``force`` writes the weights over any drift
         (a deleted Canary's traffic goes back to stable whoever moved it)."""
         want = status.canary_weight
+        mirror = mirror_pct(spec, status)
         weights: tuple[int, ...] = ()
 
         def stop(stage: Stage, problem: str, *, wrote: bool = False) -> Convergence:
             verified = bool(weights) and all(w == want for w in weights)
             return Convergence(want, weights, wrote, verified, False, stage, problem)
 
-        if want > 0:
+        if want > 0 or mirror > 0:
             try:
                 waiting = await self.workloads.ensure_canary_ready(ref, spec)
             except (WorkloadError, KubeError) as exc:
@@ -138,10 +147,13 @@ class Converger:
                        else "(onDrift: hold)"),
                     drifted_pct=weights,
                 )  # fmt: skip
-        if any(w != want for w in weights):
+        # a spec that mirrors: the router compares the mirrors too (on the copy it just
+        # read: no second read) and writes only when something differs
+        differ = any(w != want for w in weights)
+        if differ or spec.mirrors:
             try:
-                weights = await self.router.set_weights(ref, spec, want)
-                wrote = True
+                weights = await self.router.set_weights(ref, spec, want, mirror)
+                wrote = differ  # (a change of mirror alone is not counted as a write)
             except (RoutingError, KubeError) as exc:
                 return stop(Stage.WEIGHTS, f"cannot set the canary weight to {want}%: {exc}")
         if any(w != want for w in weights):

@@ -41,7 +41,7 @@ from typing import Any, cast
 import structlog
 
 from analysis.budget import Tier
-from canaryd.converger import Converger, Stage, route_pcts
+from canaryd.converger import Converger, Stage, mirror_pct, route_pcts
 from canaryd.events import EventReason, RolloutEvent, event_of
 from canaryd.hub import StatusHub
 from canaryd.kube import (
@@ -792,7 +792,7 @@ class Daemon:
             )
         after = result.status
         moves_traffic = any(isinstance(a, PromoteStable) for a in result.actions) or (
-            after.canary_weight > 0
+            (after.canary_weight > 0 or mirror_pct(spec, after) > 0)
             and (after.canary_weight, after.step_index, after.revision)
             != (status.canary_weight, status.step_index, status.revision)
         )

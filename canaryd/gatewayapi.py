@@ -176,6 +176,8 @@ class GatewayAPIRouter(ObjectRouter):
         return route_weights_of(obj, spec)
 
     def with_weights(
-        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int
+        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> dict[str, Any]:
+        if mirror_pct:  # the spec refuses mirroring on gatewayAPI
+            raise RoutingError("mirroring is not supported on an HTTPRoute yet")
         return with_weights(obj, spec, canary_pct)

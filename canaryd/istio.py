@@ -120,17 +120,53 @@ def cohort_matches(route: dict[str, Any], spec: CanarySpec) -> list[dict[str, An
     ]
 
 
-def with_weights(vs: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
+def mirrors_of(vs: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+    """The mirror percent to the canary of every managed route (0: no mirror to it)."""
+    return tuple(_mirror_pct(r, spec) for r in _routes(vs, spec))
+
+
+def _mirror_pct(route: dict[str, Any], spec: CanarySpec) -> int:
+    mirror = route.get("mirror")
+    if not isinstance(mirror, dict):
+        return 0
+    field, _, canary = _arms(spec)
+    if mirror.get(field) != canary:
+        return 0  # someone else's mirror: not canaryd's
+    pct = (route.get("mirrorPercentage") or {}).get("value", 100)  # Istio's default: all
+    return round(pct) if isinstance(pct, int | float) else 0
+
+
+def _with_mirror(route: dict[str, Any], spec: CanarySpec, mirror_pct: int) -> None:
+    """Set (or, at 0, remove) the route's mirror to the canary, in place: Istio's
+    ``mirror`` (the canary destination) and ``mirrorPercentage``."""
+    if mirror_pct <= 0:
+        if _mirror_pct(route, spec):
+            route.pop("mirror", None)
+            route.pop("mirrorPercentage", None)
+        return
+    canary = _destinations(route, spec)[1]
+    route["mirror"] = copy.deepcopy(canary.get("destination") or {})
+    route["mirrorPercentage"] = {"value": float(mirror_pct)}
+
+
+def with_weights(
+    vs: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
+) -> dict[str, Any]:
     """A copy of the VirtualService with the named routes at ``canary_pct`` (sum 100).
 
-    Only the two destinations' ``weight`` fields change.  Under abTest the managed
-    routes are left alone and the cohort's route ahead of each (a copy of it matching
-    the cohort's headers too) carries ``canary_pct``; at 0 it is removed.
+    Only the two destinations' ``weight`` fields change, and with ``mirror_pct`` (or a
+    mirror canaryd set before) the route's ``mirror`` and ``mirrorPercentage``.  Under
+    abTest the managed routes are left alone and the cohort's route ahead of each (a
+    copy of it matching the cohort's headers too) carries ``canary_pct``; at 0 it is
+    removed.
     """
     if spec.strategy != "abTest":
-        return with_pair_weights(
+        out = with_pair_weights(
             vs, lambda obj: [_destinations(r, spec) for r in _routes(obj, spec)], canary_pct
         )
+        for route in _routes(out, spec):
+            _with_mirror(route, spec, mirror_pct)
+        return out
     out = copy.deepcopy(vs)
 
     def cohort_of(route: dict[str, Any], name: str) -> dict[str, Any]:
@@ -159,9 +195,12 @@ class IstioRouter(ObjectRouter):
         return route_weights_of(obj, spec)
 
     def with_weights(
-        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int
+        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> dict[str, Any]:
-        return with_weights(obj, spec, canary_pct)
+        return with_weights(obj, spec, canary_pct, mirror_pct)
+
+    def mirrors_of(self, obj: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+        return mirrors_of(obj, spec)
 
     async def check_more(self, ref: CanaryRef, spec: CanarySpec, obj: dict[str, Any]) -> None:
         """The DestinationRule and its two subsets, when the Canary names one."""

@@ -119,11 +119,12 @@ class TrafficRouter(Protocol):
         ...
 
     async def set_weights(
-        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> tuple[int, ...]:
-        """Route ``canary_pct`` % to the canary on every managed route; return each
-        route's canary weight as stored (the :class:`~canaryd.converger.Converger`
-        verifies them)."""
+        """Route ``canary_pct`` % to the canary on every managed route, and mirror
+        ``mirror_pct`` % of the rest to it (0: no mirror; a mirror canaryd set is
+        removed); return each route's canary weight as stored (the
+        :class:`~canaryd.converger.Converger` verifies them)."""
         ...
 
     async def route_weights(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:

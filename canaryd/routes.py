@@ -120,10 +120,15 @@ class ObjectRouter:
         raise NotImplementedError
 
     def with_weights(
-        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int
+        self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> dict[str, Any]:
-        """A copy of ``obj`` with every managed route at ``canary_pct``."""
+        """A copy of ``obj`` with every managed route at ``canary_pct`` (and mirroring
+        ``mirror_pct`` % to the canary)."""
         raise NotImplementedError
+
+    def mirrors_of(self, obj: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+        """The mirror percent canaryd set on every managed route (0: none)."""
+        return ()
 
     async def check_more(self, ref: CanaryRef, spec: CanarySpec, obj: dict[str, Any]) -> None:
         """Further checks before traffic moves (e.g. a DestinationRule's subsets)."""
@@ -156,19 +161,27 @@ class ObjectRouter:
         self._read[(ref.namespace, name)] = obj  # the next set_weights writes on it
         return self.weights_of(obj, spec)
 
+    async def route_mirrors(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        """The mirror percent of every managed route (the simulated metrics source
+        follows it); reads the object."""
+        return self.mirrors_of(await self.get(ref.namespace, self.object_name(spec)), spec)
+
     async def set_weights(
-        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> tuple[int, ...]:
-        """Route ``canary_pct`` % to the canary on every managed route; returns every
-        route's weight as the API server stored it (the write's answer: no read back).
-        A conflict reads afresh and retries; a write already done is not repeated."""
+        """Route ``canary_pct`` % to the canary on every managed route (mirroring
+        ``mirror_pct`` % to it); returns every route's weight as the API server stored
+        it (the write's answer: no read back).  A conflict reads afresh and retries; a
+        write already done is not repeated."""
         name = self.object_name(spec)
         for attempt in range(self.attempts + 1):
             # the copy route_weights just read, once: no second read of the same object
             # (if it is stale the write gets 409 and the next attempt reads afresh)
             obj = self._read.pop((ref.namespace, name), None) or await self.get(ref.namespace, name)
             weights = self.weights_of(obj, spec)
-            if all(w == canary_pct for w in weights):
+            if all(w == canary_pct for w in weights) and all(
+                m == mirror_pct for m in self.mirrors_of(obj, spec)
+            ):
                 return weights
             if attempt == self.attempts:
                 break
@@ -176,7 +189,7 @@ class ObjectRouter:
                 stored = await self.kube.call(
                     self.kube.custom.replace_namespaced_custom_object,
                     self.group, self.version, ref.namespace, self.plural, name,
-                    self.with_weights(obj, spec, canary_pct),
+                    self.with_weights(obj, spec, canary_pct, mirror_pct),
                 )  # fmt: skip
             except ConflictError:
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -214,6 +227,9 @@ class KubeRouter:
         return await self._for(spec).route_weights(ref, spec)
 
     async def set_weights(
-        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> tuple[int, ...]:
-        return await self._for(spec).set_weights(ref, spec, canary_pct)
+        return await self._for(spec).set_weights(ref, spec, canary_pct, mirror_pct)
+
+    async def route_mirrors(self, ref: CanaryRef, spec: CanarySpec) -> tuple[int, ...]:
+        return await self._for(spec).route_mirrors(ref, spec)

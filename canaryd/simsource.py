@@ -76,4 +76,10 @@ class SimulatedMetrics:
         except (RoutingError, KubeError) as exc:
             raise MetricsError(f"cannot read the mesh's weights: {exc}") from exc
         sim.set_canary_weight(spec.traffic_share_pct(weight, sim.scenario.traffic.cohort_pct))
+        mirrors = getattr(self.router, "route_mirrors", None)  # a router that can mirror
+        if spec.mirrors and mirrors is not None:
+            try:
+                sim.set_mirror(min(await mirrors(ref, spec), default=0))
+            except (RoutingError, KubeError) as exc:
+                raise MetricsError(f"cannot read the mesh's mirrors: {exc}") from exc
         return sim.observe()

@@ -60,10 +60,11 @@ class _SimRoutes:
         return (self.weight_pct,)
 
     async def set_weights(
-        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int
+        self, ref: CanaryRef, spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> tuple[int, ...]:
         cohort_pct = self.sim.scenario.traffic.cohort_pct
         self.sim.set_canary_weight(spec.traffic_share_pct(canary_pct, cohort_pct))
+        self.sim.set_mirror(mirror_pct)
         self.weight_pct = canary_pct
         return (self.weight_pct,)
 

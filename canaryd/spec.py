@@ -28,10 +28,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PlainSerializer,
+    PrivateAttr,
     StrictInt,
     ValidationError,
     WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -666,6 +669,30 @@ class Promotion(_Model):
     )
 
 
+class Mirror(_Model):
+    """Traffic mirroring on a step: a copy of ``percent`` % of the requests stable
+    serves is sent to the canary too; its answers are discarded, so users never see
+    them, and the step is judged on them."""
+
+    percent: int = Field(ge=1, le=100, description="share of requests copied to the canary")
+
+
+class Step(_Model):
+    """One step written as a mapping: a weight, and what else happens at it."""
+
+    weight: StrictInt = Field(ge=0, le=100, description="canary traffic, percent")
+    mirror: Mirror | None = None
+
+
+#: JSON schema of one entry of ``steps``: a weight, or a ``Step`` mapping.  Kubernetes'
+#: structural schemas cannot say "an integer or an object", so the CRD keeps the entry
+#: as written and canaryd validates it (``canaryd validate``, the Ready condition).
+_STEP_ITEM_SCHEMA = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "description": "a canary weight (10), or {weight: 0, mirror: {percent: 50}}",
+}
+
+
 #: A header name as HTTP allows it (RFC 9110 token).
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")
 
@@ -726,8 +753,15 @@ class CanarySpec(_Model):
     stable: WorkloadRef | None = None
     canary: WorkloadRef | None = None
     traffic_routing: TrafficRouting | None = None
-    steps: list[StrictInt] = Field(
-        default_factory=lambda: [10, 50, 100], description="canary weights (%); ends at 100"
+    steps: Annotated[
+        list[StrictInt],
+        WithJsonSchema({"type": "array", "items": _STEP_ITEM_SCHEMA}),
+    ] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description=(
+            "canary weights (%); ends at 100. A step may be a mapping: {weight: 0, "
+            "mirror: {percent: 50}} copies half of stable's requests to the canary"
+        ),
     )
     analysis: Analysis = Field(default_factory=Analysis)
     metrics: Metrics = Field(
@@ -759,6 +793,79 @@ class CanarySpec(_Model):
             "[{headers: {x-canary: {exact: insider}}}]"
         ),
     )
+
+    #: each step's mirror percent, 0 for none (from the steps written as mappings)
+    _mirror_pcts: tuple[int, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _step_mappings(cls, data: Any, handler: ModelWrapValidatorHandler[CanarySpec]) -> Any:
+        """Steps written as mappings become their weights; their mirrors are kept
+        beside them (``mirror_pct``) and written back out by the serializer."""
+        mirrors: tuple[int, ...] = ()
+        steps = data.get("steps") if isinstance(data, Mapping) else None
+        if isinstance(steps, list) and any(isinstance(x, Mapping) for x in steps):
+            weights: list[Any] = []
+            pcts: list[int] = []
+            for i, item in enumerate(steps):
+                if not isinstance(item, Mapping):
+                    weights.append(item)
+                    pcts.append(0)
+                    continue
+                try:
+                    step = Step.model_validate(item)
+                except ValidationError as exc:
+                    raise ValueError("; ".join(describe_errors(exc, Step, f"steps[{i}]"))) from None
+                weights.append(step.weight)
+                pcts.append(step.mirror.percent if step.mirror else 0)
+            data = {**data, "steps": weights}
+            mirrors = tuple(pcts)
+        spec = handler(data)
+        if not isinstance(spec, CanarySpec):
+            return spec
+        if any(mirrors):
+            spec._mirror_pcts = mirrors
+            spec._mirrors_valid()
+        if spec.steps and spec.steps[0] == 0 and not spec.mirror_pct(0):
+            raise ValueError(
+                "a 0% step sends the canary nothing to judge: mirror traffic to it "
+                "({weight: 0, mirror: {percent: 50}}) or start at a weight above 0"
+            )
+        return spec
+
+    def _mirrors_valid(self) -> None:
+        for weight, pct in zip(self.steps, self._mirror_pcts, strict=True):
+            if pct and weight == 100:
+                raise ValueError(
+                    "a 100% step has no stable traffic left to mirror: mirror a step below 100"
+                )
+        if self.strategy == "abTest":
+            raise ValueError("strategy abTest routes a cohort, it has no steps to mirror")
+        routing = self.traffic_routing
+        if routing is not None and routing.gateway_api is not None:
+            raise ValueError(
+                "mirroring needs trafficRouting.istio: canaryd's Gateway API router does not "
+                "write HTTPRoute RequestMirror filters yet"
+            )
+
+    @field_serializer("steps")
+    def _steps_out(self, steps: list[int]) -> list[Any]:
+        if not self._mirror_pcts:
+            return list(steps)
+        return [
+            {"weight": w, "mirror": {"percent": p}} if p else w
+            for w, p in zip(steps, self._mirror_pcts, strict=True)
+        ]
+
+    def mirror_pct(self, step_index: int) -> int:
+        """The share of stable's requests copied to the canary at step ``step_index``."""
+        pcts = self._mirror_pcts
+        return pcts[step_index] if 0 <= step_index < len(pcts) else 0
+
+    @property
+    def mirrors(self) -> bool:
+        """Whether any step mirrors traffic."""
+        return any(self._mirror_pcts)
 
     @model_validator(mode="before")
     @classmethod
@@ -825,10 +932,11 @@ class CanarySpec(_Model):
     def _steps_valid(cls, steps: list[int]) -> list[int]:
         if not steps:
             raise ValueError("needs at least one step, and the last must be 100")
-        bad = [w for w in steps if not 0 < w <= 100]
+        bad = [w for i, w in enumerate(steps) if not 0 < w <= 100 and (w, i) != (0, 0)]
         if bad:
             raise ValueError(
-                f"weights are canary traffic percentages from 1 to 100; got {bad} in {steps}"
+                f"weights are canary traffic percentages from 1 to 100 (0 only for a first "
+                f"step that mirrors traffic); got {bad} in {steps}"
             )
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError(f"weights must increase from step to step (got {steps})")

@@ -111,6 +111,11 @@ class Simulation:
         """Route ``pct`` percent (0..100) of requests to the canary from now on."""
         self.mesh.set_canary_weight(pct)
 
+    def set_mirror(self, pct: int) -> None:
+        """Copy ``pct`` percent (0..100) of stable's requests to the canary from now on:
+        the canary serves the copies (its counters count them), stable is unchanged."""
+        self.mesh.set_mirror(pct)
+
     def promote_stable(self) -> None:
         """Copy the canary's pod template to stable.
 
@@ -149,7 +154,12 @@ class Simulation:
         if total == 0:
             return
         canary = int(rng.binomial(total, self.mesh.canary_weight_pct / 100.0))
-        served = np.array([total - canary, canary], dtype=np.int64)
+        mirrored = (
+            int(rng.binomial(total - canary, self.mesh.mirror_pct / 100.0))
+            if self.mesh.mirror_pct
+            else 0
+        )
+        served = np.array([total - canary, canary + mirrored], dtype=np.int64)
         stable_behaviour = self._behaviour_at(self._stable_runs, start_s)
         canary_behaviour = self._behaviour_at("canary", start_s)
         error_rates = np.array([stable_behaviour.error_rate, canary_behaviour.error_rate])

@@ -14,11 +14,28 @@ class Mesh:
         canary_weight_pct: initial share of requests routed to the canary, 0..100.
     """
 
-    __slots__ = ("_canary_weight_pct",)
+    __slots__ = ("_canary_weight_pct", "_mirror_pct")
 
     def __init__(self, canary_weight_pct: int = 0) -> None:
         self._canary_weight_pct = 0
+        self._mirror_pct = 0
         self.set_canary_weight(canary_weight_pct)
+
+    @property
+    def mirror_pct(self) -> int:
+        """Share of stable's requests also copied to the canary (answers discarded)."""
+        return self._mirror_pct
+
+    def set_mirror(self, pct: int) -> None:
+        """Copy ``pct`` percent (0..100) of the requests stable serves to the canary.
+
+        Raises:
+            ValueError: if ``pct`` is outside 0..100.
+        """
+        value = operator.index(pct)
+        if not 0 <= value <= 100:
+            raise ValueError(f"mirror percent must be within 0..100, got {value}")
+        self._mirror_pct = value
 
     @property
     def canary_weight_pct(self) -> int:

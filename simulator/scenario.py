@@ -327,7 +327,9 @@ class Scenario(BaseModel):
         lines.append(_yaml_entry("duration_s", data["duration_s"]))
         traffic = data["traffic"]
         if not self.traffic.daily:
-            traffic = {"rps": traffic["rps"]}
+            traffic = {"rps": traffic["rps"]} | (
+                {"cohort_pct": traffic["cohort_pct"]} if self.traffic.cohort_pct != 10 else {}
+            )
         lines.append(f"traffic: {_yaml_flow(traffic)}")
         lines.append(f"stable: {_yaml_flow(data['stable'])}")
         lines.append(f"canary: {_yaml_flow(data['canary'])}")
@@ -336,6 +338,8 @@ class Scenario(BaseModel):
             lines.extend(f"  - {_yaml_flow(event)}" for event in data["events"])
         if "noise" in data:
             lines.append(f"noise: {_yaml_flow(data['noise'])}")
+        if self.strategy != "canary":
+            lines.append(_yaml_entry("strategy", data["strategy"]))
         return "\n".join(lines) + "\n"
 
 

@@ -121,6 +121,7 @@ __all__ = [
     "MeshEmulator",
     "RouteError",
     "Routing",
+    "canary_mirror_pct",
     "canary_share_pct",
     "routing_of",
 ]
@@ -369,6 +370,37 @@ def _has_header_match(matches: Any) -> bool:
 
 def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[int, int | None]:
     """(the main route's canary share, the cohort route's or None)."""
+    name, route, cohort = _vs_routes(vs_spec, routing)
+    main = _route_share_pct(route, routing, name)
+    return main, None if cohort is None else _route_share_pct(cohort, routing, name)
+
+
+def canary_mirror_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int:
+    """The share of the main route's requests Envoy also copies to the canary: Istio's
+    ``mirror`` to the canary destination, at ``mirrorPercentage`` (all when unset).
+    0 for an HTTPRoute, or a mirror to anything else.
+
+    Raises:
+        RouteError: as :func:`canary_share_pct`.
+    """
+    if routing.plural == HTTPROUTE_PLURAL:
+        return 0
+    _, route, _ = _vs_routes(vs_spec, routing)
+    mirror = route.get("mirror")
+    if not isinstance(mirror, dict) or not _is(
+        {"destination": mirror}, routing, routing.canary_destination
+    ):
+        return 0
+    pct = _dict(route.get("mirrorPercentage")).get("value", 100)
+    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+        raise RouteError(f"mirrorPercentage {pct!r} is not a percentage")
+    return round(pct)
+
+
+def _vs_routes(
+    vs_spec: Mapping[str, Any] | None, routing: Routing
+) -> tuple[str, Mapping[str, Any], Mapping[str, Any] | None]:
+    """(the VirtualService's name, the main route, the cohort's route ahead of it)."""
     name = f"VirtualService {routing.canary.namespace}/{routing.virtual_service}"
     if not routing.virtual_service:
         raise RouteError(f"Canary {routing.canary}: spec.trafficRouting.istio is not set")
@@ -387,6 +419,7 @@ def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[
                 r
                 for r in http
                 if isinstance(r.get("route"), list)
+                and not _has_header_match(r.get("match"))  # a cohort's, not everyone's
                 and any(_is(d, routing, routing.stable_destination) for d in r["route"])
                 and any(_is(d, routing, routing.canary_destination) for d in r["route"])
             ),
@@ -408,8 +441,7 @@ def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[
         ),
         None,
     )
-    main = _route_share_pct(route, routing, name)
-    return main, None if cohort is None else _route_share_pct(cohort, routing, name)
+    return name, route, cohort
 
 
 def _route_share_pct(route: Mapping[str, Any], routing: Routing, name: str) -> int:
@@ -880,13 +912,13 @@ class MeshEmulator:
     def _reweigh(self, entry: _Emulated, now_s: float) -> None:
         """Read the entry's weight from the cached VirtualService; apply a change."""
         routing = entry.routing
+        vs_spec = self._vs.get(routing.vs_key)
         try:
-            weight = canary_share_pct(
-                self._vs.get(routing.vs_key), routing, entry.sim.scenario.traffic.cohort_pct
-            )
+            weight = canary_share_pct(vs_spec, routing, entry.sim.scenario.traffic.cohort_pct)
+            mirror = canary_mirror_pct(vs_spec, routing)
             problem = None
         except RouteError as exc:
-            weight, problem = 0, str(exc)
+            weight, mirror, problem = 0, 0, str(exc)
         if problem != entry.problem and self._vs_synced:
             if problem is not None:
                 log.warning("%s: routing 0%% to the canary: %s", routing.canary, problem)
@@ -898,6 +930,13 @@ class MeshEmulator:
             entry.sim.set_canary_weight(weight)
             log.info("%s: canary weight %d%% -> %d%%", routing.canary, entry.weight_pct, weight)
             entry.weight_pct = weight
+        if mirror != entry.sim.mesh.mirror_pct:
+            self._advance(entry, now_s)
+            log.info(
+                "%s: mirror to the canary %d%% -> %d%%",
+                routing.canary, entry.sim.mesh.mirror_pct, mirror,
+            )  # fmt: skip
+            entry.sim.set_mirror(mirror)
 
     def _index(self, ref: CanaryId, routing: Routing | None, old: Routing | None) -> None:
         if old is not None:

@@ -65,7 +65,9 @@ class Router:
         self.world.call("read routes")
         return tuple(self.world.routes_pct)
 
-    async def set_weights(self, ref: CanaryRef, spec: CanarySpec, pct: int) -> tuple[int, ...]:
+    async def set_weights(
+        self, ref: CanaryRef, spec: CanarySpec, pct: int, mirror_pct: int = 0
+    ) -> tuple[int, ...]:
         if self.world.partial and pct != self.world.routes_pct[0]:
             self.world.routes_pct[0] = pct  # one route written, then the call fails
             self.world.check()
@@ -203,7 +205,9 @@ def test_weights_already_right_cost_one_read_and_no_write() -> None:
 
 def test_a_route_that_reads_another_weight_is_not_verified() -> None:
     class Stubborn(Router):
-        async def set_weights(self, ref: CanaryRef, spec: CanarySpec, pct: int) -> tuple[int, ...]:
+        async def set_weights(
+            self, ref: CanaryRef, spec: CanarySpec, pct: int, mirror_pct: int = 0
+        ) -> tuple[int, ...]:
             return (pct, pct, 30)  # a mutating webhook put route c back
 
     world = World(routes_pct=[30, 30, 30])

@@ -68,7 +68,11 @@ def test_schema_follows_the_model() -> None:
     }
     assert analysis["noData"]["properties"]["then"]["enum"] == ["rollback", "pause"]
     assert schema["properties"]["stable"]["properties"]["deployment"]["type"] == "string"
-    assert schema["properties"]["steps"]["items"] == {"type": "integer"}
+    # a weight or a {weight, mirror} mapping: no structural type says "int or object"
+    assert schema["properties"]["steps"]["items"] == {
+        "x-kubernetes-preserve-unknown-fields": True,
+        "description": "a canary weight (10), or {weight: 0, mirror: {percent: 50}}",
+    }
 
 
 def test_crd_has_status_subresource_and_printer_columns() -> None:

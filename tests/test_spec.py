@@ -115,8 +115,25 @@ def test_every_formatted_duration_parses_back_to_the_same_seconds(ms: int) -> No
     [
         ({"steps": [10, 50]}, "spec.steps: the last step must be 100 (got [10, 50])"),
         (
-            {"steps": [0, 50, 100]},
+            {"steps": [10, 0, 100]},
             "spec.steps: weights are canary traffic percentages from 1 to 100",
+        ),
+        ({"steps": [0, 50, 100]}, "spec: a 0% step sends the canary nothing to judge"),
+        (
+            {"steps": [10, {"weight": 100, "mirror": {"percent": 10}}]},
+            "a 100% step has no stable traffic left to mirror",
+        ),
+        ({"steps": [{"weight": 0, "mirorr": {}}, 100]}, "steps[0].mirorr: unknown field"),
+        (
+            {"steps": [{"weight": 0, "mirror": {"percent": 101}}, 100]},
+            "steps[0].mirror.percent",
+        ),
+        (
+            {
+                "steps": [{"weight": 0, "mirror": {"percent": 50}}, 100],
+                "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            },
+            "mirroring needs trafficRouting.istio",
         ),
         ({"steps": [10, 150]}, "got [150]"),
         ({"steps": [50, 10, 100]}, "weights must increase from step to step"),
