@@ -207,6 +207,8 @@ def _load_inputs(args: argparse.Namespace) -> tuple[CanarySpec, Scenario]:
         raise CliError(str(exc)) from None
     if not args.spec and scenario.strategy == "abTest":
         spec = parse_spec({"strategy": "abTest", "match": [DEFAULT_COHORT]})
+    elif not args.spec and scenario.strategy == "blueGreen":
+        spec = parse_spec({"strategy": "blueGreen", "blueGreen": {"mirrorPercent": 100}})
     return spec, scenario
 
 

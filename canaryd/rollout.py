@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -675,7 +675,21 @@ class _Run:
             window_carry_log_e=st.window_carry,
             error_blocks=blocks,
         )
-        return evaluate(self.settings, data)
+        return evaluate(self.step_settings(st.step_index), data)
+
+    def step_settings(self, index: int) -> Settings:
+        """The analysis settings of step ``index``: the spec's, but for a step with a
+        duration of its own (blueGreen's switch, judged for scaleDownDelay with the old
+        version kept: never passed early)."""
+        duration_s = self.spec.own_step_duration_s(index)
+        if duration_s is None:
+            return self.settings
+        return replace(
+            self.settings,
+            step_duration_s=duration_s,
+            min_step_duration_s=min(self.settings.min_step_duration_s, duration_s),
+            early_pass_ratio=None,
+        )
 
     def record(self, verdict: Verdict) -> None:
         checks = [

@@ -684,6 +684,33 @@ class Step(_Model):
     mirror: Mirror | None = None
 
 
+class BlueGreen(_Model):
+    """``strategy: blueGreen``: the new version warms up with no user traffic (judged on
+    mirrored copies of it when ``mirrorPercent`` is set), then takes all traffic in one
+    switch, while the old version keeps running for ``scaleDownDelay``: a rollback in
+    that time is one weight write back to it."""
+
+    mirror_percent: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="warm up on a copy of this share of live requests, judged against stable",
+    )
+    approval: bool = Field(default=False, description="an approval before the switch")
+    scale_down_delay: Duration = Field(
+        default=600.0,
+        description=(
+            "after the switch, how long the new version is judged on all traffic with "
+            "the old one still running (instant rollback), before it is promoted"
+        ),
+    )
+
+    def steps(self) -> list[Any]:
+        """The step plan: the warm-up on copies (when mirrored), then the switch."""
+        warm_up = [{"weight": 0, "mirror": {"percent": self.mirror_percent}}]
+        return [*(warm_up if self.mirror_percent else []), 100]
+
+
 #: JSON schema of one entry of ``steps``: a weight, or a ``Step`` mapping.  Kubernetes'
 #: structural schemas cannot say "an integer or an object", so the CRD keeps the entry
 #: as written and canaryd validates it (``canaryd validate``, the Ready condition).
@@ -777,13 +804,19 @@ class CanarySpec(_Model):
             "Deployment's pod template changes"
         ),
     )
-    strategy: Literal["canary", "abTest"] = Field(
+    strategy: Literal["canary", "abTest", "blueGreen"] = Field(
         default="canary",
         description=(
             "canary: shift a share of all traffic step by step (steps); abTest: send the "
             "requests that match `match` to the canary for one analysed step "
-            "(analysis.stepDuration), then promote; steps are not given"
+            "(analysis.stepDuration), then promote; blueGreen: warm up with no user "
+            "traffic (on mirrored copies with blueGreen.mirrorPercent), then switch all "
+            "of it at once, the old version kept for blueGreen.scaleDownDelay; abTest "
+            "and blueGreen plan their own steps"
         ),
+    )
+    blue_green: BlueGreen | None = Field(
+        default=None, alias="blueGreen", description="strategy blueGreen's settings"
     )
     match: list[CohortMatch] = Field(
         default_factory=list,
@@ -803,6 +836,8 @@ class CanarySpec(_Model):
         """Steps written as mappings become their weights; their mirrors are kept
         beside them (``mirror_pct``) and written back out by the serializer."""
         mirrors: tuple[int, ...] = ()
+        if isinstance(data, Mapping) and data.get("strategy") == "blueGreen":
+            data = cls._blue_green_plan(data)
         steps = data.get("steps") if isinstance(data, Mapping) else None
         if isinstance(steps, list) and any(isinstance(x, Mapping) for x in steps):
             weights: list[Any] = []
@@ -832,6 +867,36 @@ class CanarySpec(_Model):
                 "({weight: 0, mirror: {percent: 50}}) or start at a weight above 0"
             )
         return spec
+
+    @staticmethod
+    def _blue_green_plan(data: Mapping[str, Any]) -> dict[str, Any]:
+        """``strategy: blueGreen`` as steps (and the approval before the switch)."""
+        raw = data.get("blueGreen", data.get("blue_green")) or {}
+        try:
+            plan = BlueGreen.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError("; ".join(describe_errors(exc, BlueGreen, "blueGreen"))) from None
+        steps = plan.steps()
+        if "steps" in data and data["steps"] != steps:  # equal: the spec dumped back
+            raise ValueError(
+                "strategy blueGreen plans its own steps (a warm-up, then the switch to 100%): "
+                "remove steps; blueGreen.mirrorPercent warms up on mirrored traffic"
+            )
+        out = {**data, "steps": steps}
+        if plan.approval:
+            approvals = dict(data.get("approvals") or {})
+            before = approvals.get("before") or []
+            if isinstance(before, list) and 100 not in before:
+                approvals["before"] = [*before, 100]
+            out["approvals"] = approvals
+        return out
+
+    def own_step_duration_s(self, step_index: int) -> float | None:
+        """How long step ``step_index`` is judged when not ``stepDuration``: under
+        blueGreen, the switch's ``scaleDownDelay`` (the old version kept); else None."""
+        if self.blue_green is not None and self.steps[step_index : step_index + 1] == [100]:
+            return self.blue_green.scale_down_delay
+        return None
 
     def _mirrors_valid(self) -> None:
         for weight, pct in zip(self.steps, self._mirror_pcts, strict=True):
@@ -880,6 +945,14 @@ class CanarySpec(_Model):
                 )
             data = {**data, "steps": [100]}
         return data
+
+    @model_validator(mode="after")
+    def _blue_green_valid(self) -> CanarySpec:
+        if self.strategy == "blueGreen" and self.blue_green is None:
+            object.__setattr__(self, "blue_green", BlueGreen())  # the defaults
+        if self.strategy != "blueGreen" and self.blue_green is not None:
+            raise ValueError("blueGreen applies only to strategy blueGreen")
+        return self
 
     @model_validator(mode="after")
     def _ab_test_valid(self) -> CanarySpec:

@@ -237,12 +237,13 @@ class Scenario(BaseModel):
     canary: VersionSpec
     events: tuple[Event, ...] = Field(default=(), max_length=MAX_EVENTS)
     noise: Noise | None = Field(default=None, description="overdispersed errors, or none")
-    strategy: Literal["canary", "abTest"] = Field(
+    strategy: Literal["canary", "abTest", "blueGreen"] = Field(
         default="canary",
         description=(
             "the rollout strategy the scenario exercises: without a spec of its own, "
             "canaryd simulate rolls out with that strategy's defaults (abTest: the "
-            "cohort is traffic.cohort_pct of requests)"
+            "cohort is traffic.cohort_pct of requests; blueGreen: a warm-up on a mirror "
+            "of every request, then the switch)"
         ),
     )
 
@@ -509,7 +510,7 @@ def _builtin(
     rps: float = _BASE_RPS,
     events: tuple[Event, ...] = (),
     noise: Noise | None = None,
-    strategy: Literal["canary", "abTest"] = "canary",
+    strategy: Literal["canary", "abTest", "blueGreen"] = "canary",
 ) -> Scenario:
     return Scenario(
         name=name,
@@ -619,6 +620,20 @@ BUILTIN_SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 f"with 5x stable's errors (2.5% vs 0.5%); {_COMMON}",
                 canary=_version(error_rate=0.025),
                 strategy="abTest",
+            ),
+            _builtin(
+                "bluegreen-healthy",
+                "blue/green (strategy blueGreen): the new version warms up on a mirror of "
+                "every request, then takes all traffic; identical to stable; " + _COMMON,
+                strategy="blueGreen",
+            ),
+            _builtin(
+                "bluegreen-regression",
+                "blue/green (strategy blueGreen): the new version has 5x stable's errors "
+                "(2.5% vs 0.5%), caught on the mirrored warm-up before any user sees it; "
+                + _COMMON,
+                canary=_version(error_rate=0.025),
+                strategy="blueGreen",
             ),
         )
     }

@@ -82,7 +82,7 @@ def test_an_ab_test_has_one_step_for_the_cohort() -> None:
         ),
         ({"strategy": "abTest", "match": [{"headers": {"x": {"regex": "("}}}]}, "does not compile"),
         ({"strategy": "abTest", "match": [{"headers": {}}]}, "headers"),
-        ({"strategy": "blueGreen"}, "strategy"),
+        ({"strategy": "redBlack"}, "strategy"),
     ],
 )
 def test_impossible_ab_tests_are_refused_with_a_clear_message(spec: Obj, says: str) -> None:

@@ -65,6 +65,8 @@ BUILTIN_NAMES = (
     "stable-incident",
     "abtest-healthy",
     "abtest-regression",
+    "bluegreen-healthy",
+    "bluegreen-regression",
 )
 
 
@@ -563,6 +565,8 @@ def test_builtin_scenarios_have_the_documented_numbers() -> None:
     assert canary("latency-tail") == Behaviour(0.005, 40.0, 360.0)
     assert canary("abtest-healthy") == baseline
     assert canary("abtest-regression") == Behaviour(0.025, 40.0, 180.0)
+    assert canary("bluegreen-healthy") == baseline
+    assert canary("bluegreen-regression") == Behaviour(0.025, 40.0, 180.0)
     assert {n for n, s in BUILTIN_SCENARIOS.items() if s.strategy == "abTest"} == {
         "abtest-healthy",
         "abtest-regression",
