@@ -139,15 +139,73 @@ def cohort_matches(rule: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any
     return [{**m, "headers": [*(m.get("headers") or []), *h]} for m in own for h in cohort]
 
 
-def with_weights(route: dict[str, Any], spec: CanarySpec, canary_pct: int) -> dict[str, Any]:
+def _is_mirror_to_canary(flt: Any, spec: CanarySpec) -> bool:
+    """Whether ``flt`` is a RequestMirror filter to the canary's Service (canaryd's)."""
+    if not isinstance(flt, dict) or flt.get("type") != "RequestMirror":
+        return False
+    ref = (flt.get("requestMirror") or {}).get("backendRef") or {}
+    return _is_service(ref) and ref.get("name") == services(spec)[1]
+
+
+def _mirror_pct(rule: dict[str, Any], spec: CanarySpec) -> int:
+    for flt in rule.get("filters") or []:
+        if _is_mirror_to_canary(flt, spec):
+            mirror = flt.get("requestMirror") or {}
+            percent = mirror.get("percent")
+            if isinstance(percent, int):
+                return percent
+            fraction = mirror.get("fraction") or {}
+            numerator, denominator = fraction.get("numerator"), fraction.get("denominator")
+            if isinstance(numerator, int):
+                return round(
+                    100
+                    * numerator
+                    / (denominator if isinstance(denominator, int) and denominator else 100)
+                )
+            return 100  # the Gateway API's default: every request
+    return 0
+
+
+def mirrors_of(route: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+    """The mirror percent to the canary of every managed rule (0: no mirror to it)."""
+    return tuple(_mirror_pct(r, spec) for r in _rules(route, spec))
+
+
+def _with_mirror(rule: dict[str, Any], spec: CanarySpec, mirror_pct: int) -> None:
+    """Set (or, at 0, remove) the rule's RequestMirror filter to the canary, in place.
+    Other filters, a mirror to anything else included, are left as they are.  Below
+    100% the filter carries ``percent`` (Gateway API v1.2 and later; check that your
+    gateway implements it)."""
+    filters = [f for f in rule.get("filters") or [] if not _is_mirror_to_canary(f, spec)]
+    if mirror_pct > 0:
+        canary = _backends(rule, spec)[1]
+        ref = {k: copy.deepcopy(v) for k, v in canary.items() if k not in {"weight", "filters"}}
+        mirror: dict[str, Any] = {"backendRef": ref}
+        if mirror_pct < 100:
+            mirror["percent"] = mirror_pct
+        filters.append({"type": "RequestMirror", "requestMirror": mirror})
+    if filters:
+        rule["filters"] = filters
+    else:
+        rule.pop("filters", None)
+
+
+def with_weights(
+    route: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
+) -> dict[str, Any]:
     """A copy of the HTTPRoute with the managed rules at ``canary_pct`` (weights sum to
-    100).  Only the two backendRefs' ``weight`` fields change.  Under abTest the
-    managed rules are left alone and the cohort's rule next to each (a copy of it
-    matching the cohort's headers too) carries ``canary_pct``; at 0 it is removed."""
+    100).  Only the two backendRefs' ``weight`` fields change, and with ``mirror_pct``
+    (or a mirror canaryd set before) the rule's RequestMirror filter to the canary.
+    Under abTest the managed rules are left alone and the cohort's rule next to each
+    (a copy of it matching the cohort's headers too) carries ``canary_pct``; at 0 it is
+    removed."""
     if spec.strategy != "abTest":
-        return with_pair_weights(
+        out = with_pair_weights(
             route, lambda obj: [_backends(r, spec) for r in _rules(obj, spec)], canary_pct
         )
+        for rule in _rules(out, spec):
+            _with_mirror(rule, spec, mirror_pct)
+        return out
     out = copy.deepcopy(route)
 
     def cohort_of(rule: dict[str, Any], name: str) -> dict[str, Any]:
@@ -178,6 +236,7 @@ class GatewayAPIRouter(ObjectRouter):
     def with_weights(
         self, obj: dict[str, Any], spec: CanarySpec, canary_pct: int, mirror_pct: int = 0
     ) -> dict[str, Any]:
-        if mirror_pct:  # the spec refuses mirroring on gatewayAPI
-            raise RoutingError("mirroring is not supported on an HTTPRoute yet")
-        return with_weights(obj, spec, canary_pct)
+        return with_weights(obj, spec, canary_pct, mirror_pct)
+
+    def mirrors_of(self, obj: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
+        return mirrors_of(obj, spec)

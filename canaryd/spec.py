@@ -906,12 +906,6 @@ class CanarySpec(_Model):
                 )
         if self.strategy == "abTest":
             raise ValueError("strategy abTest routes a cohort, it has no steps to mirror")
-        routing = self.traffic_routing
-        if routing is not None and routing.gateway_api is not None:
-            raise ValueError(
-                "mirroring needs trafficRouting.istio: canaryd's Gateway API router does not "
-                "write HTTPRoute RequestMirror filters yet"
-            )
 
     @field_serializer("steps")
     def _steps_out(self, steps: list[int]) -> list[Any]:

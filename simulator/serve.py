@@ -353,7 +353,7 @@ def canary_share_pct(
         RouteError: saying what is missing or unreadable.
     """
     main, cohort = (
-        _httproute_share_pct(vs_spec, routing)
+        _httproute_share_pct(vs_spec, routing)[:2]
         if routing.plural == HTTPROUTE_PLURAL
         else _vs_share_pct(vs_spec, routing)
     )
@@ -377,14 +377,15 @@ def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[
 
 def canary_mirror_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int:
     """The share of the main route's requests Envoy also copies to the canary: Istio's
-    ``mirror`` to the canary destination, at ``mirrorPercentage`` (all when unset).
-    0 for an HTTPRoute, or a mirror to anything else.
+    ``mirror`` to the canary destination, at ``mirrorPercentage`` (all when unset); an
+    HTTPRoute rule's RequestMirror filter to the canary's Service, at its ``percent``
+    (all when unset).  0 for a mirror to anything else.
 
     Raises:
         RouteError: as :func:`canary_share_pct`.
     """
     if routing.plural == HTTPROUTE_PLURAL:
-        return 0
+        return _httproute_share_pct(vs_spec, routing)[2]
     _, route, _ = _vs_routes(vs_spec, routing)
     mirror = route.get("mirror")
     if not isinstance(mirror, dict) or not _is(
@@ -473,7 +474,7 @@ def _backend_weight(ref: Mapping[str, Any], where: str) -> int:
 
 def _httproute_share_pct(
     route_spec: Mapping[str, Any] | None, routing: Routing
-) -> tuple[int, int | None]:
+) -> tuple[int, int | None, int]:
     """The canary's share of an HTTPRoute rule, as a Gateway API implementation splits
     it: the first rule named in ``routing.routes``, else the first with both Services
     among its backendRefs; the canary's weight over the sum of the rule's weights."""
@@ -501,7 +502,8 @@ def _httproute_share_pct(
             (
                 r
                 for r in rules
-                if any(is_service(b, routing.stable_destination) for b in backends(r))
+                if not _has_header_match(r.get("matches"))  # a cohort's, not everyone's
+                and any(is_service(b, routing.stable_destination) for b in backends(r))
                 and any(is_service(b, routing.canary_destination) for b in backends(r))
             ),
             None,
@@ -533,7 +535,17 @@ def _httproute_share_pct(
         ),
         None,
     )
-    return share(rule), None if cohort is None else share(cohort)
+    mirror = 0
+    for flt in rule.get("filters") or []:
+        config = _dict(_dict(flt).get("requestMirror"))
+        if _dict(flt).get("type") == "RequestMirror" and is_service(
+            _dict(config.get("backendRef")), routing.canary_destination
+        ):
+            pct = config.get("percent", 100)
+            if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+                raise RouteError(f"{name}: RequestMirror percent {pct!r} is not a percentage")
+            mirror = pct
+    return share(rule), None if cohort is None else share(cohort), mirror
 
 
 # --------------------------------------------------------------------------- the emulator

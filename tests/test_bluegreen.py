@@ -45,12 +45,8 @@ def test_blue_green_plans_a_mirrored_warm_up_then_the_switch() -> None:
         ({"strategy": "blueGreen", "blueGreen": {"mirrorPercent": 0}}, "mirrorPercent"),
         ({"strategy": "blueGreen", "blueGreen": {"scaleDownDelay": "soon"}}, "scaleDownDelay"),
         (
-            {
-                "strategy": "blueGreen",
-                "blueGreen": {"mirrorPercent": 50},
-                "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
-            },
-            "mirroring needs trafficRouting.istio",
+            {"strategy": "blueGreen", "match": [{"headers": {"x": {"exact": "y"}}}]},
+            "match applies only to strategy abTest",
         ),
     ],
 )

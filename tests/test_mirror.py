@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from canaryd import istio
+from canaryd import gatewayapi, istio
 from canaryd.cli import main
 from canaryd.converger import mirror_pct
 from canaryd.rollout import CommandKind
@@ -24,6 +24,7 @@ from simulator import Simulation, get_scenario
 from simulator.serve import canary_mirror_pct, routing_of
 from tests.conftest import NS, VIRTUAL_SERVICE, canary
 from tests.test_daemon import Harness, canary_obj, phase
+from tests.test_gatewayapi import HTTP_ROUTE
 
 Obj = dict[str, Any]
 MIRROR_STEPS = [{"weight": 0, "mirror": {"percent": 50}}, 10, 50, 100]
@@ -78,6 +79,33 @@ def test_istio_mirror_fields_are_set_on_the_managed_route_and_removed_after() ->
     assert istio.with_weights(theirs, spec, 10, 0)["spec"]["http"][0]["mirror"] == {
         "host": "recorder"
     }
+
+
+def test_httproute_a_request_mirror_filter_to_the_canary_is_added_and_removed_after() -> None:
+    gateway = {"gatewayAPI": {"httpRoute": "checkout", "rules": ["api"]}}
+    spec = parse_spec({"service": "checkout", "steps": MIRROR_STEPS, "trafficRouting": gateway})
+    route = copy.deepcopy(HTTP_ROUTE)
+    assert gatewayapi.mirrors_of(route, spec) == (0,)
+    on = gatewayapi.with_weights(route, spec, 0, 50)
+    rule = on["spec"]["rules"][0]
+    assert rule["filters"] == [
+        *route["spec"]["rules"][0]["filters"],  # the user's filters, first and untouched
+        {
+            "type": "RequestMirror",
+            "requestMirror": {"backendRef": {"name": "checkout-canary", "port": 80}, "percent": 50},
+        },
+    ]
+    assert [b["weight"] for b in rule["backendRefs"]] == [100, 0]
+    assert on["spec"]["rules"][1] == route["spec"]["rules"][1]
+    assert gatewayapi.mirrors_of(on, spec) == (50,)
+    assert gatewayapi.with_weights(on, spec, 0, 50) == on
+    assert gatewayapi.with_weights(on, spec, 0, 0) == route
+    every = gatewayapi.with_weights(route, spec, 0, 100)["spec"]["rules"][0]["filters"][-1]
+    assert "percent" not in every["requestMirror"]  # 100%: the filter's default, any version
+    body = canary()
+    body["spec"] |= {"steps": MIRROR_STEPS, "trafficRouting": gateway}
+    assert canary_mirror_pct(on["spec"], routing_of(body)) == 50
+    assert canary_mirror_pct(route["spec"], routing_of(body)) == 0
 
 
 def test_the_emulator_reads_the_mirror_envoy_would_apply() -> None:

@@ -131,9 +131,10 @@ def test_every_formatted_duration_parses_back_to_the_same_seconds(ms: int) -> No
         (
             {
                 "steps": [{"weight": 0, "mirror": {"percent": 50}}, 100],
-                "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+                "strategy": "abTest",
+                "match": [{"headers": {"x": {"exact": "y"}}}],
             },
-            "mirroring needs trafficRouting.istio",
+            "remove steps",
         ),
         ({"steps": [10, 150]}, "got [150]"),
         ({"steps": [50, 10, 100]}, "weights must increase from step to step"),
