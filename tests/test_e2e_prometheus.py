@@ -25,7 +25,7 @@ import pytest
 from kubernetes import client as k8s
 
 from kubedouble.apiserver import KubeApiServer
-from tests.conftest import NS
+from tests.conftest import NS, VIRTUAL_SERVICE
 from tests.services import (
     PrometheusServer,
     backfilled_prometheus,
@@ -35,6 +35,7 @@ from tests.services import (
 from tests.test_gatewayapi import GROUP, HTTP_ROUTE, PLURAL, VERSION
 
 Obj = dict[str, Any]
+VIRTUAL_SERVICE_ROUTE = VIRTUAL_SERVICE["spec"]["http"][0]
 INTERVAL_S = 2.0
 SPEED = 10.0
 
@@ -334,6 +335,48 @@ def test_an_ab_test_on_an_httproute_sends_the_cohort_to_the_canary_then_promotes
     # judged on Prometheus's series: the canary served the cohort, 10% of requests
     assert 0.06 < canary_n / (canary_n + stable_n) < 0.14, errors["stats"]
     stack.wait("the cohort's rule removed", lambda: rules() == HTTP_ROUTE["spec"]["rules"], 20)
+
+
+# -- blue/green, warmed up on mirrored traffic -------------------------------------------
+
+
+def test_a_blue_green_warms_up_on_mirrored_traffic_then_switches_and_is_promoted(
+    cluster: KubeApiServer, stack_factory: Callable[..., Stack]
+) -> None:
+    obj = cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+    assert obj is not None
+    del obj["spec"]["steps"]
+    obj["spec"] |= {
+        "strategy": "blueGreen",
+        "blueGreen": {"mirrorPercent": 50, "scaleDownDelay": "6s"},
+    }
+    cluster.put_raw("canaryd.io", "v1alpha1", "canaries", obj)
+    stack = stack_factory(["--scenario", "healthy"], stepDuration="8s", earlyPassRatio=None)
+
+    def route() -> Obj:
+        vs = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+        assert vs is not None
+        return dict(vs["spec"]["http"][0])
+
+    pipeline = stack.promote("--revision", "v2", "--wait", "--timeout", "90s", "--poll", "0.5s")
+    stack.wait("the mirror", lambda: "mirror" in route(), 30)
+    assert route()["mirrorPercentage"] == {"value": 50.0}
+    assert route()["mirror"] == {"host": "checkout", "subset": "canary"}
+    seen = []  # (canary weight, mirrored) as the routes read
+    while pipeline.poll() is None:
+        state = (stack.weight(), "mirror" in route())
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        time.sleep(0.1)
+    out, _ = pipeline.communicate(timeout=10)
+    status = stack.status()
+    assert pipeline.returncode == 0, f"{out}\n{status}\n{stack.log_tail()}"
+    assert [s["weight"] for s in status["history"]] == [0, 100]
+    warm_up = status["history"][0]["reasons"]
+    # judged on Prometheus's series of the copies: canary vs stable at 1:2
+    assert any(r.startswith("errors: canary") for r in warm_up), warm_up
+    assert seen[0] == (0, True) and (100, False) in seen, seen  # copies, then the switch
+    assert route() == VIRTUAL_SERVICE_ROUTE  # promoted: as the user wrote it
 
 
 # -- the error-budget policy on a real Prometheus ----------------------------------------
