@@ -362,7 +362,7 @@ def test_a_blue_green_warms_up_on_mirrored_traffic_then_switches_and_is_promoted
     stack.wait("the mirror", lambda: "mirror" in route(), 30)
     assert route()["mirrorPercentage"] == {"value": 50.0}
     assert route()["mirror"] == {"host": "checkout", "subset": "canary"}
-    seen = []  # (canary weight, mirrored) as the routes read
+    seen: list[tuple[int, bool]] = []  # (canary weight, mirrored) as the routes read
     while pipeline.poll() is None:
         state = (stack.weight(), "mirror" in route())
         if not seen or seen[-1] != state:
