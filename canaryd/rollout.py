@@ -329,11 +329,13 @@ class _Run:
             last_canary_requests=baseline.canary.requests if baseline else None,
             step_evidence={},
             history=history,
-            message=f"step {index + 1}/{len(self.spec.steps)}: {weight}% of traffic on the canary",
+            message=f"step {index + 1}/{len(self.spec.steps)}: {self.spec.step_traffic(index)}",
         )
+        plain = self.spec.strategy == "canary" and not self.spec.mirror_pct(index)
         self.emit(
             EventReason.STEP_STARTED,
-            f"step {index + 1}/{len(self.spec.steps)}: canary at {weight}%",
+            f"step {index + 1}/{len(self.spec.steps)}: "
+            + (f"canary at {weight}%" if plain else self.spec.step_traffic(index)),
         )
 
     def finish_history(self, verdict: StepOutcome, reasons: Sequence[str]) -> None:

@@ -987,6 +987,27 @@ class CanarySpec(_Model):
         traffic below 100 (1 stands for it; the engine reads shares from the counts)."""
         return (1,) if self.strategy == "abTest" else tuple(self.steps)
 
+    def step_traffic(self, step_index: int) -> str:
+        """What step ``step_index`` sends the canary, in words for messages and events."""
+        weight = self.steps[step_index]
+        if self.strategy == "abTest":
+            shapes = {"exact": "{name}: {value}", "prefix": "{name}: {value}*"}
+            cohort = " or ".join(
+                ", ".join(
+                    shapes.get(kind, "{name} =~ /{value}/").format(name=name, value=value)
+                    for name, (kind, value) in ((n, h.kind_value()) for n, h in m.headers.items())
+                )
+                for m in self.match
+            )
+            return f"the A/B cohort ({cohort}) on the canary, everyone else on stable"
+        mirror = self.mirror_pct(step_index)
+        if mirror:
+            return (
+                f"{weight}% of traffic on the canary, and a {mirror}% mirror of the rest "
+                "(answers discarded: users stay on stable)"
+            )
+        return f"{weight}% of traffic on the canary"
+
     def traffic_share_pct(self, weight_pct: int, cohort_pct: int) -> int:
         """The share of all requests the canary serves at ``weight_pct``: the weight
         itself, or under abTest that share of the cohort (``cohort_pct`` of requests)."""

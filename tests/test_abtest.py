@@ -49,6 +49,9 @@ def test_an_ab_test_has_one_step_for_the_cohort() -> None:
     assert spec.steps == [100]
     assert spec.match[0].headers["x-canary"].kind_value() == ("exact", "insider")
     assert spec.traffic_share_pct(100, 10) == 10 and spec.traffic_share_pct(0, 10) == 0
+    assert spec.step_traffic(0) == (
+        "the A/B cohort (x-canary: insider) on the canary, everyone else on stable"
+    )
     assert parse_spec({}).traffic_share_pct(50, 10) == 50  # a canary's weight is its share
     # a spec dumped and read back is the same spec
     assert parse_spec(spec.model_dump(by_alias=True, exclude_none=True)) == spec

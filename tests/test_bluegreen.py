@@ -32,6 +32,10 @@ def test_blue_green_plans_a_mirrored_warm_up_then_the_switch() -> None:
     assert spec.steps == [0, 100] and spec.mirror_pct(0) == 100
     assert spec.approvals.before == [100]  # the switch waits for an approval
     assert spec.own_step_duration_s(0) is None and spec.own_step_duration_s(1) == 300.0
+    # what status messages and events say of each step
+    assert "a 100% mirror of the rest" in spec.step_traffic(0)
+    assert "users stay on stable" in spec.step_traffic(0)
+    assert spec.step_traffic(1) == "100% of traffic on the canary"
     assert parse_spec(spec.model_dump(by_alias=True, exclude_none=True)) == spec
     bare = parse_spec({"strategy": "blueGreen"})  # no mirror: the switch once pods are ready
     assert bare.steps == [100] and bare.own_step_duration_s(0) == 600.0
