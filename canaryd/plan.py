@@ -528,8 +528,10 @@ def make_plan(
             kind = "p99" if scenario.canary.latency_ms != scenario.stable.latency_ms else "errors"
             extra.append(_detection(f"scenario {scenario.name}", 0, 0.0, path, profile, kind))
     step_plans = []
+    cohort_pct = int(Traffic.model_fields["cohort_pct"].default)  # the simulated cohort
     for i, weight in enumerate(weights):
-        canary_rps = profile.rps * weight / 100.0
+        share = spec.traffic_share_pct(weight, cohort_pct) / 100.0
+        canary_rps = profile.rps * (share + (1.0 - share) * spec.mirror_pct(i) / 100.0)
         duration, how = healthy_steps[i] if i < len(healthy_steps) else (None, "not reached")
         step_plans.append(
             StepPlan(

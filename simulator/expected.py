@@ -74,7 +74,8 @@ class ExpectedSimulation(Simulation):
         if expected <= 0.0:
             return
         weight = self.mesh.canary_weight_pct / 100.0
-        served = np.array([expected * (1.0 - weight), expected * weight])
+        mirrored = expected * (1.0 - weight) * self.mesh.mirror_pct / 100.0  # copies
+        served = np.array([expected * (1.0 - weight), expected * weight + mirrored])
         behaviours = (
             self._behaviour_at(self.stable_runs, start_s),
             self._behaviour_at("canary", start_s),

@@ -180,3 +180,21 @@ def test_a_daemon_rollout_mirrors_at_its_first_step_then_shifts_weights(
     assert first["verdict"] == "pass"
     vs = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
     assert vs is not None and vs["spec"] == VIRTUAL_SERVICE["spec"]
+
+
+def test_canaryd_plan_counts_the_copies_and_the_cohort_as_the_canarys_traffic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plans = {}
+    for name, spec in {
+        "mirror": {"strategy": "blueGreen", "blueGreen": {"mirrorPercent": 50}},
+        "cohort": {"strategy": "abTest", "match": [{"headers": {"x-canary": {"exact": "in"}}}]},
+    }.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(spec))
+        assert main(["plan", "--spec", str(path), "--rps", "100", "--json"]) == 0
+        plans[name] = json.loads(capsys.readouterr().out)
+    mirror = plans["mirror"]["steps"]
+    assert [(s["weight"], s["canary_rps"]) for s in mirror] == [(0, 50.0), (100, 100.0)]
+    assert plans["mirror"]["healthy"]["outcome"] == "promoted"  # the copies are judged
+    assert [(s["weight"], s["canary_rps"]) for s in plans["cohort"]["steps"]] == [(100, 10.0)]
