@@ -81,6 +81,14 @@ class SpecSummary(_View):
     promotion_mode: str
     virtual_service: str | None
     http_route: str | None = None
+    strategy: str = Field(default="canary", description="canary, abTest or blueGreen")
+    step_mirrors_pct: list[int] = Field(
+        default_factory=list,
+        description="per step, the share of live requests mirrored to the canary (0: none)",
+    )
+    step_traffic: list[str] = Field(
+        default_factory=list, description="per step, what it sends the canary, in words"
+    )
 
 
 class EventView(_View):
@@ -208,6 +216,9 @@ def spec_summary_of(canary: CanaryObject) -> SpecSummary | None:
         promotion_mode=spec.promotion.mode,
         virtual_service=(routing.istio.virtual_service.name if routing and routing.istio else None),
         http_route=(routing.gateway_api.http_route if routing and routing.gateway_api else None),
+        strategy=spec.strategy,
+        step_mirrors_pct=[spec.mirror_pct(i) for i in range(len(spec.steps))],
+        step_traffic=[spec.step_traffic(i) for i in range(len(spec.steps))],
     )
 
 

@@ -154,6 +154,8 @@ async def test_detail_has_spec_summary_verdict_with_numbers_and_events(client: A
     assert body["summary"]["name"] == "cart"
     assert body["spec"]["steps"] == [10, 50, 100] and body["spec"]["intervalS"] == 1.0
     assert body["spec"]["virtualService"] == "checkout"
+    assert body["spec"]["strategy"] == "canary" and body["spec"]["stepMirrorsPct"] == [0, 0, 0]
+    assert body["spec"]["stepTraffic"][0] == "10% of traffic on the canary"
     check = body["lastVerdict"]["checks"][0]
     assert check["eValue"] == 1.3 and check["threshold"] == 250.0
     assert check["stats"]["canary_rate"] == 0.005
