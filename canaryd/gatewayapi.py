@@ -24,7 +24,7 @@ import copy
 from typing import Any
 
 from canaryd.ports import RoutingError
-from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_cohorts, with_pair_weights
+from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_strategy_weights
 from canaryd.spec import CanarySpec, GatewayAPIRouting
 
 GROUP = "gateway.networking.k8s.io"
@@ -199,27 +199,15 @@ def with_weights(
     Under abTest the managed rules are left alone and the cohort's rule next to each
     (a copy of it matching the cohort's headers too) carries ``canary_pct``; at 0 it is
     removed."""
-    if spec.strategy != "abTest":
-        out = with_pair_weights(
-            route, lambda obj: [_backends(r, spec) for r in _rules(obj, spec)], canary_pct
-        )
-        for rule in _rules(out, spec):
-            _with_mirror(rule, spec, mirror_pct)
-        return out
-    out = copy.deepcopy(route)
-
-    def cohort_of(rule: dict[str, Any], name: str) -> dict[str, Any]:
-        cohort = {**copy.deepcopy(rule), "name": name, "matches": cohort_matches(rule, spec)}
-        weighted: dict[str, Any] = with_pair_weights(
-            {"rule": cohort}, lambda obj: [_backends(obj["rule"], spec)], canary_pct
-        )["rule"]
-        return weighted
-
-    out_spec = out.setdefault("spec", {})
-    out_spec["rules"] = with_cohorts(
-        out_spec.get("rules") or [], _rules(out, spec), cohort_of, canary_pct
-    )
-    return out
+    return with_strategy_weights(
+        route, spec, canary_pct, mirror_pct,
+        items_key="rules",
+        match_key="matches",
+        managed=lambda obj: _rules(obj, spec),
+        pair=lambda item: _backends(item, spec),
+        cohort_matches=lambda item: cohort_matches(item, spec),
+        with_mirror=lambda item, pct: _with_mirror(item, spec, pct),
+    )  # fmt: skip
 
 
 class GatewayAPIRouter(ObjectRouter):

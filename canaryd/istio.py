@@ -20,7 +20,7 @@ import copy
 from typing import Any
 
 from canaryd.ports import CanaryRef, NotFoundError, RoutingError
-from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_cohorts, with_pair_weights
+from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_strategy_weights
 from canaryd.spec import CanarySpec, IstioRouting
 
 GROUP = "networking.istio.io"
@@ -160,27 +160,15 @@ def with_weights(
     copy of it matching the cohort's headers too) carries ``canary_pct``; at 0 it is
     removed.
     """
-    if spec.strategy != "abTest":
-        out = with_pair_weights(
-            vs, lambda obj: [_destinations(r, spec) for r in _routes(obj, spec)], canary_pct
-        )
-        for route in _routes(out, spec):
-            _with_mirror(route, spec, mirror_pct)
-        return out
-    out = copy.deepcopy(vs)
-
-    def cohort_of(route: dict[str, Any], name: str) -> dict[str, Any]:
-        cohort = {**copy.deepcopy(route), "name": name, "match": cohort_matches(route, spec)}
-        weighted: dict[str, Any] = with_pair_weights(
-            {"route": cohort}, lambda obj: [_destinations(obj["route"], spec)], canary_pct
-        )["route"]
-        return weighted
-
-    out_spec = out.setdefault("spec", {})
-    out_spec["http"] = with_cohorts(
-        out_spec.get("http") or [], _routes(out, spec), cohort_of, canary_pct
-    )
-    return out
+    return with_strategy_weights(
+        vs, spec, canary_pct, mirror_pct,
+        items_key="http",
+        match_key="match",
+        managed=lambda obj: _routes(obj, spec),
+        pair=lambda item: _destinations(item, spec),
+        cohort_matches=lambda item: cohort_matches(item, spec),
+        with_mirror=lambda item, pct: _with_mirror(item, spec, pct),
+    )  # fmt: skip
 
 
 class IstioRouter(ObjectRouter):

@@ -94,6 +94,51 @@ def cohort_weights(
     )
 
 
+def with_strategy_weights(
+    obj: dict[str, Any],
+    spec: CanarySpec,
+    canary_pct: int,
+    mirror_pct: int,
+    *,
+    items_key: str,
+    match_key: str,
+    managed: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    pair: Callable[[dict[str, Any]], Pair],
+    cohort_matches: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    with_mirror: Callable[[dict[str, Any], int], None],
+) -> dict[str, Any]:
+    """A copy of ``obj`` (a VirtualService or an HTTPRoute) at ``canary_pct``, whatever
+    the strategy; the shape of the object is in the callables.
+
+    * canary and blueGreen: each managed route's (stable, canary) ``pair`` weighted,
+      and its mirror to the canary set to ``mirror_pct`` (``with_mirror``, in place);
+    * abTest: the managed routes left alone, and next to each the cohort's route (a
+      copy of it named by :func:`cohort_name`, whose ``match_key`` is
+      ``cohort_matches`` of it) carrying ``canary_pct``, or none at 0.
+
+    ``items_key`` names the object's list of routes (``http``, ``rules``)."""
+    if spec.strategy != "abTest":
+        out = with_pair_weights(obj, lambda o: [pair(r) for r in managed(o)], canary_pct)
+        for item in managed(out):
+            with_mirror(item, mirror_pct)
+        return out
+    if not 0 <= canary_pct <= 100:
+        raise ValueError(f"canary weight must be 0..100, got {canary_pct}")
+    out = copy.deepcopy(obj)
+
+    def cohort_of(item: dict[str, Any], name: str) -> dict[str, Any]:
+        cohort = {**copy.deepcopy(item), "name": name, match_key: cohort_matches(item)}
+        stable, canary = pair(cohort)
+        stable["weight"], canary["weight"] = 100 - canary_pct, canary_pct
+        return cohort
+
+    out_spec = out.setdefault("spec", {})
+    out_spec[items_key] = with_cohorts(
+        out_spec.get(items_key) or [], managed(out), cohort_of, canary_pct
+    )
+    return out
+
+
 class ObjectRouter:
     """The ``TrafficRouter`` port on one custom object per Canary (see the module)."""
 
