@@ -141,8 +141,8 @@ class Detection:
         time_s: from the regression's start to the rollback, seconds (None: missed).
         requests: both arms' requests in that time.
         canary_requests: the canary's requests in that time.
-        bad_requests: the canary's bad requests in that time (errors; for latency,
-            requests slower than stable's p99).
+        bad_requests: the canary's bad requests users got in that time (errors; for
+            latency, requests slower than stable's p99); mirrored copies not counted.
         catch_probability: chance a rollout catches it (None where the median path
             does: above one half).
         checks: the checks that fired, or that came closest.
@@ -400,15 +400,24 @@ def _detection(
     path: _Path,
     profile: TrafficProfile,
     kind: str,
+    spec: CanarySpec,
 ) -> Detection:
     after = [s for s in path.samples if s.t_s > start_s]
     requests = sum(s.stable.requests + s.canary.requests for s in after)
     canary_requests = sum(s.canary.requests for s in after)
+
+    def seen(s: Sample) -> float:
+        """The share of the canary's requests users got: all but mirrored copies."""
+        weight, mirror = s.canary_weight_pct / 100.0, spec.mirror_pct(s.step_index) / 100.0
+        served = weight + (1.0 - weight) * mirror
+        return weight / served if served > 0 else 0.0
+
     if kind == "errors":
-        bad = sum(s.canary.errors for s in after)
+        bad_f = sum(s.canary.errors * seen(s) for s in after)
     else:
         edge = _slow_edge(profile)
-        bad = sum(s.canary.requests - s.canary.latency_buckets[edge] for s in after)
+        bad_f = sum((s.canary.requests - s.canary.latency_buckets[edge]) * seen(s) for s in after)
+    bad = round(bad_f)
     caught = path.outcome == "rolled_back"
     step_index = len(path.steps) - 1 if caught else None
     fired: tuple[str, ...] = ()
@@ -516,7 +525,7 @@ def make_plan(
             at_s = starts[i] if i else 0.0
             scenario_i = _scenario(profile, spec, canary, at_s)
             path = run_path(spec, scenario_i, forks[i] if i else None)
-            detections[i].append(_detection(label, i, at_s, path, profile, kind))
+            detections[i].append(_detection(label, i, at_s, path, profile, kind, spec))
             if i == 0:
                 first_paths[label] = path
     extra: list[Detection] = []
@@ -526,7 +535,7 @@ def make_plan(
         own = (scenario.name, path.outcome, path.end_s)
         if _regresses(scenario):
             kind = "p99" if scenario.canary.latency_ms != scenario.stable.latency_ms else "errors"
-            extra.append(_detection(f"scenario {scenario.name}", 0, 0.0, path, profile, kind))
+            extra.append(_detection(f"scenario {scenario.name}", 0, 0.0, path, profile, kind, spec))
     step_plans = []
     cohort_pct = int(Traffic.model_fields["cohort_pct"].default)  # the simulated cohort
     for i, weight in enumerate(weights):

@@ -197,4 +197,7 @@ def test_canaryd_plan_counts_the_copies_and_the_cohort_as_the_canarys_traffic(
     mirror = plans["mirror"]["steps"]
     assert [(s["weight"], s["canary_rps"]) for s in mirror] == [(0, 50.0), (100, 100.0)]
     assert plans["mirror"]["healthy"]["outcome"] == "promoted"  # the copies are judged
+    caught_on_copies = [d for d in mirror[0]["detections"] if d["caught_step"] == 0]
+    assert caught_on_copies and all(d["bad_requests"] == 0 for d in caught_on_copies)
+    assert all(d["canary_requests"] > 0 for d in caught_on_copies)  # no user got one
     assert [(s["weight"], s["canary_rps"]) for s in plans["cohort"]["steps"]] == [(100, 10.0)]
