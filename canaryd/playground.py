@@ -60,6 +60,8 @@ class Sample:
     scenario: str
     blurb: str
     approvals_before: tuple[int, ...] = ()
+    #: spec fields over the sample's (e.g. a strategy; its steps are then its own)
+    spec: tuple[tuple[str, Any], ...] = ()
 
 
 SAMPLES: tuple[Sample, ...] = (
@@ -124,7 +126,7 @@ def sample_objects(
         },
     }
     interval = f"{interval_s:g}s"
-    canary = {
+    canary: dict[str, Any] = {
         "apiVersion": "canaryd.io/v1alpha1",
         "kind": "Canary",
         "metadata": {"name": app, "namespace": ns, "labels": {"app": app}},
@@ -153,6 +155,10 @@ def sample_objects(
             },
         },
     }
+    if sample.spec:
+        canary["spec"] |= dict(sample.spec)
+        if "strategy" in canary["spec"]:
+            del canary["spec"]["steps"]  # the strategy plans its own
     return [
         ("networking.istio.io", "v1", "virtualservices", virtual_service),
         ("networking.istio.io", "v1", "destinationrules", destination_rule),

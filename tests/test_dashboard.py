@@ -7,6 +7,7 @@ Screenshots go to tests/artifacts/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -46,6 +47,11 @@ def playground() -> Iterator[Playground]:
         Sample("checkout", "healthy", "x"),
         Sample("cart", "healthy", "x", (50,)),
     )
+    yield from running(samples)
+
+
+def running(samples: tuple[Sample, ...]) -> Iterator[Playground]:
+    """A playground of ``samples`` in a thread, until the generator is closed."""
     pg = Playground(
         host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=5.0, samples=samples
     )
@@ -240,3 +246,40 @@ def test_dashboard_live_table_detail_and_approve(playground: Playground) -> None
             assert not errors, f"errors in the page: {errors}"
         finally:
             browser.close()
+
+
+def test_a_blue_green_detail_names_its_strategy_and_the_mirrored_step() -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    sample = Sample(
+        "storefront",
+        "healthy",
+        "blue/green",
+        spec=(
+            ("strategy", "blueGreen"),
+            ("blueGreen", {"mirrorPercent": 50, "approval": True, "scaleDownDelay": "30s"}),
+        ),
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with contextlib.closing(running((sample,))) as pgs:
+        pg = next(pgs)
+        wait_until(
+            lambda: canaries(pg)["storefront"]["phase"] in ("Progressing", "WaitingApproval"),
+            20.0,
+            "the blue/green to start",
+        )
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(pg.url + "#/shop/storefront")
+                facts = page.locator("#summary-box .facts")
+                expect(facts).to_contain_text("blue/green", timeout=10_000)
+                expect(facts).to_contain_text("50% mirror of the rest")
+                expect(facts).to_contain_text("users stay on stable")
+                page.wait_for_timeout(1_000)
+                page.screenshot(path=str(ARTIFACTS / "dashboard-bluegreen.png"), full_page=True)
+            finally:
+                browser.close()

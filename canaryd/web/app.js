@@ -158,6 +158,11 @@
     return "HTTP " + resp.status + " " + resp.statusText;
   }
 
+  const STRATEGY_WORDS = {
+    abTest: "A/B test: a cohort chosen by header goes to the canary",
+    blueGreen: "blue/green: a warm-up, then all traffic at once (the old version kept)",
+  };
+
   function stepText(c) {
     const n = (c.steps || []).length;
     if (!n) return "–";
@@ -567,14 +572,23 @@
     const box = $("summary-box");
     if (!box || !state.detail) return;
     const c = state.detail.summary;
+    const spec = state.detail.spec || {};
     const phase = el("span", { class: phaseClass(c.phase) + " big", text: PHASE_WORDS[c.phase] || c.phase });
+    // an A/B test or a blue/green says so, and what the current step sends the canary
+    // (a cohort, or mirrored copies: the weight alone would mislead)
+    const strategy = STRATEGY_WORDS[spec.strategy] || null;
+    const nowSends = ACTIVE.has(c.phase) && spec.stepTraffic ? spec.stepTraffic[c.stepIndex] || null : null;
     const facts = el(
       "dl",
       { class: "facts" },
+      strategy ? el("dt", { text: "Strategy" }) : null,
+      strategy ? el("dd", { text: strategy }) : null,
       el("dt", { text: "Weight" }),
       el("dd", {}, weightBar(c.canaryWeight, c.phase), el("span", { class: "weight-text num", text: c.canaryWeight + "%" })),
       el("dt", { text: "Step" }),
       el("dd", { class: "num", text: stepText(c) + (c.steps && c.steps.length ? "  (" + c.steps.join(" → ") + "%)" : "") }),
+      nowSends ? el("dt", { text: "This step" }) : null,
+      nowSends ? el("dd", { text: nowSends }) : null,
       el("dt", { text: "Revision" }),
       el("dd", { text: c.revision || "–" }),
       el("dt", { text: "In phase for" }),
