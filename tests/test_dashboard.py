@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ def playground() -> Iterator[Playground]:
     yield from running(samples)
 
 
-def running(samples: tuple[Sample, ...]) -> Iterator[Playground]:
+def running(samples: tuple[Sample, ...]) -> Generator[Playground, None, None]:
     """A playground of ``samples`` in a thread, until the generator is closed."""
     pg = Playground(
         host="127.0.0.1", port=0, speed=60, interval_s=1.0, restart_after_s=5.0, samples=samples
