@@ -31,14 +31,25 @@ def redact(text: str) -> str:
     return _SECRET_PARAM.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
+#: Leaves with nothing to redact: a status is mostly numbers (evidence, histogram
+#: buckets), and skipping them without a call (and dicts and lists without an ABC
+#: check) takes a 6 kB status's redaction from 59 to 23 µs (timeit, this machine).
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def redact_tree(value: Any) -> Any:
     """Every string in a JSON-like tree (dicts, lists), redacted; a new tree."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is str:
         return redact(value)
-    if isinstance(value, Mapping):
-        return {k: redact_tree(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_tree(v) for v in value]
+    if kind is dict or isinstance(value, Mapping):
+        return {k: v if type(v) in _PLAIN else redact_tree(v) for k, v in value.items()}
+    if kind is list or kind is tuple or isinstance(value, list | tuple):
+        return [v if type(v) in _PLAIN else redact_tree(v) for v in value]
+    if isinstance(value, str):  # a str subclass
+        return redact(value)
     return value
 
 

@@ -96,3 +96,22 @@ def test_prometheus_credentials_reach_neither_logs_nor_status_nor_events(
     logs = stream.getvalue()
     assert "prometheus" in logs.lower()
     assert SECRET not in logs
+
+
+def test_redact_tree_reaches_every_string_and_keeps_every_other_leaf() -> None:
+    from types import MappingProxyType
+
+    from canaryd.redact import redact_tree
+
+    url = "http://u:p@prom:9090/?token=abc"
+    tree = {
+        "n": [1, 2.5, None, True, [3, {"deep": url}]],
+        "t": (url, 4),
+        "m": MappingProxyType({"k": url}),
+    }
+    out = redact_tree(tree)
+    assert out["n"][:4] == [1, 2.5, None, True] and out["n"][4][0] == 3
+    masked = "http://***@prom:9090/?token=***"
+    assert out["n"][4][1]["deep"] == masked
+    assert out["t"] == [masked, 4] and out["m"] == {"k": masked}
+    assert tree["n"][4][1]["deep"] == url  # a new tree: the input is left as it was
