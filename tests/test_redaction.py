@@ -104,7 +104,7 @@ def test_redact_tree_reaches_every_string_and_keeps_every_other_leaf() -> None:
     from canaryd.redact import redact_tree
 
     url = "http://u:p@prom:9090/?token=abc"
-    tree = {
+    tree: dict[str, Any] = {
         "n": [1, 2.5, None, True, [3, {"deep": url}]],
         "t": (url, 4),
         "m": MappingProxyType({"k": url}),
