@@ -89,6 +89,11 @@ class SpecSummary(_View):
     step_traffic: list[str] = Field(
         default_factory=list, description="per step, what it sends the canary, in words"
     )
+    step_durations_s: list[float] = Field(
+        default_factory=list,
+        description="per step, how long it is judged (stepDuration, or blueGreen's "
+        "scaleDownDelay for the switch)",
+    )
 
 
 class EventView(_View):
@@ -219,6 +224,10 @@ def spec_summary_of(canary: CanaryObject) -> SpecSummary | None:
         strategy=spec.strategy,
         step_mirrors_pct=[spec.mirror_pct(i) for i in range(len(spec.steps))],
         step_traffic=[spec.step_traffic(i) for i in range(len(spec.steps))],
+        step_durations_s=[
+            spec.own_step_duration_s(i) or spec.analysis.step_duration
+            for i in range(len(spec.steps))
+        ],
     )
 
 

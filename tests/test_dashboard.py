@@ -279,6 +279,10 @@ def test_a_blue_green_detail_names_its_strategy_and_the_mirrored_step() -> None:
                 expect(facts).to_contain_text("blue/green", timeout=10_000)
                 expect(facts).to_contain_text("50% mirror of the rest")
                 expect(facts).to_contain_text("users stay on stable")
+                # the switch is judged for scaleDownDelay, not stepDuration
+                expect(page.locator("#detail-view")).to_contain_text(
+                    "12.0s per step, the 100% step 30.0s"
+                )
                 page.wait_for_timeout(1_000)
                 page.screenshot(path=str(ARTIFACTS / "dashboard-bluegreen.png"), full_page=True)
             finally:

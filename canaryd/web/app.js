@@ -163,6 +163,17 @@
     blueGreen: "blue/green: a warm-up, then all traffic at once (the old version kept)",
   };
 
+  // "600s per step", or with a step of its own length (blue/green's switch, judged
+  // for scaleDownDelay) "600s per step, the 100% step 30s"
+  function stepDurations(spec) {
+    const base = num(spec.stepDurationS) + "s per step";
+    const own = (spec.stepDurationsS || [])
+      .map((s, i) => [s, (spec.steps || [])[i]])
+      .filter(([s]) => s !== spec.stepDurationS)
+      .map(([s, w]) => "the " + w + "% step " + num(s) + "s");
+    return own.length ? base + ", " + own.join(", ") : base;
+  }
+
   function stepText(c) {
     const n = (c.steps || []).length;
     if (!n) return "–";
@@ -678,7 +689,7 @@
       "div",
       { class: "detail-head" },
       el("h1", { id: "detail-title", tabindex: "-1" }, el("span", { class: "ns", text: c.namespace + "/" }), c.name),
-      d.spec ? el("span", { class: "muted", text: "service " + (d.spec.service || "–") + " · every " + num(d.spec.intervalS) + "s · " + num(d.spec.stepDurationS) + "s per step · " + d.spec.promotionMode }) : null
+      d.spec ? el("span", { class: "muted", text: "service " + (d.spec.service || "–") + " · every " + num(d.spec.intervalS) + "s · " + stepDurations(d.spec) + " · " + d.spec.promotionMode }) : null
     );
     const top = el("div", { class: "grid2" }, section("Status", el("div", { id: "summary-box" })), section("Commands", el("div", { id: "actions-box" })));
     const charts = section("Current rollout" + (d.summary.revision ? " · " + d.summary.revision : ""), el("div", { id: "charts", class: "charts" }));
