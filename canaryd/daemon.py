@@ -51,6 +51,7 @@ from canaryd.kube import (
     VERSION,
     CanaryObject,
     Kube,
+    decision_lane,
     to_canary,
 )
 from canaryd.leader import LeaderElector, LeaseSettings
@@ -809,13 +810,21 @@ class Daemon:
             return await self._converge(canary, spec)
         if not self.acting:
             return canary  # leadership lapsed during this round: the new leader decides
-        written = await self.kube.write_status(canary, new_status)
-        self._wrote()
-        self._track(canary.ref).written_at_s = time.monotonic()
-        if new_status.phase.terminal and not status.phase.terminal:
-            self._ended(canary.ref, new_status, now)
-        await self._promote_and_notify(written, spec, result.actions)
-        written = await self._converge(written, spec)
+        # a decision (a phase, step or weight change: a rollback above all) and what it
+        # moves take the decision lane: never behind other Canaries' routine writes
+        decides = (new_status.phase, new_status.step_index, new_status.canary_weight) != (
+            status.phase,
+            status.step_index,
+            status.canary_weight,
+        )
+        with decision_lane(decides):
+            written = await self.kube.write_status(canary, new_status)
+            self._wrote()
+            self._track(canary.ref).written_at_s = time.monotonic()
+            if new_status.phase.terminal and not status.phase.terminal:
+                self._ended(canary.ref, new_status, now)
+            await self._promote_and_notify(written, spec, result.actions)
+            written = await self._converge(written, spec)
         return await self._remove_acknowledged(written)
 
     async def _remove_acknowledged(self, canary: CanaryObject) -> CanaryObject:

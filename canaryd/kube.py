@@ -19,7 +19,9 @@ survive restarts and are auditable with ``kubectl get canary -o yaml``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import json
 import secrets
@@ -233,6 +235,34 @@ def to_canary(raw: dict[str, Any]) -> CanaryObject:
     )
 
 
+#: Whether the calls made now carry a decision (a rollback's or a step's status write,
+#: the weights it moves): :meth:`Kube.call` runs them on threads of their own, so they
+#: never queue behind the routine calls (progress refreshes, reads) of a thousand
+#: other Canaries in the shared pool.  Set with :func:`decision_lane`.
+_DECISION: contextvars.ContextVar[bool] = contextvars.ContextVar("decision", default=False)
+#: Threads for decisions: few, since decisions are few; the routine pool is asyncio's.
+DECISION_THREADS = 2
+_decision_pool = concurrent.futures.ThreadPoolExecutor(
+    DECISION_THREADS, thread_name_prefix="kube-decision"
+)
+
+
+@contextlib.contextmanager
+def decision_lane(on: bool = True) -> Iterator[None]:
+    """The Kubernetes calls made inside (in this task, and what it awaits) carry a
+    decision when ``on``: they take the decision lane (see ``_DECISION``)."""
+    token = _DECISION.set(on or _DECISION.get())
+    try:
+        yield
+    finally:
+        _DECISION.reset(token)
+
+
+def in_decision_lane() -> bool:
+    """Whether the calls made now take the decision lane."""
+    return _DECISION.get()
+
+
 class Kube:
     """Async access to the Kubernetes API for canaryd (blocking calls in threads).
 
@@ -270,6 +300,9 @@ class Kube:
         # survives its cancel never lets the daemon stop.
         try:
             async with asyncio.timeout(self.timeout_s + 1.0):
+                if _DECISION.get():
+                    loop = asyncio.get_running_loop()
+                    return await loop.run_in_executor(_decision_pool, run)
                 return await asyncio.to_thread(run)
         except TimeoutError as exc:
             raise map_error(exc) from exc
