@@ -444,8 +444,16 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         _emit_json(out, {"file": args.file, "valid": valid, "errors": [], "warnings": warnings})
     else:
-        steps = " → ".join(f"{w}%" for w in spec.steps)
-        out.write(f"{args.file}: {'valid' if valid else 'invalid (--strict)'}; steps {steps}\n")
+        steps = " → ".join(
+            f"{w}% + {m}% mirror" if (m := spec.mirror_pct(i)) else f"{w}%"
+            for i, w in enumerate(spec.steps)
+        )
+        if spec.strategy == "abTest":
+            plan = spec.step_traffic(0)  # one step: the cohort's
+        else:
+            plan = ("blue/green, " if spec.strategy == "blueGreen" else "") + f"steps {steps}"
+        state = "valid" if valid else "invalid (--strict)"
+        out.write(f"{args.file}: {state}; {plan}\n")
         for warning in warnings:
             out.write(f"  {'error' if args.strict else 'warning'}: {warning}\n")
     return EXIT_OK if valid else EXIT_REJECTED

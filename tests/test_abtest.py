@@ -107,6 +107,8 @@ def test_canaryd_validate_refuses_an_ab_test_with_weight_steps(
     del body["spec"]["steps"]
     path.write_text(json.dumps(body))
     assert main(["validate", str(path)]) == 0
+    said = capsys.readouterr().out
+    assert "valid; the A/B cohort (x-canary: insider) on the canary" in said, said
 
 
 # -- the routes: a cohort route next to each managed one, nothing else ---------------------

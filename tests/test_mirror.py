@@ -201,3 +201,15 @@ def test_canaryd_plan_counts_the_copies_and_the_cohort_as_the_canarys_traffic(
     assert caught_on_copies and all(d["bad_requests"] == 0 for d in caught_on_copies)
     assert all(d["canary_requests"] > 0 for d in caught_on_copies)  # no user got one
     assert [(s["weight"], s["canary_rps"]) for s in plans["cohort"]["steps"]] == [(100, 10.0)]
+
+
+def test_canaryd_validate_names_each_steps_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(json.dumps({"steps": MIRROR_STEPS}))
+    assert main(["validate", str(path)]) == 0
+    assert "valid; steps 0% + 50% mirror → 10% → 50% → 100%" in capsys.readouterr().out
+    path.write_text(json.dumps({"strategy": "blueGreen", "blueGreen": {"mirrorPercent": 20}}))
+    assert main(["validate", str(path)]) == 0
+    assert "valid; blue/green, steps 0% + 20% mirror → 100%" in capsys.readouterr().out
