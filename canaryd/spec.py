@@ -836,8 +836,8 @@ class CanarySpec(_Model):
         """Steps written as mappings become their weights; their mirrors are kept
         beside them (``mirror_pct``) and written back out by the serializer."""
         mirrors: tuple[int, ...] = ()
-        if isinstance(data, Mapping) and data.get("strategy") == "blueGreen":
-            data = cls._blue_green_plan(data)
+        if isinstance(data, Mapping):
+            data = cls._strategy_plan(data)
         steps = data.get("steps") if isinstance(data, Mapping) else None
         if isinstance(steps, list) and any(isinstance(x, Mapping) for x in steps):
             weights: list[Any] = []
@@ -869,20 +869,37 @@ class CanarySpec(_Model):
         return spec
 
     @staticmethod
-    def _blue_green_plan(data: Mapping[str, Any]) -> dict[str, Any]:
-        """``strategy: blueGreen`` as steps (and the approval before the switch)."""
+    def _strategy_plan(data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The steps abTest and blueGreen plan for themselves, written into ``data``
+        (given steps must be those: a spec dumped and read back).
+
+        An A/B test routes a cohort, not weights: one step, the cohort's (canaryWeight
+        is then the cohort's share on the canary: 100).  A blue/green is a warm-up on
+        mirrored copies (when ``mirrorPercent`` is set), then the switch, with the
+        approval before it when asked; its settings default when left out."""
+        strategy = data.get("strategy")
+        if strategy == "abTest":
+            if "steps" in data and data["steps"] != [100]:
+                raise ValueError(
+                    "strategy abTest sends the cohort (match) to the canary in one step: "
+                    "remove steps (weight steps are the canary strategy's)"
+                )
+            return {**data, "steps": [100]}
+        if strategy != "blueGreen":
+            return data
         raw = data.get("blueGreen", data.get("blue_green")) or {}
         try:
             plan = BlueGreen.model_validate(raw)
         except ValidationError as exc:
             raise ValueError("; ".join(describe_errors(exc, BlueGreen, "blueGreen"))) from None
         steps = plan.steps()
-        if "steps" in data and data["steps"] != steps:  # equal: the spec dumped back
+        if "steps" in data and data["steps"] != steps:
             raise ValueError(
                 "strategy blueGreen plans its own steps (a warm-up, then the switch to 100%): "
                 "remove steps; blueGreen.mirrorPercent warms up on mirrored traffic"
             )
-        out = {**data, "steps": steps}
+        out = {k: v for k, v in data.items() if k != "blue_green"}
+        out |= {"steps": steps, "blueGreen": raw}  # left out: its defaults
         if plan.approval:
             approvals = dict(data.get("approvals") or {})
             before = approvals.get("before") or []
@@ -926,24 +943,8 @@ class CanarySpec(_Model):
         """Whether any step mirrors traffic."""
         return any(self._mirror_pcts)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _ab_test_steps(cls, data: Any) -> Any:
-        """An A/B test routes a cohort, not weights: it has one step, the cohort's
-        (canaryWeight is then the cohort's share on the canary: 100)."""
-        if isinstance(data, Mapping) and data.get("strategy") == "abTest":
-            if "steps" in data and data["steps"] != [100]:  # [100]: the spec dumped back
-                raise ValueError(
-                    "strategy abTest sends the cohort (match) to the canary in one step: "
-                    "remove steps (weight steps are the canary strategy's)"
-                )
-            data = {**data, "steps": [100]}
-        return data
-
     @model_validator(mode="after")
     def _blue_green_valid(self) -> CanarySpec:
-        if self.strategy == "blueGreen" and self.blue_green is None:
-            object.__setattr__(self, "blue_green", BlueGreen())  # the defaults
         if self.strategy != "blueGreen" and self.blue_green is not None:
             raise ValueError("blueGreen applies only to strategy blueGreen")
         return self
