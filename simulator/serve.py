@@ -121,9 +121,11 @@ __all__ = [
     "MeshEmulator",
     "RouteError",
     "Routing",
+    "Split",
     "canary_mirror_pct",
     "canary_share_pct",
     "routing_of",
+    "split_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -336,66 +338,83 @@ def _weight(destination: Mapping[str, Any], alone: bool, where: str) -> int:
     return weight
 
 
-def canary_share_pct(
-    vs_spec: Mapping[str, Any] | None, routing: Routing, cohort_pct: int = 0
-) -> int:
-    """The percentage of requests the VirtualService sends to the canary, 0..100.
+class Split(NamedTuple):
+    """How Envoy splits one Canary's requests, as the routing object reads.
 
-    Args:
-        vs_spec: the VirtualService's ``spec``, or ``None`` when it does not exist.
-        routing: the Canary's routing.
-        cohort_pct: the share of requests that carry an A/B test's cohort headers (the
-            scenario's ``traffic.cohort_pct``).  They take the route with a header
-            match ahead of the main route (Istio: the first in order; an HTTPRoute: the
-            rule with header matches, which takes precedence), when there is one.
+    Attributes:
+        main_pct: the canary's share of the main route (everyone's).
+        cohort_pct: the canary's share of the route an A/B test's cohort takes, or None
+            when there is none.
+        mirror_pct: the share of the main route's requests also copied to the canary.
+    """
+
+    main_pct: int
+    cohort_pct: int | None
+    mirror_pct: int
+
+    def share_pct(self, cohort_pct: int) -> int:
+        """The canary's share of all requests, ``cohort_pct`` of them in the cohort."""
+        if self.cohort_pct is None or cohort_pct <= 0:
+            return self.main_pct
+        return round((cohort_pct * self.cohort_pct + (100 - cohort_pct) * self.main_pct) / 100)
+
+
+def split_of(vs_spec: Mapping[str, Any] | None, routing: Routing) -> Split:
+    """How the routing object (a VirtualService's or HTTPRoute's ``spec``, ``None``
+    when it does not exist) splits requests: the main route's share, the cohort's
+    route (Istio: the first with a header match ahead of the main route; an HTTPRoute:
+    the rule with header matches, which takes precedence) and the mirror to the canary
+    (Istio's ``mirror`` to the canary destination at ``mirrorPercentage``; an HTTPRoute
+    rule's RequestMirror filter to the canary's Service at its ``percent``; all requests
+    when unset; 0 for a mirror to anything else).
 
     Raises:
         RouteError: saying what is missing or unreadable.
     """
-    main, cohort = (
-        _httproute_share_pct(vs_spec, routing)[:2]
-        if routing.plural == HTTPROUTE_PLURAL
-        else _vs_share_pct(vs_spec, routing)
+    if routing.plural == HTTPROUTE_PLURAL:
+        return _httproute_split(vs_spec, routing)
+    name, route, cohort = _vs_routes(vs_spec, routing)
+    mirror, pct = route.get("mirror"), 0
+    if isinstance(mirror, dict) and _is(
+        {"destination": mirror}, routing, routing.canary_destination
+    ):
+        pct = _dict(route.get("mirrorPercentage")).get("value", 100)
+        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+            raise RouteError(f"mirrorPercentage {pct!r} is not a percentage")
+    return Split(
+        _route_share_pct(route, routing, name),
+        None if cohort is None else _route_share_pct(cohort, routing, name),
+        round(pct),
     )
-    if cohort is None or cohort_pct <= 0:
-        return main
-    return round((cohort_pct * cohort + (100 - cohort_pct) * main) / 100)
+
+
+def canary_share_pct(
+    vs_spec: Mapping[str, Any] | None, routing: Routing, cohort_pct: int = 0
+) -> int:
+    """The percentage of requests the routing object sends to the canary, 0..100,
+    ``cohort_pct`` of them in an A/B test's cohort (the scenario's
+    ``traffic.cohort_pct``); see :func:`split_of`.
+
+    Raises:
+        RouteError: saying what is missing or unreadable.
+    """
+    return split_of(vs_spec, routing).share_pct(cohort_pct)
+
+
+def canary_mirror_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int:
+    """The share of the main route's requests Envoy also copies to the canary; see
+    :func:`split_of`.
+
+    Raises:
+        RouteError: as :func:`canary_share_pct`.
+    """
+    return split_of(vs_spec, routing).mirror_pct
 
 
 def _has_header_match(matches: Any) -> bool:
     return isinstance(matches, list) and any(
         isinstance(m, dict) and m.get("headers") for m in matches
     )
-
-
-def _vs_share_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> tuple[int, int | None]:
-    """(the main route's canary share, the cohort route's or None)."""
-    name, route, cohort = _vs_routes(vs_spec, routing)
-    main = _route_share_pct(route, routing, name)
-    return main, None if cohort is None else _route_share_pct(cohort, routing, name)
-
-
-def canary_mirror_pct(vs_spec: Mapping[str, Any] | None, routing: Routing) -> int:
-    """The share of the main route's requests Envoy also copies to the canary: Istio's
-    ``mirror`` to the canary destination, at ``mirrorPercentage`` (all when unset); an
-    HTTPRoute rule's RequestMirror filter to the canary's Service, at its ``percent``
-    (all when unset).  0 for a mirror to anything else.
-
-    Raises:
-        RouteError: as :func:`canary_share_pct`.
-    """
-    if routing.plural == HTTPROUTE_PLURAL:
-        return _httproute_share_pct(vs_spec, routing)[2]
-    _, route, _ = _vs_routes(vs_spec, routing)
-    mirror = route.get("mirror")
-    if not isinstance(mirror, dict) or not _is(
-        {"destination": mirror}, routing, routing.canary_destination
-    ):
-        return 0
-    pct = _dict(route.get("mirrorPercentage")).get("value", 100)
-    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
-        raise RouteError(f"mirrorPercentage {pct!r} is not a percentage")
-    return round(pct)
 
 
 def _vs_routes(
@@ -472,12 +491,11 @@ def _backend_weight(ref: Mapping[str, Any], where: str) -> int:
     return weight
 
 
-def _httproute_share_pct(
-    route_spec: Mapping[str, Any] | None, routing: Routing
-) -> tuple[int, int | None, int]:
-    """The canary's share of an HTTPRoute rule, as a Gateway API implementation splits
-    it: the first rule named in ``routing.routes``, else the first with both Services
-    among its backendRefs; the canary's weight over the sum of the rule's weights."""
+def _httproute_split(route_spec: Mapping[str, Any] | None, routing: Routing) -> Split:
+    """The :class:`Split` of an HTTPRoute, as a Gateway API implementation splits it:
+    the main rule is the first named in ``routing.routes``, else the first with both
+    Services among its backendRefs (and no header match); the canary's share of a rule
+    is its weight over the sum of the rule's weights."""
     name = f"HTTPRoute {routing.canary.namespace}/{routing.virtual_service}"
     if route_spec is None:
         raise RouteError(f"{name} not found")
@@ -545,7 +563,7 @@ def _httproute_share_pct(
             if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
                 raise RouteError(f"{name}: RequestMirror percent {pct!r} is not a percentage")
             mirror = pct
-    return share(rule), None if cohort is None else share(cohort), mirror
+    return Split(share(rule), None if cohort is None else share(cohort), mirror)
 
 
 # --------------------------------------------------------------------------- the emulator
@@ -926,8 +944,9 @@ class MeshEmulator:
         routing = entry.routing
         vs_spec = self._vs.get(routing.vs_key)
         try:
-            weight = canary_share_pct(vs_spec, routing, entry.sim.scenario.traffic.cohort_pct)
-            mirror = canary_mirror_pct(vs_spec, routing)
+            split = split_of(vs_spec, routing)  # one read of the object for both
+            weight = split.share_pct(entry.sim.scenario.traffic.cohort_pct)
+            mirror = split.mirror_pct
             problem = None
         except RouteError as exc:
             weight, mirror, problem = 0, 0, str(exc)
