@@ -393,6 +393,12 @@ def catch_probability(
     return math.exp(float(log_ndtr((m - c) / s)))
 
 
+def _served(share: float, mirror_pct: int) -> float:
+    """The fraction of all requests the canary serves: its ``share`` of them, and the
+    copies of ``mirror_pct`` % of the rest."""
+    return share + (1.0 - share) * mirror_pct / 100.0
+
+
 def _detection(
     label: str,
     start_step: int,
@@ -408,8 +414,8 @@ def _detection(
 
     def seen(s: Sample) -> float:
         """The share of the canary's requests users got: all but mirrored copies."""
-        weight, mirror = s.canary_weight_pct / 100.0, spec.mirror_pct(s.step_index) / 100.0
-        served = weight + (1.0 - weight) * mirror
+        weight = s.canary_weight_pct / 100.0
+        served = _served(weight, spec.mirror_pct(s.step_index))
         return weight / served if served > 0 else 0.0
 
     if kind == "errors":
@@ -540,7 +546,7 @@ def make_plan(
     cohort_pct = int(Traffic.model_fields["cohort_pct"].default)  # the simulated cohort
     for i, weight in enumerate(weights):
         share = spec.traffic_share_pct(weight, cohort_pct) / 100.0
-        canary_rps = profile.rps * (share + (1.0 - share) * spec.mirror_pct(i) / 100.0)
+        canary_rps = profile.rps * _served(share, spec.mirror_pct(i))
         duration, how = healthy_steps[i] if i < len(healthy_steps) else (None, "not reached")
         step_plans.append(
             StepPlan(
