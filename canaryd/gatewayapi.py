@@ -24,7 +24,7 @@ import copy
 from typing import Any
 
 from canaryd.ports import RoutingError
-from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_strategy_weights
+from canaryd.routes import ObjectRouter, is_cohort, strategy_weights, with_strategy_weights
 from canaryd.spec import CanarySpec, GatewayAPIRouting
 
 GROUP = "gateway.networking.k8s.io"
@@ -112,11 +112,9 @@ def _canary_pct(rule: dict[str, Any], spec: CanarySpec) -> int:
 def route_weights_of(route: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
     """The canary percent of every rule this Canary manages, in order (under abTest, of
     the cohort's rule next to each: 0 where there is none)."""
-    managed = _rules(route, spec)
-    if spec.strategy == "abTest":
-        rules = (route.get("spec") or {}).get("rules") or []
-        return cohort_weights(rules, managed, lambda r: _canary_pct(r, spec))
-    return tuple(_canary_pct(r, spec) for r in managed)
+    return strategy_weights(
+        route, spec, "rules", _rules(route, spec), lambda r: _canary_pct(r, spec)
+    )
 
 
 #: The Gateway API's names for Istio's string match kinds (``prefix`` is refused by

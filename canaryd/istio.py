@@ -20,7 +20,7 @@ import copy
 from typing import Any
 
 from canaryd.ports import CanaryRef, NotFoundError, RoutingError
-from canaryd.routes import ObjectRouter, cohort_weights, is_cohort, with_strategy_weights
+from canaryd.routes import ObjectRouter, is_cohort, strategy_weights, with_strategy_weights
 from canaryd.spec import CanarySpec, IstioRouting
 
 GROUP = "networking.istio.io"
@@ -101,11 +101,7 @@ def _canary_weight(route: dict[str, Any], spec: CanarySpec) -> int:
 def route_weights_of(vs: dict[str, Any], spec: CanarySpec) -> tuple[int, ...]:
     """The canary weight of every route this Canary manages, in order (under abTest,
     of the cohort's route ahead of each: 0 where there is none)."""
-    managed = _routes(vs, spec)
-    if spec.strategy == "abTest":
-        http = (vs.get("spec") or {}).get("http") or []
-        return cohort_weights(http, managed, lambda r: _canary_weight(r, spec))
-    return tuple(_canary_weight(r, spec) for r in managed)
+    return strategy_weights(vs, spec, "http", _routes(vs, spec), lambda r: _canary_weight(r, spec))
 
 
 def cohort_matches(route: dict[str, Any], spec: CanarySpec) -> list[dict[str, Any]]:

@@ -80,6 +80,20 @@ def with_cohorts(
     return out
 
 
+def strategy_weights(
+    obj: dict[str, Any],
+    spec: CanarySpec,
+    items_key: str,
+    managed: Sequence[dict[str, Any]],
+    weight_of: Callable[[dict[str, Any]], int],
+) -> tuple[int, ...]:
+    """The canary weight of every managed route of ``obj`` (its ``items_key`` list), in
+    order: its own, or under abTest its cohort route's (:func:`cohort_weights`)."""
+    if spec.strategy == "abTest":
+        return cohort_weights((obj.get("spec") or {}).get(items_key) or [], managed, weight_of)
+    return tuple(weight_of(r) for r in managed)
+
+
 def cohort_weights(
     items: Sequence[dict[str, Any]],
     managed: Sequence[dict[str, Any]],
