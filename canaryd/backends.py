@@ -10,13 +10,15 @@ same command.  Output and exit codes are the same either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
 
 from canaryd.kube import CanaryObject, Kube, new_command
-from canaryd.ports import CanaryRef, NotFoundError, UnavailableError
+from canaryd.ports import CanaryRef, KubeError, NotFoundError, UnavailableError
 from canaryd.rollout import Command, CommandKind
+from canaryd.shards import GROUP_LABEL, ROLE_LABEL, shard_of
 from canaryd.slo import service_name
 from canaryd.status import CanaryStatus
 
@@ -37,6 +39,32 @@ class CanaryView:
     steps: tuple[int, ...]
     #: the service it releases (``spec.service``, else its stable Deployment)
     service: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardView:
+    """Which replica holds which shard (``canaryd run --shards N``).
+
+    Attributes:
+        holders: each shard's holder, None for none (or a Lease that ran out).
+    """
+
+    holders: tuple[str | None, ...]
+
+    def of(self, ref: CanaryRef) -> str:
+        """``shard 2 of 4, held by pod-b`` for one Canary."""
+        shard = shard_of(ref, len(self.holders))
+        holder = self.holders[shard]
+        held = f"held by {holder}" if holder else "held by no replica now"
+        return f"shard {shard} of {len(self.holders)}, {held}"
+
+    def line(self) -> str:
+        """``shards (4): 0,2 pod-a · 1 pod-b · 3 unheld`` for the list view."""
+        by: dict[str, list[int]] = {}
+        for i, holder in enumerate(self.holders):
+            by.setdefault(holder or "unheld", []).append(i)
+        parts = [f"{','.join(map(str, shards))} {who}" for who, shards in sorted(by.items())]
+        return f"shards ({len(self.holders)}): " + " · ".join(parts)
 
 
 class Backend(Protocol):
@@ -62,6 +90,11 @@ class Backend(Protocol):
         """Every service's SLO figures as a running daemon last read them."""
         ...
 
+    async def shards(self) -> ShardView | None:
+        """Who holds which shard, when the daemons run sharded (None otherwise, or
+        when it cannot be read: the rest of ``status`` does not depend on it)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -76,8 +109,42 @@ def _view(canary: CanaryObject) -> CanaryView:
 
 
 class KubeBackend:
-    def __init__(self, kube: Kube) -> None:
+    def __init__(
+        self, kube: Kube, lease_namespace: str = "default", lease_name: str = "canaryd-leader"
+    ) -> None:
         self.kube = kube
+        self.lease_namespace = lease_namespace
+        self.lease_name = lease_name
+
+    async def shards(self) -> ShardView | None:
+        """From the shard Leases (``<lease-name>-shard-<i>``): a holder whose Lease's
+        renewTime is older than its duration (by this machine's clock) counts as none."""
+        try:
+            listed = await self.kube.call(
+                self.kube.coordination.list_namespaced_lease,
+                self.lease_namespace,
+                label_selector=f"{GROUP_LABEL}={self.lease_name},{ROLE_LABEL}=shard",
+            )
+        except KubeError:
+            return None
+        prefix = f"{self.lease_name}-shard-"
+        found: dict[int, str | None] = {}
+        now = datetime.now(UTC)
+        for lease in listed.items:
+            name = str(lease.metadata.name if lease.metadata else "")
+            if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
+                continue
+            spec = lease.spec
+            holder = spec.holder_identity if spec else None
+            renewed = spec.renew_time if spec else None
+            duration_s = (spec.lease_duration_seconds if spec else None) or 0
+            ran_out = renewed is not None and (now - renewed).total_seconds() > duration_s > 0
+            if ran_out:
+                holder = None
+            found[int(name[len(prefix) :])] = holder or None
+        if not found:
+            return None
+        return ShardView(tuple(found.get(i) for i in range(max(found) + 1)))
 
     async def submit(
         self,
@@ -200,6 +267,20 @@ class HttpBackend:
         except UnavailableError as exc:
             raise BackendError(str(exc)) from None
         return [dict(r) for r in rows] if isinstance(rows, list) else []
+
+    async def shards(self) -> ShardView | None:
+        """From ``/readyz`` of the replica asked (its view of the shard Leases)."""
+        try:
+            response = await self.http.get("/readyz")
+            body = response.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        shards = body.get("shards") if isinstance(body, dict) else None
+        if not isinstance(shards, dict) or not isinstance(shards.get("holders"), dict):
+            return None
+        holders = shards["holders"]
+        count = int(shards.get("count") or len(holders))
+        return ShardView(tuple(holders.get(str(i)) or None for i in range(count)))
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -31,7 +31,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from analysis.verdict import format_duration
 from canaryd.backends import Backend, BackendError, CanaryView, KubeBackend
-from canaryd.cli import duration_arg, http_url_arg, number_arg, one_line
+from canaryd.cli import _version, duration_arg, http_url_arg, number_arg, one_line
 from canaryd.kube import CanaryObject, Kube
 from canaryd.ports import (
     CanaryRef,
@@ -397,6 +397,7 @@ async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, o
         else:
             canaries = await backend.list(namespace)
         await budgets.read(args, backend, args.namespace or default_ns if args.name else namespace)
+        shards = None if args.json else await backend.shards()
         if args.watch and not args.json and out.isatty():
             out.write("\x1b[H\x1b[2J")  # redraw in place
         if args.json:
@@ -421,6 +422,8 @@ async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, o
                 out.write(_line(canary, _budget_brief(row) if row and not args.name else "") + "\n")
                 if args.name and row is not None:
                     out.write("\n".join(_budget_lines(row)) + "\n")
+                if args.name and shards is not None:
+                    out.write(f"  {shards.of(canary.ref)}\n")
                 verdict = canary.status.last_verdict
                 if args.name and verdict is not None:
                     out.write(f"  last verdict: {verdict.decision} at {verdict.at.isoformat()}\n")
@@ -430,6 +433,8 @@ async def _status(args: argparse.Namespace, backend: Backend, default_ns: str, o
                 out.write("no Canaries found\n")
             elif budgets.note:
                 out.write(f"({budgets.note})\n")
+            if shards is not None and not args.name:
+                out.write(shards.line() + "\n")
         out.flush()
         if not args.watch:
             return EXIT_OK
@@ -462,11 +467,14 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
     router = KubeRouter(kube)
     metrics, metrics_timeout_s = _metrics_source(args, router)
     lease = None
+    identity = args.identity or socket.gethostname()
+    # who wrote what, in the API server's audit log (and the double's write log)
+    client.user_agent = f"canaryd/{_version()} ({identity})"
     if args.leader_elect:
         lease = LeaseSettings(
             namespace=args.lease_namespace,
             name=args.lease_name,
-            identity=args.identity or socket.gethostname(),
+            identity=identity,
             lease_duration_s=args.lease_duration,
             renew_s=args.lease_renew,
             retry_s=args.lease_retry,
@@ -474,6 +482,7 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
     settings = DaemonSettings(
         namespaces=tuple(args.watch_namespace or ()),
         lease=lease,
+        shards=args.shards,
         resync_s=args.resync,
         watch_timeout_s=args.watch_timeout,
         metrics_timeout_s=metrics_timeout_s,
@@ -481,12 +490,12 @@ async def _run_daemon(args: argparse.Namespace, client: k8s.ApiClient, out: Text
         slo_refresh_s=args.slo_refresh,
     )
     hub = StatusHub()
-    leading: list[Callable[[], bool]] = []  # the daemon's, once it exists
+    leading: list[Callable[[CanaryRef], bool]] = []  # the daemon's, once it exists
     notifier, interactions = _notifications(
-        args, kube, hub.get, lambda: bool(leading) and leading[0]()
+        args, kube, hub.get, lambda ref: bool(leading) and leading[0](ref)
     )
     daemon = Daemon(kube, metrics, router, Deployments(kube), settings, hub=hub, notifier=notifier)
-    leading.append(lambda: daemon.acting)
+    leading.append(daemon.acting_for)
     sock = None
     if args.listen != "off":
         from canaryd import api  # noqa: PLC0415
@@ -548,7 +557,7 @@ def _notifications(
     args: argparse.Namespace,
     kube: Kube,
     lookup: Callable[[CanaryRef], CanaryObject | None],
-    acting: Callable[[], bool],
+    acting: Callable[[CanaryRef], bool],
 ) -> tuple[Notifier, SlackInteractions | None]:
     """The notifier (Slack, webhooks, MQTT sinks the flags ask for) and the Slack
     interactions handler (None without a signing secret)."""
@@ -608,9 +617,10 @@ def _notifications(
             raise ClusterError(f"--mqtt-url: {exc}") from None
 
         async def submit_if_leading(ref: CanaryRef, command: Command) -> None:
-            # every replica reads the command topic; only the one that acts writes
-            # the command, so that it is not written once per replica
-            if acting():
+            # every replica reads the command topic; only the one that acts for the
+            # Canary (leads, or holds its shard) writes the command, so that it is not
+            # written once per replica
+            if acting(ref):
                 await kube.add_command(ref, command)
 
         sinks.append(MqttSink(mqtt, submit_if_leading))
@@ -667,6 +677,16 @@ def _metrics_source(args: argparse.Namespace, router: TrafficRouter) -> tuple[Me
     return PrometheusMetrics(settings), settings.timeout_s + 2.0
 
 
+def _shard_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= count <= 1024:
+        raise argparse.ArgumentTypeError(f"{count} shards: give 1 to 1024")
+    return count
+
+
 def check_run(args: argparse.Namespace) -> str | None:
     """The first problem with ``canaryd run``'s flags taken together, or None; checked
     as the flags are parsed (a usage error, exit 2), before any cluster is contacted."""
@@ -681,6 +701,8 @@ def check_run(args: argparse.Namespace) -> str | None:
             f"--lease-retry {d(args.lease_retry)} must be shorter than --lease-duration "
             f"{d(args.lease_duration)}"
         )
+    if args.shards > 1 and not args.leader_elect:
+        return "--shards needs --leader-elect: each shard is a Lease"
     if args.simulate and args.simulate_file:
         return "give --simulate or --simulate-file, not both"
     simulated = args.simulate or args.simulate_file
@@ -829,6 +851,15 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     run.add_argument("--lease-namespace", default="default", metavar="NS")
     run.add_argument("--lease-name", default="canaryd-leader", metavar="NAME")
     run.add_argument("--identity", metavar="ID", help="this replica's identity (default: hostname)")
+    run.add_argument(
+        "--shards",
+        type=_shard_count,
+        default=1,
+        metavar="N",
+        help="split the Canaries into N shards, one Lease each (<lease-name>-shard-<i>); "
+        "every replica reconciles the Canaries of a fair share of them, and takes a lost "
+        "replica's over (default 1: one leader for all)",
+    )
     at_least_1s = duration_arg(minimum=1.0, inclusive=True)
     run.add_argument(
         "--lease-duration",
@@ -1068,6 +1099,14 @@ def add_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     status.add_argument("-A", "--all-namespaces", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh every 2 seconds")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--lease-namespace",
+        default="default",
+        metavar="NS",
+        help="where canaryd run keeps its Leases, to show which replica holds which shard "
+        "(as run's flag; default default)",
+    )
+    status.add_argument("--lease-name", default="canaryd-leader", metavar="NAME")
     _add_slo_prometheus_flags(status, "to show the error budgets of Canaries with an SLO, ")
     status.set_defaults(cluster_handler="status")
 
@@ -1127,7 +1166,12 @@ def handle(args: argparse.Namespace, out: TextIO) -> int:
         if args.cluster_handler == "run":
             return asyncio.run(_run_daemon(args, client, out))
         kube = Kube(client, timeout_s=args.request_timeout)
-        return asyncio.run(_through(args, KubeBackend(kube), default_ns, out))
+        backend = KubeBackend(
+            kube,
+            getattr(args, "lease_namespace", "default"),
+            getattr(args, "lease_name", "canaryd-leader"),
+        )
+        return asyncio.run(_through(args, backend, default_ns, out))
     except BackendError as exc:
         raise ClusterError(str(exc)) from None
     except NotFoundError as exc:

@@ -80,6 +80,7 @@ from canaryd.rollout import (
     PromoteStable,
     reconcile,
 )
+from canaryd.shards import ShardManager, ShardSettings
 from canaryd.slo import SloMonitor, service_name
 from canaryd.spec import API_GROUP, CanarySpec
 from canaryd.status import CanaryStatus, Phase, VerdictDecision
@@ -109,6 +110,9 @@ class DaemonSettings:
     Attributes:
         namespaces: namespaces to watch; empty for all.
         lease: leader election; None to act without it (a single replica).
+        shards: with ``lease``, split the Canaries into this many shards, one Lease
+            each (``<lease name>-shard-<i>``), held by the replicas in fair shares
+            (:mod:`canaryd.shards`); 1 is one leader for all.
         resync_s: how often to list Canaries and look at idle or finished ones, seconds.
         watch_timeout_s: each watch request ends after this and is renewed, seconds.
         conflict_attempts: fresh reads after 409 conflicts before giving up a round.
@@ -130,6 +134,7 @@ class DaemonSettings:
 
     namespaces: tuple[str, ...] = ()
     lease: LeaseSettings | None = None
+    shards: int = 1
     slo_refresh_s: float = 60.0
     resync_s: float = 30.0
     watch_timeout_s: float = 60.0
@@ -269,7 +274,16 @@ class Daemon:
         self.workloads = workloads
         self.settings = settings or DaemonSettings()
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.elector = LeaderElector(kube, self.settings.lease) if self.settings.lease else None
+        lease = self.settings.lease
+        #: one Lease for all (``shards`` 1), or a fair share of the shards' Leases
+        self.shards: ShardManager | None = None
+        self.elector: LeaderElector | None = None
+        if lease is not None and self.settings.shards > 1:
+            self.shards = ShardManager(
+                kube, ShardSettings(self.settings.shards, lease), on_acquired=self._acquired
+            )
+        elif lease is not None:
+            self.elector = LeaderElector(kube, lease)
         self.converger = Converger(router, workloads)
         #: one record per Canary known (worker, cache, timers): see :class:`_Tracked`
         self.canaries: dict[CanaryRef, _Tracked] = {}
@@ -314,7 +328,10 @@ class Daemon:
 
     @property
     def role(self) -> str:
-        """``leader``, ``standby`` or ``single`` (no leader election)."""
+        """``leader``, ``standby``, ``single`` (no leader election) or, sharded,
+        ``sharded`` (holds shards) or ``standby``."""
+        if self.shards is not None:
+            return "sharded" if self.shards.held else "standby"
         if self.elector is None:
             return "single"
         return "leader" if self.elector.is_leader else "standby"
@@ -327,12 +344,39 @@ class Daemon:
             kube = "not listed yet"
         else:
             kube = f"unreachable: {listed}" if listed else "reachable"
-        return ok, {"ready": ok, "role": self.role, "kubernetes": kube, "canaries": len(self.hub)}
+        body: dict[str, object] = {
+            "ready": ok, "role": self.role, "kubernetes": kube, "canaries": len(self.hub),
+        }  # fmt: skip
+        if self.shards is not None:
+            body["shards"] = self.shards.describe()
+        return ok, body
 
     @property
     def acting(self) -> bool:
-        """True when this replica may write (it leads, or runs without election)."""
+        """True when this replica may write: it leads, runs without election, or holds
+        shards (whether for one Canary: :meth:`acting_for`)."""
+        if self.shards is not None:
+            return bool(self.shards.held)
         return self.elector is None or self.elector.is_leader
+
+    def acting_for(self, ref: CanaryRef) -> bool:
+        """True when this replica may write ``ref`` now (it holds its shard, or leads)."""
+        if self.shards is not None:
+            return self.shards.holds(ref)
+        return self.acting
+
+    def _may_start(self, ref: CanaryRef) -> bool:
+        """Whether a round of ``ref`` may begin (a shard being handed over starts none)."""
+        if self.shards is not None:
+            return self.shards.owns(ref)
+        return self.acting
+
+    def _acquired(self, shard: int) -> None:
+        """A shard just taken: its Canaries' workers look at once."""
+        assert self.shards is not None
+        for ref, tracked in self.canaries.items():
+            if tracked.worker is not None and self.shards.shard(ref) == shard:
+                tracked.worker.wake.set()
 
     # -- the task tree ---------------------------------------------------------------------
 
@@ -343,6 +387,8 @@ class Daemon:
             background = []
             if self.elector is not None:
                 background.append(group.create_task(self.elector.run(stop), name="leader"))
+            if self.shards is not None:
+                background.append(group.create_task(self.shards.run(stop), name="shards"))
             background.append(group.create_task(self._discover(), name="discover"))
             background.append(group.create_task(self._watch(), name="watch"))
             background.append(group.create_task(self.notifier.run(), name="notifier"))
@@ -365,6 +411,8 @@ class Daemon:
                     task.cancel()
         if self.elector is not None:
             await self.elector.release()
+        if self.shards is not None:
+            await self.shards.release_all()
         log.info("stopped")
 
     def _ensure_worker(self, ref: CanaryRef) -> _Worker:
@@ -559,12 +607,12 @@ class Daemon:
         failures = 0
         while not self._stop.is_set():
             delay = self.settings.resync_s
-            if self.acting:
+            if self._may_start(ref):
                 round_ = self._round(ref)
                 started_s = time.monotonic()
                 _WRITES.set([0])  # this task's status writes, whatever runs beside it
                 try:
-                    with RECONCILE_SECONDS.time():
+                    with RECONCILE_SECONDS.time(), self._busy(ref):
                         canary = await self.reconcile(ref)
                 except (KubeError, MetricsError, RoutingError, WorkloadError) as exc:
                     failures += 1
@@ -589,9 +637,13 @@ class Daemon:
                         self._forget(ref)
                         return
                     delay = self._next_delay(canary)
-            elif self.settings.lease is not None:
-                delay = self.settings.lease.retry_s
+            elif self.settings.lease is not None and self.shards is None:
+                delay = self.settings.lease.retry_s  # (a shard taken wakes its Canaries)
             await self._sleep(wake, delay)
+
+    def _busy(self, ref: CanaryRef) -> contextlib.AbstractContextManager[None]:
+        """Bracket a reconcile: a shard is handed over only between its rounds."""
+        return self.shards.busy(ref) if self.shards is not None else contextlib.nullcontext()
 
     def _remember(self, done: CanaryObject, *, wrote: bool, delivered: list[str]) -> None:
         """Cache the Canary a reconcile ended with (``wrote``: its own write), unless
@@ -719,7 +771,7 @@ class Daemon:
         deletion never hangs."""
         meta = canary.raw.get("metadata") or {}
         finalizers = list(meta.get("finalizers") or [])
-        if FINALIZER not in finalizers or not self.acting:
+        if FINALIZER not in finalizers or not self.acting_for(canary.ref):
             return canary
         problem: str | None = None
         spec = canary.spec
@@ -762,7 +814,7 @@ class Daemon:
         status = canary.status
         meta = canary.raw.get("metadata") or {}
         finalizers = list(meta.get("finalizers") or [])
-        if FINALIZER not in finalizers and self.acting:
+        if FINALIZER not in finalizers and self.acting_for(canary.ref):
             # before any traffic moves: a deletion from now on restores it first
             canary = await self.kube.set_finalizers(canary, [*finalizers, FINALIZER])
         if canary.spec is None:
@@ -781,7 +833,7 @@ class Daemon:
             return await self._remove_acknowledged(await self._converge(canary, spec))
         observed = await self._observe(canary.ref, spec, status)
         result = reconcile(spec, status, observed, commands, now)
-        if self.acting:
+        if self.acting_for(canary.ref):
             self.hub.round(
                 canary.ref,
                 now,
@@ -808,7 +860,7 @@ class Daemon:
         if not result.actions and self._progress_only(canary.ref, status, new_status, now):
             # numbers of an unchanged decision: written at the next refresh
             return await self._converge(canary, spec)
-        if not self.acting:
+        if not self.acting_for(canary.ref):
             return canary  # leadership lapsed during this round: the new leader decides
         # a decision (a phase, step or weight change: a rollback above all) and what it
         # moves take the decision lane: never behind other Canaries' routine writes
@@ -832,7 +884,7 @@ class Daemon:
         off the annotation, so it never grows and an old command can never come back
         once its id has aged out of the bounded acknowledgement list."""
         done = {c.id for c in canary.commands if c.id in canary.status.acknowledged}
-        if not done or not self.acting:
+        if not done or not self.acting_for(canary.ref):
             return canary
         try:
             pruned = await self.kube.remove_commands(canary, done)
@@ -987,7 +1039,7 @@ class Daemon:
         and both Deployments exist?  Checked when the daemon first sees the Canary or its
         spec changes, every round while it is not ready, and otherwise once per
         ``readiness_recheck_s``; reads only, nothing is scaled or routed."""
-        if not self.acting:
+        if not self.acting_for(canary.ref):
             return canary
         ref, status = canary.ref, canary.status
         ready = status.condition("Ready")
@@ -1087,7 +1139,7 @@ class Daemon:
         the world (log line and Event).  Traffic and replicas are the Converger's."""
         ref = canary.ref
         for action in actions:
-            if not self.acting:
+            if not self.acting_for(ref):
                 log.warning("lost leadership: leaving the remaining actions to the new leader")
                 return
             try:
@@ -1117,7 +1169,7 @@ class Daemon:
         read per Canary per interval.  A failure is retried at the next round.
         """
         ref, status = canary.ref, canary.status
-        if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting:
+        if status.phase is Phase.IDLE or spec.traffic_routing is None or not self.acting_for(ref):
             return canary
         key = (status.phase, status.canary_weight)
         tracked = self._track(ref)

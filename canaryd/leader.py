@@ -44,6 +44,8 @@ class LeaseSettings:
         lease_duration_s: how long a Lease is valid after its last renewal.
         renew_s: how often the leader renews.
         retry_s: how often a standby tries to acquire.
+        labels: labels a Lease this replica creates carries (how sharded replicas
+            list their group's Leases in one request).
     """
 
     namespace: str
@@ -52,6 +54,7 @@ class LeaseSettings:
     lease_duration_s: float = 15.0
     renew_s: float = 10.0
     retry_s: float = 2.0
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 class LeaderElector:
@@ -106,6 +109,14 @@ class LeaderElector:
             lease_transitions=transitions,
         )
 
+    def observe(self, lease: k8s.V1Lease) -> tuple[str, bool]:
+        """Look at the Lease as listed: its holder and whether it is free to take
+        (no holder, or its record unchanged for its duration as this process saw it)."""
+        spec = lease.spec or k8s.V1LeaseSpec()
+        holder = spec.holder_identity or ""
+        duration_s = float(spec.lease_duration_seconds or self.settings.lease_duration_s)
+        return holder, not holder or self._observe(lease, self.monotonic()) >= duration_s
+
     def _observe(self, lease: k8s.V1Lease, started: float) -> float:
         """Seconds the Lease's record has stood unchanged, as this process saw it."""
         record = str((lease.metadata and lease.metadata.resource_version) or "")
@@ -113,18 +124,30 @@ class LeaderElector:
             self._observed = (record, started)
         return self.monotonic() - self._observed[1]
 
-    async def try_acquire_or_renew(self) -> bool:
-        """One attempt; returns whether we hold the Lease afterwards."""
+    async def try_acquire_or_renew(
+        self, listed: k8s.V1Lease | None = None, *, was_listed: bool = False
+    ) -> bool:
+        """One attempt; returns whether we hold the Lease afterwards.
+
+        ``was_listed``: the Lease was just listed (``listed``, None when the list did
+        not hold it), so it is not read again."""
         s = self.settings
         started = self.monotonic()
         now = self.wall()
         try:
-            lease = await self.kube.call(
-                self.kube.coordination.read_namespaced_lease, s.name, s.namespace
-            )
+            if was_listed:
+                if listed is None:
+                    raise NotFoundError(f"lease {s.namespace}/{s.name} not found")
+                lease = listed
+            else:
+                lease = await self.kube.call(
+                    self.kube.coordination.read_namespaced_lease, s.name, s.namespace
+                )
         except NotFoundError:
             body = k8s.V1Lease(
-                metadata=k8s.V1ObjectMeta(name=s.name, namespace=s.namespace),
+                metadata=k8s.V1ObjectMeta(
+                    name=s.name, namespace=s.namespace, labels=dict(s.labels) or None
+                ),
                 spec=self._spec(now, 0, now),
             )
             try:

@@ -7,6 +7,6 @@ controller: nothing in ``canaryd/`` but the playground imports it
 (``tests/test_layers.py``).
 """
 
-from kubedouble.apiserver import KubeApiServer, RequestRecord
+from kubedouble.apiserver import KubeApiServer, RequestRecord, WriteRecord
 
-__all__ = ["KubeApiServer", "RequestRecord"]
+__all__ = ["KubeApiServer", "RequestRecord", "WriteRecord"]

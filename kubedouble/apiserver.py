@@ -131,6 +131,7 @@ __all__ = [
     "PatchError",
     "RequestRecord",
     "ResourceType",
+    "WriteRecord",
     "json_patch",
     "merge_patch",
     "parse_label_selector",
@@ -711,6 +712,20 @@ class RequestRecord(NamedTuple):
     content_type: str | None
 
 
+class WriteRecord(NamedTuple):
+    """One successful write, in the order the double applied them (its audit log).
+
+    ``path`` has no name on a create: ``name`` is the object's; ``agent`` is the
+    client's ``User-Agent`` (who wrote); ``holder`` is a Lease's ``spec.holderIdentity``
+    after the write (None for other kinds, or no holder)."""
+
+    method: str
+    path: str
+    name: str | None
+    agent: str | None
+    holder: str | None
+
+
 @dataclass
 class Fault:
     """An injected failure: the next ``times`` matching requests get ``status``."""
@@ -870,8 +885,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
         outcome = self.server.double._handle(
-            method, self.path, self.headers.get("Content-Type"), body
-        )
+            method, self.path, self.headers.get("Content-Type"), body,
+            self.headers.get("User-Agent"),
+        )  # fmt: skip
         if isinstance(outcome, _WatchPlan):
             self._stream(outcome)
         else:
@@ -981,6 +997,7 @@ class KubeApiServer:
         self._faults: list[Fault] = []
         self._requests: list[RequestRecord] = []
         self._writes = 0
+        self._write_log: list[WriteRecord] = []
         self._frozen_all = False
         self._frozen: set[tuple[str | None, str]] = set()
         self._stopping = False
@@ -1118,10 +1135,17 @@ class KubeApiServer:
         with self._lock:
             return self._writes
 
+    @property
+    def write_log(self) -> list[WriteRecord]:
+        """Every successful write so far, in the order applied (a copy)."""
+        with self._lock:
+            return list(self._write_log)
+
     def clear_log(self) -> None:
-        """Forget the request log and reset the write counter."""
+        """Forget the request and write logs and reset the write counter."""
         with self._lock:
             self._requests.clear()
+            self._write_log.clear()
             self._writes = 0
 
     @property
@@ -1245,7 +1269,12 @@ class KubeApiServer:
             self.internal_errors.append(text)
 
     def _handle(
-        self, method: str, raw_path: str, content_type: str | None, body: bytes
+        self,
+        method: str,
+        raw_path: str,
+        content_type: str | None,
+        body: bytes,
+        agent: str | None = None,
     ) -> _Reply | _WatchPlan:
         parts = urlsplit(raw_path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
@@ -1269,8 +1298,14 @@ class KubeApiServer:
                 return _Reply(200, route or {})
             outcome = self._execute(route, method, params, media, body)
             if method in _WRITE_METHODS and isinstance(outcome, _Reply):
+                holder, name = None, route.name
+                if isinstance(outcome.body, dict) and outcome.body.get("kind") != "Status":
+                    name = (outcome.body.get("metadata") or {}).get("name") or name
+                    if route.rt is LEASES:
+                        holder = (outcome.body.get("spec") or {}).get("holderIdentity")
                 with self._lock:
                     self._writes += 1
+                    self._write_log.append(WriteRecord(method, parts.path, name, agent, holder))
             return outcome
         except ApiError as error:
             return _Reply(error.code, error.status())

@@ -99,9 +99,12 @@ class Harness:
         resync_s: float = 1.0,
         notifier: Notifier | None = None,
         namespaces: tuple[str, ...] = (),
+        shards: int = 1,
     ) -> None:
         self.server = server
         self.api = server.api_client()
+        if lease is not None:  # who wrote what, in the double's write log
+            self.api.user_agent = f"canaryd-test ({lease.identity})"
         self.kube = Kube(self.api, timeout_s=5.0)
         self.router = KubeRouter(self.kube)
         self.metrics = SimulatedMetrics(scenario, self.router, speed=speed, seed=3)
@@ -110,6 +113,7 @@ class Harness:
             resync_s=resync_s,
             watch_timeout_s=1.0,
             lease=lease,
+            shards=shards,
             drain_s=5.0,
             status_refresh_s=status_refresh_s,
         )

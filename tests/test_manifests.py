@@ -39,6 +39,8 @@ from tests.test_gatewayapi import on_gateway_api
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = ("cluster-wide", "namespaced")
+#: overlays on top of those (their own checks: tests/test_shards.py)
+EXTRA_OVERLAYS = ("sharded",)
 EXAMPLES = ("checkout", "payments-with-approvals", "storefront-gateway-api")
 NAMESPACE = "canaryd"
 POD_NAME = "canaryd-7d9f8b6c4-x2x9q"
@@ -127,7 +129,7 @@ def test_every_manifest_parses_and_names_itself() -> None:
 
 def test_every_manifest_is_installed_by_an_overlay_or_an_example() -> None:
     used: set[Path] = set()
-    for overlay in OVERLAYS:
+    for overlay in OVERLAYS + EXTRA_OVERLAYS:
         used |= files_used(MANIFESTS / "overlays" / overlay)
     for example in EXAMPLES:
         used |= files_used(MANIFESTS / "examples" / example)
