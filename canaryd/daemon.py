@@ -217,6 +217,12 @@ class _Tracked:
     delivered: list[str] | None = None
 
 
+def _trimmed(canary: CanaryObject) -> CanaryObject:
+    """The parsed Canary with its raw object cut to the metadata (all that is read of
+    it once it is parsed)."""
+    return replace(canary, raw={"metadata": canary.raw.get("metadata") or {}})
+
+
 def _version(obj: dict[str, Any]) -> str:
     """An object's ``metadata.resourceVersion`` (empty when it has none)."""
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
@@ -495,9 +501,15 @@ class Daemon:
         for informer in informers:
             informer.start()
         try:
+            handled = 0
             while not self._stop.is_set():
                 kind, obj = await queue.get()
                 handle(kind, obj)
+                handled += 1
+                if handled % 50 == 0:
+                    # a full list is thousands of events that each parse a Canary, and a
+                    # ready queue.get never yields: let Lease renewals and rounds run
+                    await asyncio.sleep(0)
         finally:
             for informer in informers:
                 informer.interrupt()
@@ -570,15 +582,17 @@ class Daemon:
                 if version != unseen[0] and time.monotonic() - unseen[1] < self._unseen_for_s:
                     return  # from before our own write: nothing we do not have
                 tracked.unseen = None
-            parsed = tracked.parsed
-            if parsed is not None and parsed.resource_version == version:
-                obj = parsed.raw  # our own write coming back: keep one copy, not two
-            else:
-                parsed = None
-            tracked.raw = obj
-            shown = self.hub.get(ref)
-            if shown is None or shown.resource_version != version:  # parse only what is new
-                self.hub.update(parsed or to_canary(obj), self.clock())
+            parsed, shown = tracked.parsed, self.hub.get(ref)
+            if parsed is None or parsed.resource_version != version:
+                if shown is not None and shown.resource_version == version:
+                    parsed = shown  # parse only what is new
+                else:
+                    # parsed once, kept without the raw body (~40 KB of Python objects a
+                    # Canary): the cache, the hub and the next round share it
+                    parsed = _trimmed(to_canary(obj))
+            if shown is None or shown.resource_version != version:
+                self.hub.update(parsed, self.clock())
+            tracked.raw, tracked.parsed = parsed.raw, parsed
             worker = self._ensure_worker(ref)
             key = (
                 meta.get("generation"),
@@ -649,11 +663,11 @@ class Daemon:
         """Cache the Canary a reconcile ended with (``wrote``: its own write), unless
         the watch ``delivered`` something newer meanwhile."""
         ref = done.ref
-        if wrote:
-            self.hub.update(done, self.clock())
         # while the parsed form is kept, nothing reads the rest of the raw object again:
         # keep its metadata only (the whole object is ~40 KB of Python objects a Canary)
-        done = replace(done, raw={"metadata": done.raw.get("metadata") or {}})
+        done = _trimmed(done)
+        if wrote:
+            self.hub.update(done, self.clock())
         tracked = self._track(ref)
         if wrote and done.resource_version not in delivered:
             # the watch has yet to deliver our write: whatever it delivered is older
@@ -662,8 +676,9 @@ class Daemon:
         else:
             cached = tracked.raw
             # keep what the watch brought meanwhile, unless it is this very version
-            if cached is None or _version(cached) == done.resource_version:
-                tracked.raw = done.raw
+            if cached is not None and _version(cached) != done.resource_version:
+                return  # the watch's newer copy stays, parsed with it
+            tracked.raw = done.raw
         tracked.parsed = done  # used while the cache holds its version
 
     def _forget(self, ref: CanaryRef) -> None:

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import Kube
+from canaryd.kube import Kube, decision_lane
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.ports import CanaryRef, KubeError
 
@@ -203,7 +203,10 @@ class ShardManager:
         """Tick every ``retry_s`` until ``stop`` is set (or the task is cancelled)."""
         while stop is None or not stop.is_set():
             try:
-                await self.tick()
+                # the Leases take the decision lane: a renewal queued behind thousands
+                # of routine calls would let the shards lapse under load
+                with decision_lane():
+                    await self.tick()
             except KubeError as exc:
                 # held shards stay held until their Leases would have run out
                 log.warning("shard leases: attempt failed", error=str(exc), held=self.held)
@@ -312,6 +315,10 @@ class ShardManager:
     async def release_all(self) -> None:
         """On a clean stop: give every shard up and leave the group, so that the others
         take the shards over at their next tick instead of a lease duration later."""
+        with decision_lane():
+            await self._release_all()
+
+    async def _release_all(self) -> None:
         for elector in self.electors:
             await elector.release()
         s = self.member.settings

@@ -735,7 +735,8 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
 ) -> None:
     """Once parsed, a Canary is kept as its parsed form plus its metadata (the whole
     raw object is ~40 KB of Python objects): the next round neither GETs nor parses it,
-    and a change by someone else (a full object from the watch) is parsed as usual."""
+    and a change by someone else (a full object from the watch) is parsed once, on
+    arrival, and shared by the cache and the hub."""
 
     def reads() -> int:
         return sum(
@@ -758,8 +759,15 @@ def test_a_parsed_canary_is_cached_as_its_metadata_and_never_read_again(
             assert reads() == before
             daemon._on_watch_event("MODIFIED", copy.deepcopy(again.raw))  # its write is back
             await h.command(CommandKind.ABORT)
-            daemon._on_watch_event("MODIFIED", copy.deepcopy(canary_obj(cluster)))
-            assert "spec" in tracked_raw(daemon)  # news: kept whole until parsed
+            news = copy.deepcopy(canary_obj(cluster))
+            daemon._on_watch_event("MODIFIED", news)
+            # news: parsed at once, kept (and shown) without its raw body
+            assert set(tracked_raw(daemon)) == {"metadata"}
+            tracked = daemon.canaries[REF]
+            assert tracked.parsed is not None and tracked.parsed.commands
+            assert tracked.parsed.resource_version == news["metadata"]["resourceVersion"]
+            shown = daemon.hub.get(REF)
+            assert shown is tracked.parsed and set(shown.raw) == {"metadata"}
             before = reads()  # (adding the command read the Canary)
             aborted = await daemon.reconcile(REF)
             assert aborted is not None and aborted.status.phase == "RolledBack"

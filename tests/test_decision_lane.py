@@ -66,3 +66,55 @@ def test_the_daemon_writes_a_rollback_in_the_decision_lane_and_progress_outside_
     assert ("RolledBack", True) in lanes, lanes
     assert ("Progressing", True) in lanes  # the rollout's start: its first weight
     assert ("Progressing", False) in lanes, lanes  # a verdict's numbers: routine
+
+
+def test_a_rollback_reaches_the_virtualservice_ahead_of_1000_queued_cosmetic_writes(
+    cluster: KubeApiServer,
+) -> None:
+    """On the double, through the real client: 1,000 status refreshes of other Canaries
+    are queued on the shared pool, then a rollback sets the weight to 0 in the decision
+    lane; the double's write log shows which it applied first."""
+    import copy
+
+    from canaryd.istio import IstioRouter
+    from canaryd.kube import to_canary
+    from canaryd.ports import CanaryRef
+    from tests.conftest import NS
+
+    base = cluster.get("canaryd.io", "v1alpha1", "canaries", NS, "checkout")
+    assert base is not None
+    for i in range(1000):
+        other = copy.deepcopy(base)
+        other["metadata"] = {"name": f"other-{i}", "namespace": NS}
+        cluster.put_raw("canaryd.io", "v1alpha1", "canaries", other)
+    spec = to_canary(base).spec
+    assert spec is not None
+    vs = cluster.get("networking.istio.io", "v1", "virtualservices", NS, "checkout")
+    assert vs is not None
+    vs["spec"]["http"][0]["route"][0]["weight"] = 90  # the canary at 10%: the breach
+    vs["spec"]["http"][0]["route"][1]["weight"] = 10
+    cluster.put_raw("networking.istio.io", "v1", "virtualservices", vs)
+    cluster.clear_log()
+
+    async def scenario() -> None:
+        api = cluster.api_client()
+        kube = Kube(api, timeout_s=30.0)
+        router = IstioRouter(kube)
+        patch = {"status": {"message": "numbers of an unchanged verdict"}}
+        refresh = kube.custom.patch_namespaced_custom_object_status
+        group = ("canaryd.io", "v1alpha1", NS, "canaries")
+        cosmetic = [
+            asyncio.create_task(kube.call(refresh, *group, f"other-{i}", patch))
+            for i in range(1000)
+        ]
+        await asyncio.sleep(0.05)  # queued: the shared pool has a handful of threads
+        with decision_lane():
+            await router.set_weights(CanaryRef(NS, "checkout"), spec, 0)
+        await asyncio.gather(*cosmetic)
+        api.close()
+
+    asyncio.run(scenario())
+    log = [r for r in cluster.write_log if r.method in ("PUT", "PATCH")]
+    assert sum("/canaries/other-" in r.path for r in log) == 1000
+    (rollback,) = [n for n, r in enumerate(log) if "/virtualservices/checkout" in r.path]
+    assert rollback < 100, f"the weight write came after {rollback} of the 1,000 refreshes"
