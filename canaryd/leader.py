@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import Kube, decision_lane
+from canaryd.kube import Kube, lease_lane
 from canaryd.ports import ConflictError, KubeError, NotFoundError
 
 log = structlog.get_logger("canaryd.leader")
@@ -185,9 +185,9 @@ class LeaderElector:
         """Acquire, then keep renewing until ``stop`` is set (or the task is cancelled)."""
         while stop is None or not stop.is_set():
             try:
-                # the decision lane: a renewal queued behind routine calls under load
-                # would let the Lease lapse
-                with decision_lane():
+                # the Leases' own lane: a renewal queued behind routine calls or
+                # decisions under load would let the Lease lapse
+                with lease_lane():
                     held = await self.try_acquire_or_renew()
             except KubeError as exc:
                 # keep acting until the lease would have expired, retrying soon

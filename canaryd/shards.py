@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import Kube, decision_lane
+from canaryd.kube import Kube, lease_lane
 from canaryd.leader import LeaderElector, LeaseSettings
 from canaryd.ports import CanaryRef, KubeError
 
@@ -203,9 +203,9 @@ class ShardManager:
         """Tick every ``retry_s`` until ``stop`` is set (or the task is cancelled)."""
         while stop is None or not stop.is_set():
             try:
-                # the Leases take the decision lane: a renewal queued behind thousands
-                # of routine calls would let the shards lapse under load
-                with decision_lane():
+                # the Leases' own lane: a renewal queued behind thousands of routine
+                # calls or decisions would let the shards lapse under load
+                with lease_lane():
                     await self.tick()
             except KubeError as exc:
                 # held shards stay held until their Leases would have run out
@@ -315,7 +315,7 @@ class ShardManager:
     async def release_all(self) -> None:
         """On a clean stop: give every shard up and leave the group, so that the others
         take the shards over at their next tick instead of a lease duration later."""
-        with decision_lane():
+        with lease_lane():
             await self._release_all()
 
     async def _release_all(self) -> None:
