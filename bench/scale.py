@@ -104,16 +104,21 @@ def _objects(i: int) -> list[tuple[str, str, str, dict[str, Any]]]:
     ]  # fmt: skip
 
 
+def populate(server: Any, n: int, interval: str) -> None:
+    """Put N canaries' objects into the API double, analysed every ``interval``."""
+    for i in range(n):
+        for group, version, plural, obj in _objects(i):
+            if plural == "canaries":
+                obj["spec"]["analysis"]["interval"] = interval
+            server.put_raw(group, version, plural, obj)
+
+
 def serve_kubeapi(n: int, interval: str, workdir: Path) -> None:
     """Child mode: the API double with N canaries; serves until stdin closes."""
     from kubedouble.apiserver import KubeApiServer
 
     with KubeApiServer() as server:
-        for i in range(n):
-            for group, version, plural, obj in _objects(i):
-                if plural == "canaries":
-                    obj["spec"]["analysis"]["interval"] = interval
-                server.put_raw(group, version, plural, obj)
+        populate(server, n, interval)
         path = server.write_kubeconfig(workdir / "kubeconfig", namespace=NS)
         print(json.dumps({"kubeconfig": str(path), "writes": server.writes}), flush=True)
         for _ in sys.stdin:  # each line asks for the write count so far

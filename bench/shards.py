@@ -41,7 +41,7 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scale import NS, _objects  # noqa: E402  (this directory: python bench/shards.py)
+from scale import NS, populate  # noqa: E402  (this directory: python bench/shards.py)
 
 LEASE = "canaryd"
 _TARGET = re.compile(r"/(?:canaries|virtualservices|deployments)/(svc\d+)(?:-canary)?(?:/|$)")
@@ -73,11 +73,7 @@ def serve_kubeapi(n: int, interval: str, shards: int, workdir: Path) -> None:
     from kubedouble.apiserver import KubeApiServer
 
     with KubeApiServer(history_limit=50_000) as server:
-        for i in range(n):
-            for group, version, plural, obj in _objects(i):
-                if plural == "canaries":
-                    obj["spec"]["analysis"]["interval"] = interval
-                server.put_raw(group, version, plural, obj)
+        populate(server, n, interval)
         path = server.write_kubeconfig(workdir / "kubeconfig", namespace=NS)
         print(json.dumps({"kubeconfig": str(path)}), flush=True)
         for _ in sys.stdin:
