@@ -210,8 +210,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_replica = {}
             for r in readers:
                 measured = r.rounds[2 : 2 + args.rounds]
+                since = measured[0]["round"]
                 per_replica[r.identity] = {
                     "shards": r.now_held,
+                    # shards taken or lost during the measured rounds (0 when stable)
+                    "shard_changes": sum(1 for t, _ in r.held if t >= since),
                     "round_s_median": statistics.median(x["duration_s"] for x in measured),
                     "canaries_per_round": statistics.median(x["reconciles"] for x in measured),
                     "writes_per_round": statistics.median(x["writes"] for x in measured),
@@ -234,8 +237,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for proc in procs[1:]:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            for proc in procs[1:]:
-                proc.wait(60)
+            for proc in procs[1:]:  # they drain (drain_s 30) and release their shards
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    print(f"a replica did not stop in 120 s; killed (see {logs.name})",
+                          file=sys.stderr)  # fmt: skip
+                    proc.kill()
+                    proc.wait()
             kubeapi.stdin.write("check\n")
             kubeapi.stdin.flush()
             check = json.loads(kubeapi.stdout.readline())

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from kubernetes import client as k8s
@@ -31,6 +33,67 @@ from canaryd.kube import Kube, lease_lane
 from canaryd.ports import ConflictError, KubeError, NotFoundError
 
 log = structlog.get_logger("canaryd.leader")
+
+
+async def beside(
+    body: Callable[[Callable[[], bool]], Coroutine[Any, Any, None]],
+    stop: asyncio.Event | None,
+    *,
+    name: str,
+    join_s: float = 30.0,
+) -> None:
+    """Run ``body(halted)`` on an event loop of its own, in a thread, until ``stop`` is
+    set or this task is cancelled (then ``halted()`` turns true and the thread is
+    joined).
+
+    Lease renewals keep their time this way however busy the daemon's loop is: a
+    round's start on thousands of Canaries is thousands of ready callbacks, and a
+    renewal that waits behind them at each of its awaits (list, renew, take) lets the
+    Lease lapse mid-round.  On its own loop a renewal waits only for the GIL, which a
+    busy thread yields every few milliseconds.  ``body`` must reach the daemon's loop
+    only through ``loop.call_soon_threadsafe``.
+    """
+    halt = threading.Event()
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def finish(error: BaseException | None) -> None:
+        if ended.done():
+            return
+        if error is None:
+            ended.set_result(None)
+        else:
+            ended.set_exception(error)
+
+    def main() -> None:
+        error: BaseException | None = None
+        try:
+            asyncio.run(body(halt.is_set))
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the daemon's loop already closed
+            loop.call_soon_threadsafe(finish, error)
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        waits: set[asyncio.Future[Any]] = {ended} | ({stopping} if stopping else set())
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if ended.done():
+            ended.result()
+    finally:
+        halt.set()
+        if stopping is not None:
+            stopping.cancel()
+        await asyncio.shield(asyncio.to_thread(thread.join, join_s))
+
+
+async def pause(halted: Callable[[], bool], seconds: float, step_s: float = 0.1) -> None:
+    """Sleep ``seconds``, waking early when ``halted()``."""
+    deadline = time.monotonic() + seconds
+    while not halted() and (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(step_s, left))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +143,6 @@ class LeaderElector:
         self._renewed_at: float | None = None
         #: the Lease record last read (its resourceVersion) and when we first saw it
         self._observed: tuple[str, float] | None = None
-        self.changed = asyncio.Event()
 
     @property
     def is_leader(self) -> bool:
@@ -92,7 +154,6 @@ class LeaderElector:
         was = self.is_leader
         self._renewed_at = renewed_at
         if was != self.is_leader:
-            self.changed.set()
             log.info(
                 "leadership changed",
                 leader=self.is_leader,
@@ -182,8 +243,12 @@ class LeaderElector:
         return True
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Acquire, then keep renewing until ``stop`` is set (or the task is cancelled)."""
-        while stop is None or not stop.is_set():
+        """Acquire, then keep renewing until ``stop`` is set (or the task is cancelled),
+        on a loop of its own (:func:`beside`)."""
+        await beside(self._run, stop, name=f"lease:{self.settings.name}")
+
+    async def _run(self, halted: Callable[[], bool]) -> None:
+        while not halted():
             try:
                 # the Leases' own lane: a renewal queued behind routine calls or
                 # decisions under load would let the Lease lapse
@@ -193,7 +258,7 @@ class LeaderElector:
                 # keep acting until the lease would have expired, retrying soon
                 log.warning("lease attempt failed", error=str(exc), leader=self.is_leader)
                 held = False
-            await asyncio.sleep(self.settings.renew_s if held else self.settings.retry_s)
+            await pause(halted, self.settings.renew_s if held else self.settings.retry_s)
 
     async def release(self) -> None:
         """Give the Lease up on a clean shutdown (no holder), so a standby takes over at

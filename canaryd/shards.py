@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import re
 import time
@@ -43,7 +44,7 @@ import structlog
 from kubernetes import client as k8s
 
 from canaryd.kube import Kube, lease_lane
-from canaryd.leader import LeaderElector, LeaseSettings
+from canaryd.leader import LeaderElector, LeaseSettings, beside, pause
 from canaryd.ports import CanaryRef, KubeError
 
 log = structlog.get_logger("canaryd.shards")
@@ -158,6 +159,9 @@ class ShardManager:
         self._renewed: list[float] = [-float("inf")] * settings.count
         self._member_renewed = -float("inf")
         self.changed = asyncio.Event()
+        #: how a tick reaches the daemon's loop (``on_acquired``, ``changed``): directly
+        #: when ticked on it, ``call_soon_threadsafe`` when :meth:`run` ticks beside it
+        self._post: Callable[[Callable[[], None]], object] = lambda fn: fn()
 
     # -- what the daemon asks ------------------------------------------------------------
 
@@ -200,8 +204,18 @@ class ShardManager:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Tick every ``retry_s`` until ``stop`` is set (or the task is cancelled)."""
-        while stop is None or not stop.is_set():
+        """Tick every ``retry_s`` until ``stop`` is set (or the task is cancelled), on
+        a loop of its own beside the daemon's (:func:`~canaryd.leader.beside`), so that
+        renewals keep their time however many Canaries the daemon's loop is busy with."""
+        loop = asyncio.get_running_loop()
+        self._post = loop.call_soon_threadsafe
+        try:
+            await beside(self._ticks, stop, name="shard-leases")
+        finally:
+            self._post = lambda fn: fn()
+
+    async def _ticks(self, halted: Callable[[], bool]) -> None:
+        while not halted():
             try:
                 # the Leases' own lane: a renewal queued behind thousands of routine
                 # calls or decisions would let the shards lapse under load
@@ -210,7 +224,7 @@ class ShardManager:
             except KubeError as exc:
                 # held shards stay held until their Leases would have run out
                 log.warning("shard leases: attempt failed", error=str(exc), held=self.held)
-            await asyncio.sleep(self.settings.lease.retry_s)
+            await pause(halted, self.settings.lease.retry_s)
 
     def _target(self) -> int:
         return fair_shares(self.members, self.count).get(self.identity, 0)
@@ -254,7 +268,7 @@ class ShardManager:
         await self._take(free, by_name, now)
         if set(self.held) != before:
             log.info("shards changed", held=self.held, members=self.members, identity=self.identity)
-            self.changed.set()
+            self._post(self.changed.set)
 
     def _see_members(self, by_name: dict[str, k8s.V1Lease]) -> None:
         now = self.monotonic()
@@ -310,7 +324,7 @@ class ShardManager:
                 self.holders[i] = self.identity
                 self._free_since.pop(i, None)
                 log.info("took a shard", shard=i, identity=self.identity, orphan=orphan)
-                self.on_acquired(i)
+                self._post(functools.partial(self.on_acquired, i))
 
     async def release_all(self) -> None:
         """On a clean stop: give every shard up and leave the group, so that the others

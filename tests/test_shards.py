@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import copy
 import re
+import threading
+import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -115,6 +117,52 @@ def test_three_replicas_split_the_shards_and_two_take_a_lost_ones_over(
     sizes, took_s = asyncio.run(scenario())
     assert sizes == [2, 2, 2]
     assert took_s <= 15.0 + 2.0 + 2.0  # one lease duration, plus a tick to see each
+
+
+def test_shards_stay_held_while_the_daemons_loop_lags_past_a_lease_duration(
+    kubeapi: KubeApiServer,
+) -> None:
+    """A round's start on thousands of Canaries keeps the daemon's loop busy for
+    seconds at a time; the Leases are renewed on a loop of their own, so a lag longer
+    than the lease duration loses no shard (on the daemon's loop, each await of a tick
+    waited one lagging iteration, and the shards lapsed)."""
+    lease = LeaseSettings(NS, "canaryd", "a", 2.0, 1.0, 0.25)
+    samples: list[int] = []
+
+    async def scenario() -> None:
+        api = kubeapi.api_client()
+        kube = Kube(api, timeout_s=5.0)
+        m = ShardManager(kube, ShardSettings(2, lease))
+        stop = asyncio.Event()
+        task = asyncio.create_task(m.run(stop))
+        sampling = threading.Event()
+
+        def sample() -> None:  # from a thread: the loop itself is what lags
+            while not sampling.wait(0.1):
+                samples.append(len(m.held))
+
+        sampler = threading.Thread(target=sample)
+        started = time.monotonic()
+        while len(m.held) < 2:
+            assert time.monotonic() - started < 5.0, m.held
+            await asyncio.sleep(0.05)
+        sampler.start()
+
+        async def busy() -> None:  # 8 of these: each iteration of the loop takes 2.4 s
+            while not stop.is_set():
+                time.sleep(0.3)
+                await asyncio.sleep(0)
+
+        hogs = [asyncio.create_task(busy()) for _ in range(8)]
+        await asyncio.sleep(4.0)
+        stop.set()
+        await asyncio.gather(task, *hogs)
+        sampling.set()
+        sampler.join()
+        api.close()
+
+    asyncio.run(scenario())
+    assert len(samples) > 25 and set(samples) == {2}, Counter(samples)
 
 
 def test_an_added_replica_gets_its_share_only_between_rounds(kubeapi: KubeApiServer) -> None:
@@ -269,6 +317,7 @@ def test_three_daemons_split_the_canaries_and_take_a_killed_ones_over(
                 assert loop.time() - start < 10, "the shards were not split"
                 await asyncio.sleep(0.05)
             settled_s = loop.time() - start
+            settled_at = len(kubeapi.write_log)  # before: writes of shards in passing
             for i, ref in enumerate(refs):
                 await kube.add_command(
                     ref, Command(id=f"p{i}", kind=CommandKind.PROMOTE, by="test", revision="v2")
@@ -304,7 +353,7 @@ def test_three_daemons_split_the_canaries_and_take_a_killed_ones_over(
             grew = {x: h.daemon.stats["writes"] - writes_at_death[x] for x, h in daemons.items()}
             victim.api.close()
             info = {"split": split, "lost": lost, "grew": grew, "readyz": readyz}
-            return info | {"settled_s": settled_s}, took_s
+            return info | {"settled_s": settled_s, "settled_at": settled_at}, took_s
         finally:
             api.close()
             for h in daemons.values():
@@ -321,14 +370,16 @@ def test_three_daemons_split_the_canaries_and_take_a_killed_ones_over(
     log = kubeapi.write_log
     assert sum(1 for r in log if "/canaries/" in r.path and r.agent != "test-pipeline") > 50
     assert double_writes(log) == []
-    # every Canary's status was written by the holder of its shard, and after the
-    # takeover its new holder wrote it: each lost Canary has two writers over time
+    # once the shards were split, every Canary's status was written by the holder of
+    # its shard, and after the takeover by its new holder: each lost Canary has two
+    # writers over time (before the split, a shard may pass through a replica that
+    # started first)
     writers: dict[str, set[str]] = {}
-    for r in log:
+    for r in log[info["settled_at"] :]:
         if (m := _TARGET.search(r.path)) and "canaryd-test" in (r.agent or ""):
             writers.setdefault(m.group(1), set()).add(r.agent or "")
     moved = [n for n in writers if shard_of(CanaryRef(NS, n), SHARDS) in info["lost"]]
-    assert moved and all(len(writers[n]) == 2 for n in moved), writers
+    assert moved and all(len(writers[n]) == 2 for n in moved), {n: writers[n] for n in moved}
 
 
 def test_status_shows_which_replica_holds_which_shard(
