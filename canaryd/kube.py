@@ -247,23 +247,6 @@ _decision_pool = concurrent.futures.ThreadPoolExecutor(
 )
 
 
-#: Whether the calls made now hold a Lease (leader election, shards): a thread of their
-#: own, ahead even of decisions (a rollout's start, on thousands of Canaries at once, is
-#: thousands of decisions; a renewal queued behind them lets the Lease lapse mid-round).
-_LEASE: contextvars.ContextVar[bool] = contextvars.ContextVar("lease", default=False)
-_lease_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kube-lease")
-
-
-@contextlib.contextmanager
-def lease_lane() -> Iterator[None]:
-    """The Kubernetes calls made inside (in this task) renew or take Leases."""
-    token = _LEASE.set(True)
-    try:
-        yield
-    finally:
-        _LEASE.reset(token)
-
-
 @contextlib.contextmanager
 def decision_lane(on: bool = True) -> Iterator[None]:
     """The Kubernetes calls made inside (in this task, and what it awaits) carry a
@@ -317,9 +300,6 @@ class Kube:
         # survives its cancel never lets the daemon stop.
         try:
             async with asyncio.timeout(self.timeout_s + 1.0):
-                if _LEASE.get():
-                    loop = asyncio.get_running_loop()
-                    return await loop.run_in_executor(_lease_pool, run)
                 if _DECISION.get():
                     loop = asyncio.get_running_loop()
                     return await loop.run_in_executor(_decision_pool, run)

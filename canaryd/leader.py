@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import Kube, lease_lane
+from canaryd.kube import Kube
 from canaryd.ports import ConflictError, KubeError, NotFoundError
 
 log = structlog.get_logger("canaryd.leader")
@@ -249,11 +249,8 @@ class LeaderElector:
 
     async def _run(self, halted: Callable[[], bool]) -> None:
         while not halted():
-            try:
-                # the Leases' own lane: a renewal queued behind routine calls or
-                # decisions under load would let the Lease lapse
-                with lease_lane():
-                    held = await self.try_acquire_or_renew()
+            try:  # on the lease loop: its calls take that loop's threads, not the daemon's
+                held = await self.try_acquire_or_renew()
             except KubeError as exc:
                 # keep acting until the lease would have expired, retrying soon
                 log.warning("lease attempt failed", error=str(exc), leader=self.is_leader)

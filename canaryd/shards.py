@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 import structlog
 from kubernetes import client as k8s
 
-from canaryd.kube import Kube, lease_lane
+from canaryd.kube import Kube
 from canaryd.leader import LeaderElector, LeaseSettings, beside, pause
 from canaryd.ports import CanaryRef, KubeError
 
@@ -216,11 +216,8 @@ class ShardManager:
 
     async def _ticks(self, halted: Callable[[], bool]) -> None:
         while not halted():
-            try:
-                # the Leases' own lane: a renewal queued behind thousands of routine
-                # calls or decisions would let the shards lapse under load
-                with lease_lane():
-                    await self.tick()
+            try:  # on the lease loop: its calls take that loop's threads, not the daemon's
+                await self.tick()
             except KubeError as exc:
                 # held shards stay held until their Leases would have run out
                 log.warning("shard leases: attempt failed", error=str(exc), held=self.held)
@@ -329,10 +326,6 @@ class ShardManager:
     async def release_all(self) -> None:
         """On a clean stop: give every shard up and leave the group, so that the others
         take the shards over at their next tick instead of a lease duration later."""
-        with lease_lane():
-            await self._release_all()
-
-    async def _release_all(self) -> None:
         for elector in self.electors:
             await elector.release()
         s = self.member.settings
