@@ -51,21 +51,15 @@ def double_writes(log: list[Any], shards: int) -> tuple[int, int]:
     """(writes of Canaries' objects by replicas, of them by a non-holder)."""
     from canaryd.ports import CanaryRef
     from canaryd.shards import shard_of
+    from kubedouble.apiserver import writes_by_non_holders
 
-    lease = re.compile(rf"^{LEASE}-shard-(\d+)$")
-    holder: dict[int, str | None] = {}
-    total = bad = 0
-    for record in log:
-        agent = re.search(r"\((\w+)\)", record.agent or "")
-        who = agent.group(1) if agent else None
-        held = lease.match(record.name or "") if "/leases" in record.path else None
-        if held:
-            holder[int(held.group(1))] = record.holder if record.method != "DELETE" else None
-        elif who is not None and (target := _TARGET.search(record.path)):
-            total += 1
-            if holder.get(shard_of(CanaryRef(NS, target.group(1)), shards)) != who:
-                bad += 1
-    return total, bad
+    total, bad = writes_by_non_holders(
+        log,
+        re.compile(rf"^{LEASE}-shard-(\d+)$"),
+        _TARGET,
+        lambda name: shard_of(CanaryRef(NS, name), shards),
+    )
+    return total, len(bad)
 
 
 def serve_kubeapi(n: int, interval: str, shards: int, workdir: Path) -> None:

@@ -120,6 +120,13 @@ class LeaseSettings:
     labels: tuple[tuple[str, str], ...] = ()
 
 
+def observed(before: tuple[str, float] | None, record: str, now: float) -> tuple[str, float]:
+    """``(record, since)``: since when this process has seen a Lease's current record
+    (its resourceVersion).  A Lease's age is measured from there on our own monotonic
+    clock, never from the holder's timestamps (clocks skew; a renewal changes the record)."""
+    return before if before is not None and before[0] == record else (record, now)
+
+
 class LeaderElector:
     """Holds or waits for the Lease; ``is_leader`` says whether to act now.
 
@@ -181,8 +188,7 @@ class LeaderElector:
     def _observe(self, lease: k8s.V1Lease, started: float) -> float:
         """Seconds the Lease's record has stood unchanged, as this process saw it."""
         record = str((lease.metadata and lease.metadata.resource_version) or "")
-        if self._observed is None or self._observed[0] != record:
-            self._observed = (record, started)
+        self._observed = observed(self._observed, record, started)
         return self.monotonic() - self._observed[1]
 
     async def try_acquire_or_renew(

@@ -44,7 +44,7 @@ import structlog
 from kubernetes import client as k8s
 
 from canaryd.kube import Kube
-from canaryd.leader import LeaderElector, LeaseSettings, beside, pause
+from canaryd.leader import LeaderElector, LeaseSettings, beside, observed, pause
 from canaryd.ports import CanaryRef, KubeError
 
 log = structlog.get_logger("canaryd.shards")
@@ -145,7 +145,7 @@ class ShardManager:
             monotonic=monotonic,
         )
         #: member Lease name -> (its holder, resourceVersion, first seen with it)
-        self._members_seen: dict[str, tuple[str, str, float]] = {}
+        self._members_seen: dict[str, tuple[str, float]] = {}
         #: the live members at the last tick, sorted
         self.members: list[str] = [self.identity]
         #: each shard's holder as last listed ("" for none)
@@ -270,17 +270,17 @@ class ShardManager:
     def _see_members(self, by_name: dict[str, k8s.V1Lease]) -> None:
         now = self.monotonic()
         live = {self.identity}
-        seen: dict[str, tuple[str, str, float]] = {}
+        seen: dict[str, tuple[str, float]] = {}
         for name, lease in by_name.items():
             meta = lease.metadata or k8s.V1ObjectMeta()
             if (meta.labels or {}).get(ROLE_LABEL) != "member" or name == self.member.settings.name:
                 continue
             spec = lease.spec or k8s.V1LeaseSpec()
             holder = spec.holder_identity or ""
-            record = str(meta.resource_version or "")
-            before = self._members_seen.get(name)
-            since = before[2] if before is not None and before[1] == record else now
-            seen[name] = (holder, record, since)
+            seen[name] = observed(
+                self._members_seen.get(name), str(meta.resource_version or ""), now
+            )
+            since = seen[name][1]
             duration_s = float(spec.lease_duration_seconds or self.settings.lease.lease_duration_s)
             if holder and now - since < duration_s:
                 live.add(holder)

@@ -726,6 +726,37 @@ class WriteRecord(NamedTuple):
     holder: str | None
 
 
+def writes_by_non_holders(
+    log: Iterable[WriteRecord],
+    lease: re.Pattern[str],
+    target: re.Pattern[str],
+    shard_of: Callable[[str], int],
+) -> tuple[int, list[str]]:
+    """Sharded writers' audit: ``(writes to a shard's objects, those by a non-holder)``.
+
+    A Lease write whose name matches ``lease`` (group 1: the shard number) sets that
+    shard's holder (a DELETE clears it); any other write whose path matches ``target``
+    (group 1: the object's name, mapped to its shard by ``shard_of``) by an agent whose
+    ``User-Agent`` names it in parentheses must come from that shard's holder as of the
+    last Lease write before it.  Writes by agents that name no one are not counted."""
+    holder: dict[int, str | None] = {}
+    total, bad = 0, []
+    for n, record in enumerate(log):
+        agent = re.search(r"\((\w+)\)", record.agent or "")
+        who = agent.group(1) if agent else None
+        held = lease.match(record.name or "") if "/leases" in record.path else None
+        if held:
+            holder[int(held.group(1))] = record.holder if record.method != "DELETE" else None
+        elif who is not None and (hit := target.search(record.path)):
+            total += 1
+            shard = shard_of(hit.group(1))
+            if holder.get(shard) != who:
+                bad.append(
+                    f"#{n} {record.method} {record.path} by {who}, holder {holder.get(shard)}"
+                )
+    return total, bad
+
+
 @dataclass
 class Fault:
     """An injected failure: the next ``times`` matching requests get ``status``."""

@@ -10,6 +10,8 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canaryd.daemon import Daemon, DaemonSettings
 from canaryd.istio import IstioRouter
@@ -115,3 +117,19 @@ def test_redact_tree_reaches_every_string_and_keeps_every_other_leaf() -> None:
     assert out["n"][4][1]["deep"] == masked
     assert out["t"] == [masked, 4] and out["m"] == {"k": masked}
     assert tree["n"][4][1]["deep"] == url  # a new tree: the input is left as it was
+
+
+_PIECES = [*"ab:/@?&;=#'\"\\ \n\t\x01é", "http://", "token=", "sig="]
+_URLISH = st.lists(st.sampled_from(_PIECES), max_size=20).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_URLISH, max_size=4))
+def test_the_json_pre_check_never_skips_a_tree_redaction_would_change(texts: list[str]) -> None:
+    """``write_status`` skips the tree walk when its JSON text has no match: that must
+    never skip a string :func:`redact` would change, whatever JSON escapes."""
+    from canaryd.redact import may_need_redaction
+
+    if any(redact(t) != t for t in texts):
+        assert may_need_redaction(json.dumps({"reasons": texts}, ensure_ascii=False))
+        assert may_need_redaction(json.dumps({"reasons": texts}))

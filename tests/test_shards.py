@@ -28,7 +28,7 @@ from canaryd.shards import (
     member_lease_name,
     shard_of,
 )
-from kubedouble.apiserver import KubeApiServer, WriteRecord
+from kubedouble.apiserver import KubeApiServer, WriteRecord, writes_by_non_holders
 from simulator import get_scenario
 from tests.conftest import DESTINATION_RULE, NS, VIRTUAL_SERVICE, canary, deployment
 from tests.test_daemon import Harness
@@ -274,21 +274,9 @@ def populate_many(server: KubeApiServer) -> list[CanaryRef]:
 def double_writes(log: list[WriteRecord]) -> list[str]:
     """Writes of a Canary's objects by a replica that was not, by the last write of the
     Canary's shard Lease before it, that shard's holder."""
-    holder: dict[int, str | None] = {}
-    bad = []
-    for n, record in enumerate(log):
-        agent = re.search(r"\((\w+)\)", record.agent or "")
-        who = agent.group(1) if agent else None
-        lease = _SHARD_LEASE.match(record.name or "") if "/leases" in record.path else None
-        if lease:
-            holder[int(lease.group(1))] = record.holder if record.method != "DELETE" else None
-        elif (target := _TARGET.search(record.path)) and who is not None:
-            shard = shard_of(CanaryRef(NS, target.group(1)), SHARDS)
-            if holder.get(shard) != who:
-                bad.append(
-                    f"#{n} {record.method} {record.path} by {who}, holder {holder.get(shard)}"
-                )
-    return bad
+    return writes_by_non_holders(
+        log, _SHARD_LEASE, _TARGET, lambda name: shard_of(CanaryRef(NS, name), SHARDS)
+    )[1]
 
 
 def test_three_daemons_split_the_canaries_and_take_a_killed_ones_over(
