@@ -144,7 +144,7 @@ class ShardManager:
             wall=wall,
             monotonic=monotonic,
         )
-        #: member Lease name -> (its holder, resourceVersion, first seen with it)
+        #: member Lease name -> (its resourceVersion, first seen with it): ``leader.observed``
         self._members_seen: dict[str, tuple[str, float]] = {}
         #: the live members at the last tick, sorted
         self.members: list[str] = [self.identity]
